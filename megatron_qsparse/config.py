@@ -1,0 +1,408 @@
+"""Typed configuration: the single source of truth for every run.
+
+Each field carries its command-line spelling (Megatron-LM's where one exists) and a one-line help
+text in ``metadata``; :mod:`megatron_qsparse.arguments` generates the CLI from these dataclasses.
+All validation lives in :func:`validate`; every error is one line that names the flag and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """An impossible or inconsistent setting. The message names the flag and how to fix it."""
+
+
+def arg(default: Any, help: str, *, flag: str | None = None, choices: tuple | None = None,
+        nargs: str | None = None, aliases: tuple[str, ...] = ()) -> Any:
+    """A dataclass field with its CLI metadata.
+
+    ``flag`` overrides the generated spelling (``--field-name``); for a boolean that defaults to
+    True the flag turns it off (e.g. ``--no-ste``).
+    """
+    meta = {"help": help, "flag": flag, "choices": choices, "nargs": nargs, "aliases": aliases}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+PROJECTION_KINDS = ("qkv", "o", "gate_up", "down")
+SPARSITY_MODES = ("topk", "block", "relu", "none")
+FFN_TYPES = ("relu2_glu", "swiglu")
+LR_DECAY_STYLES = ("constant", "linear", "cosine")
+NORMALIZATIONS = ("RMSNorm", "LayerNorm")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the LLaMA-style decoder."""
+
+    num_layers: int = arg(2, "Number of transformer blocks.")
+    hidden_size: int = arg(128, "Model (residual stream) width.")
+    ffn_hidden_size: int | None = arg(
+        None, "FFN inner width; default: 8/3 x hidden rounded up to a multiple of 64 (GLU sizing).")
+    num_attention_heads: int = arg(4, "Number of query heads.")
+    num_query_groups: int | None = arg(
+        None, "Number of key/value heads for grouped-query attention; default: one per query head.")
+    kv_channels: int | None = arg(None, "Per-head width; default: hidden-size / num-attention-heads.")
+    seq_length: int = arg(256, "Training sequence length in tokens.")
+    max_position_embeddings: int | None = arg(
+        None, "Longest sequence the rotary tables are built for; default: --seq-length.")
+    ffn_type: str = arg("relu2_glu", "FFN activation: squared-ReLU GLU (from scratch) or SwiGLU "
+                        "(continue-training LLaMA/Mistral/Qwen).", choices=FFN_TYPES)
+    normalization: str = arg("RMSNorm", "Normalization layer.", choices=NORMALIZATIONS)
+    norm_epsilon: float = arg(1e-5, "Epsilon of the normalization layers.")
+    rotary_base: int = arg(10000, "Base (theta) of the rotary position embedding.")
+    add_bias_linear: bool = arg(False, "Give every linear projection a bias (LLaMA has none).")
+    untie_embeddings_and_output_weights: bool = arg(
+        False, "Use a separate output (LM head) matrix instead of the transposed input embedding.")
+    init_method_std: float = arg(0.02, "Std of the normal initialisation of weights.")
+    hidden_dropout: float = arg(0.0, "Dropout on the residual branches.")
+    attention_dropout: float = arg(0.0, "Dropout on the attention probabilities.")
+    make_vocab_size_divisible_by: int = arg(
+        128, "Pad the vocabulary to a multiple of this (times the tensor-parallel size).")
+    vocab_size: int | None = arg(
+        None, "Vocabulary size before padding; default: taken from the tokenizer.")
+
+    def resolved_ffn_hidden_size(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        return int(math.ceil(8 * self.hidden_size / 3 / 64) * 64)
+
+    def resolved_kv_channels(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    def resolved_query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+
+@dataclass
+class QSparseConfig:
+    """How the input of every linear projection is sparsified (see DESIGN.md, "The method")."""
+
+    mode: str = arg("topk", "Sparsifier on linear inputs: per-token top-K by |x|, block N:M, "
+                    "ReLU (ablation) or none (dense).", flag="--qsparse-mode",
+                    choices=SPARSITY_MODES)
+    ratio: float = arg(0.4, "Sparsity ratio S: fraction of input features zeroed (keep "
+                       "K = d - floor(S*d)).", flag="--qsparse-ratio")
+    qkv_ratio: float | None = arg(None, "Sparsity ratio for the q/k/v projections' input; "
+                                  "default: --qsparse-ratio.", flag="--qsparse-qkv-ratio")
+    o_ratio: float | None = arg(None, "Sparsity ratio for the attention output projection's input; "
+                                "default: --qsparse-ratio.", flag="--qsparse-o-ratio")
+    gate_up_ratio: float | None = arg(None, "Sparsity ratio for the gate/up projections' input; "
+                                      "default: --qsparse-ratio.", flag="--qsparse-gate-up-ratio")
+    down_ratio: float | None = arg(None, "Sparsity ratio for the down projection's input; "
+                                   "default: --qsparse-ratio.", flag="--qsparse-down-ratio")
+    block: str = arg("2:4", "N:M pattern of --qsparse-mode block: keep N of every M consecutive "
+                     "features.", flag="--qsparse-block")
+    ste: bool = arg(True, "Ablation: disable the straight-through estimator, so only kept "
+                    "positions receive gradient.", flag="--no-ste")
+    rescale: str = arg("none", "Rescale kept entries so the sparse vector keeps the dense L2 norm.",
+                       flag="--qsparse-rescale", choices=("none", "l2"))
+    quantize_activations: bool = arg(
+        False, "8-bit per-token absmax fake quantization of the input before top-K.",
+        flag="--qsparse-quantize-activations")
+    bitnet: bool = arg(False, "BitNet b1.58: ternary {-1,0,+1}*mean|W| weights and int8 "
+                       "activations (STE).", flag="--bitnet")
+    warmup_iters: int = arg(0, "Ramp the sparsity ratio linearly from 0 to its target over this "
+                            "many iterations (continue-training).", flag="--qsparse-warmup-iters")
+
+    def ratio_for(self, kind: str) -> float:
+        """The target sparsity ratio of one projection kind (``qkv``, ``o``, ``gate_up``, ``down``)."""
+        if kind not in PROJECTION_KINDS:
+            raise KeyError(f"unknown projection kind {kind!r}; expected one of {PROJECTION_KINDS}")
+        override = getattr(self, f"{kind}_ratio")
+        return self.ratio if override is None else override
+
+    def block_nm(self) -> tuple[int, int]:
+        n, m = (int(v) for v in self.block.split(":"))
+        return n, m
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout and the DeepSpeed engine."""
+
+    tensor_model_parallel_size: int = arg(1, "Tensor-parallel degree.")
+    pipeline_model_parallel_size: int = arg(1, "Pipeline-parallel degree.")
+    zero_stage: int = arg(0, "DeepSpeed ZeRO stage (0-3).", choices=(0, 1, 2, 3))
+    deepspeed: bool = arg(False, "Accepted for Megatron-DeepSpeed compatibility; DeepSpeed is "
+                          "always the engine.")
+    deepspeed_config: str | None = arg(
+        None, "DeepSpeed JSON config; our flags fill what it leaves out.")
+    distributed_backend: str = arg("auto", "torch.distributed backend; auto = nccl on GPU, gloo "
+                                   "on CPU.", choices=("auto", "gloo", "nccl"))
+    distributed_timeout_minutes: int = arg(10, "Timeout of collective operations, in minutes.")
+
+
+@dataclass
+class DataConfig:
+    """Datasets and tokenizer."""
+
+    data_path: list = arg([], "Preprocessed dataset prefix(es), optionally weighted: "
+                          "'PREFIX' or 'W1 PREFIX1 W2 PREFIX2 ...'.", nargs="+")
+    split: str = arg("969,30,1", "Train,valid,test proportions of each dataset's documents.")
+    tokenizer_type: str = arg("SentencePieceTokenizer", "Tokenizer implementation.",
+                              choices=("SentencePieceTokenizer", "GPTSentencePieceTokenizer",
+                                       "Llama2Tokenizer", "ByteTokenizer"))
+    tokenizer_model: str | None = arg(None, "SentencePiece model file.")
+    data_cache_path: str | None = arg(
+        None, "Directory for cached sample indices; default: next to the data.")
+    num_workers: int = arg(0, "DataLoader worker processes.")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation schedule, batch sizes, evaluation and checkpoints."""
+
+    micro_batch_size: int = arg(4, "Sequences per micro-batch per data-parallel rank.")
+    global_batch_size: int | None = arg(
+        None, "Sequences per optimizer step over all ranks; default: micro-batch x data-parallel "
+        "size (no gradient accumulation).")
+    train_iters: int = arg(100, "Number of optimizer steps to train for.")
+    lr: float = arg(3e-4, "Peak learning rate.")
+    min_lr: float = arg(0.0, "Learning rate at the end of the decay.")
+    lr_warmup_iters: int = arg(0, "Linear warm-up iterations.")
+    lr_decay_style: str = arg("cosine", "Decay after warm-up.", choices=LR_DECAY_STYLES)
+    lr_decay_iters: int | None = arg(None, "Iterations over which lr decays; default: --train-iters.")
+    weight_decay: float = arg(0.1, "AdamW weight decay (not applied to norms and biases).")
+    adam_beta1: float = arg(0.9, "AdamW beta1.")
+    adam_beta2: float = arg(0.95, "AdamW beta2.")
+    adam_eps: float = arg(1e-8, "AdamW epsilon.")
+    clip_grad: float = arg(1.0, "Clip the global gradient norm to this (0 disables).")
+    bf16: bool = arg(False, "Train in bfloat16 mixed precision.")
+    seed: int = arg(1234, "Random seed for initialisation, data order and dropout.")
+    eval_interval: int = arg(1000, "Evaluate on the validation split every this many iterations.")
+    eval_iters: int = arg(10, "Micro-batches per evaluation.")
+    save: str | None = arg(None, "Directory to save checkpoints to.")
+    load: str | None = arg(None, "Directory to resume from (its 'latest' checkpoint).")
+    save_interval: int | None = arg(None, "Save a checkpoint every this many iterations.")
+    deterministic: bool = arg(False, "Use deterministic algorithms (bitwise reproducible on CPU).")
+
+
+@dataclass
+class LogConfig:
+    """Console and TensorBoard monitoring."""
+
+    log_interval: int = arg(10, "Print (and write to TensorBoard) every this many iterations.")
+    tensorboard_dir: str | None = arg(None, "Write TensorBoard event files here.")
+    log_sparsity_per_layer: bool = arg(
+        False, "Also log measured density per layer (per projection kind is always logged).")
+    summary_json: str | None = arg(
+        None, "Write a JSON summary of the run (final losses, throughput, density) to this file.")
+
+
+@dataclass
+class Config:
+    """Everything a run needs; built by :func:`megatron_qsparse.arguments.parse`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    qsparse: QSparseConfig = field(default_factory=QSparseConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        kw = {}
+        for f in dataclasses.fields(cls):
+            sub = f.default_factory()
+            for k, v in (d.get(f.name) or {}).items():
+                if not hasattr(sub, k):
+                    raise ConfigError(f"unknown setting {f.name}.{k}; remove it")
+                setattr(sub, k, v)
+            kw[f.name] = sub
+        return cls(**kw)
+
+
+SECTIONS = ("model", "qsparse", "parallel", "data", "train", "log")
+
+
+def flag_of(section: str, name: str) -> str:
+    """The command-line spelling of a field, e.g. ``flag_of('model', 'num_layers') == '--num-layers'``."""
+    cls = type(getattr(Config(), section))
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.metadata.get("flag") or "--" + name.replace("_", "-")
+
+
+def _err(section: str, name: str, problem: str, fix: str) -> ConfigError:
+    return ConfigError(f"{flag_of(section, name)}: {problem}; {fix}")
+
+
+def _positive(section: str, obj: Any, names: tuple[str, ...], allow_zero: bool = False) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if v is None:
+            continue
+        if v < 0 or (v == 0 and not allow_zero):
+            want = "a non-negative" if allow_zero else "a positive"
+            raise _err(section, n, f"got {v}", f"use {want} integer")
+
+
+def validate(cfg: Config, world_size: int | None = None) -> Config:
+    """Check every setting and their combinations; raise :class:`ConfigError` on the first problem.
+
+    ``world_size`` (when known) checks that the parallel layout divides the number of processes.
+    Returns ``cfg`` for chaining.
+    """
+    m, q, p, d, t, lg = cfg.model, cfg.qsparse, cfg.parallel, cfg.data, cfg.train, cfg.log
+
+    # ---- model
+    _positive("model", m, ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                           "num_query_groups", "kv_channels", "seq_length",
+                           "max_position_embeddings", "make_vocab_size_divisible_by",
+                           "vocab_size", "rotary_base"))
+    if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
+        raise _err("model", "num_attention_heads",
+                   f"hidden size {m.hidden_size} is not divisible by {m.num_attention_heads} heads",
+                   "pick a head count that divides --hidden-size or set --kv-channels")
+    if m.resolved_kv_channels() % 2:
+        raise _err("model", "kv_channels", f"head width {m.resolved_kv_channels()} is odd",
+                   "rotary embeddings need an even head width")
+    if m.num_attention_heads % m.resolved_query_groups():
+        raise _err("model", "num_query_groups",
+                   f"{m.num_attention_heads} heads are not divisible into "
+                   f"{m.resolved_query_groups()} groups", "use a divisor of --num-attention-heads")
+    if m.max_position_embeddings is not None and m.max_position_embeddings < m.seq_length:
+        raise _err("model", "max_position_embeddings",
+                   f"{m.max_position_embeddings} is shorter than --seq-length {m.seq_length}",
+                   "raise it or leave it unset")
+    if m.norm_epsilon <= 0:
+        raise _err("model", "norm_epsilon", f"got {m.norm_epsilon}", "use a small positive number")
+    if m.init_method_std <= 0:
+        raise _err("model", "init_method_std", f"got {m.init_method_std}", "use e.g. 0.02")
+    for n in ("hidden_dropout", "attention_dropout"):
+        v = getattr(m, n)
+        if not 0.0 <= v < 1.0:
+            raise _err("model", n, f"got {v}", "use a probability in [0, 1)")
+
+    # ---- sparsity
+    for kind in (None,) + PROJECTION_KINDS:
+        name = "ratio" if kind is None else f"{kind}_ratio"
+        v = getattr(q, name)
+        if v is not None and not 0.0 <= v < 1.0:
+            raise _err("qsparse", name, f"sparsity ratio {v} is outside [0, 1)",
+                       "give the fraction of features to zero, e.g. 0.4")
+    if q.mode == "block":
+        parts = q.block.split(":")
+        ok = len(parts) == 2 and all(s.strip().isdigit() for s in parts)
+        if not ok or not 0 < int(parts[0]) <= int(parts[1]):
+            raise _err("qsparse", "block", f"{q.block!r} is not an N:M pattern with 0 < N <= M",
+                       "write it as e.g. 2:4")
+    if q.mode in ("relu", "none") and any(getattr(q, f"{k}_ratio") is not None
+                                          for k in PROJECTION_KINDS):
+        raise _err("qsparse", "mode", f"per-projection ratios have no effect with mode {q.mode!r}",
+                   "drop the --qsparse-*-ratio flags or use --qsparse-mode topk")
+    if q.warmup_iters < 0:
+        raise _err("qsparse", "warmup_iters", f"got {q.warmup_iters}", "use 0 or more iterations")
+    if q.mode == "none" and q.warmup_iters:
+        raise _err("qsparse", "warmup_iters", "a sparsity warm-up needs a sparsifier",
+                   "set --qsparse-mode topk or drop --qsparse-warmup-iters")
+    if q.rescale != "none" and q.mode != "topk":
+        raise _err("qsparse", "rescale", f"rescaling applies to top-K only, mode is {q.mode!r}",
+                   "use --qsparse-mode topk or --qsparse-rescale none")
+
+    # ---- parallel
+    _positive("parallel", p, ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                              "distributed_timeout_minutes"))
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    if tp > 1:
+        raise _err("parallel", "tensor_model_parallel_size",
+                   f"tensor parallelism ({tp}) is not available in this release",
+                   "use 1 and scale with data parallelism")
+    if pp > 1:
+        raise _err("parallel", "pipeline_model_parallel_size",
+                   f"pipeline parallelism ({pp}) is not available in this release",
+                   "use 1 and scale with data parallelism")
+    if world_size is not None and world_size % (tp * pp):
+        raise _err("parallel", "tensor_model_parallel_size",
+                   f"world size {world_size} is not divisible by TP x PP = {tp * pp}",
+                   "launch a multiple of TP x PP processes")
+    if p.deepspeed_config is not None:
+        import os
+        if not os.path.isfile(p.deepspeed_config):
+            raise _err("parallel", "deepspeed_config", f"file {p.deepspeed_config!r} not found",
+                       "give the path of a DeepSpeed JSON config")
+
+    # ---- data
+    if not d.data_path:
+        raise _err("data", "data_path", "no dataset given",
+                   "preprocess a corpus with tools/preprocess_data.py and pass its prefix")
+    try:
+        from megatron_qsparse.data.gpt_dataset import parse_data_path, parse_split
+        parse_data_path(list(d.data_path))
+        train_share = parse_split(d.split)[0]
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if train_share <= 0:
+        raise _err("data", "split", f"{d.split!r} gives the training split no documents",
+                   "give the first (train) number a positive share, e.g. 969,30,1")
+    if d.tokenizer_type != "ByteTokenizer" and not d.tokenizer_model:
+        raise _err("data", "tokenizer_model", f"{d.tokenizer_type} needs a model file",
+                   "pass --tokenizer-model PATH.model (or --tokenizer-type ByteTokenizer)")
+    _positive("data", d, ("num_workers",), allow_zero=True)
+
+    # ---- training
+    _positive("train", t, ("micro_batch_size", "global_batch_size", "train_iters",
+                           "eval_interval", "save_interval", "lr_decay_iters"))
+    _positive("train", t, ("lr_warmup_iters", "eval_iters"), allow_zero=True)
+    if t.lr <= 0:
+        raise _err("train", "lr", f"got {t.lr}", "use a positive learning rate")
+    if not 0 <= t.min_lr <= t.lr:
+        raise _err("train", "min_lr", f"{t.min_lr} is not within [0, --lr {t.lr}]",
+                   "set it at or below --lr")
+    decay_iters = t.lr_decay_iters or t.train_iters
+    if t.lr_warmup_iters > decay_iters:
+        raise _err("train", "lr_warmup_iters",
+                   f"warm-up ({t.lr_warmup_iters}) is longer than the decay ({decay_iters})",
+                   "shorten the warm-up or raise --lr-decay-iters/--train-iters")
+    for n in ("adam_beta1", "adam_beta2"):
+        v = getattr(t, n)
+        if not 0.0 <= v < 1.0:
+            raise _err("train", n, f"got {v}", "use a value in [0, 1)")
+    if t.adam_eps <= 0:
+        raise _err("train", "adam_eps", f"got {t.adam_eps}", "use a small positive number")
+    if t.weight_decay < 0:
+        raise _err("train", "weight_decay", f"got {t.weight_decay}", "use 0 or more")
+    if t.clip_grad < 0:
+        raise _err("train", "clip_grad", f"got {t.clip_grad}", "use 0 (off) or a positive norm")
+    if t.save_interval is not None and not t.save:
+        raise _err("train", "save_interval", "a save interval without a save directory",
+                   "add --save DIR")
+    if world_size is not None and t.global_batch_size is not None:
+        dp = world_size // (tp * pp)
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise _err("train", "global_batch_size",
+                       f"{t.global_batch_size} is not divisible by micro-batch "
+                       f"{t.micro_batch_size} x data-parallel size {dp}",
+                       f"use a multiple of {t.micro_batch_size * dp}")
+
+    # ---- logging
+    _positive("log", lg, ("log_interval",))
+    return cfg
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    p = cfg.parallel
+    return world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+
+
+def grad_accumulation_steps(cfg: Config, world_size: int) -> int:
+    """Micro-batches per optimizer step on each data-parallel rank."""
+    dp = data_parallel_size(cfg, world_size)
+    gbs = cfg.train.global_batch_size or cfg.train.micro_batch_size * dp
+    return gbs // (cfg.train.micro_batch_size * dp)
+
+
+def padded_vocab_size(vocab_size: int, cfg: Config) -> int:
+    """Megatron's vocabulary padding: a multiple of divisible-by x tensor-parallel size."""
+    mult = cfg.model.make_vocab_size_divisible_by * cfg.parallel.tensor_model_parallel_size
+    return int(math.ceil(vocab_size / mult) * mult)

@@ -1,0 +1,26 @@
+"""Shared fixtures: small preprocessed datasets."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import CORPUS, TOKENIZER, run_cli
+
+
+@pytest.fixture(scope="session")
+def kjv_small(tmp_path_factory) -> str:
+    """The first 120 chapters of the sample corpus, preprocessed with the committed tokenizer.
+
+    Returns the dataset prefix (``.../kjv_text_document``).
+    """
+    out = tmp_path_factory.mktemp("kjv_small")
+    jsonl = out / "kjv_small.jsonl"
+    with open(CORPUS) as src, open(jsonl, "w") as dst:
+        for i, line in enumerate(src):
+            if i >= 120:
+                break
+            dst.write(line)
+    run_cli(["tools/preprocess_data.py", "--input", str(jsonl), "--output-prefix",
+             str(out / "kjv"), "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
+             str(TOKENIZER), "--append-eod", "--workers", "1"])
+    return str(out / "kjv_text_document")
