@@ -1,0 +1,189 @@
+"""LLaMA-style decoder block: pre-norm, RoPE + grouped-query attention, gated FFN.
+
+Every projection is a :mod:`megatron_qsparse.parallel.layers` linear whose input is sparsified
+(kinds ``qkv``, ``o``, ``gate_up``, ``down``; the down projection's input is sparsified *after* the
+FFN activation).
+
+Fused weight layouts (the Hugging Face importer depends on them):
+
+* QKV ``[(nq + 2·nkv)·hd, hidden]``: rows ``[all q heads; all k heads; all v heads]``, each head's
+  ``hd`` rows contiguous, heads in order — i.e. ``cat([q_proj, k_proj, v_proj], dim=0)`` of HF.
+* gate/up ``[2·ffn, hidden]``: rows ``[gate; up]`` — ``cat([gate_proj, up_proj], dim=0)`` of HF.
+
+Rotary embeddings use the HF/LLaMA ``rotate_half`` convention (feature ``i`` paired with
+``i + hd/2``), so HF q/k weights load without permutation.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_qsparse.config import ModelConfig, QSparseConfig
+from megatron_qsparse.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron_qsparse.sparsity.activations import ACTIVATIONS
+from megatron_qsparse.sparsity.topk import build_sparsifier
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for half types, else the input's own dtype (fp64 stays fp64)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm in (at least) fp32 via ``F.rms_norm``, cast back, then scaled (as HF LLaMA)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(x.to(_compute_dtype(x)), (x.shape[-1],), eps=self.eps)
+        return self.weight * y.type_as(x)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and bias, computed in (at least) fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x.to(_compute_dtype(x)), (x.shape[-1],), eps=self.eps).type_as(x)
+        return self.weight * y + self.bias
+
+
+def build_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    """The normalization layer chosen by ``cfg.normalization``."""
+    cls = {"RMSNorm": RMSNorm, "LayerNorm": LayerNorm}[cfg.normalization]
+    return cls(dim or cfg.hidden_size, cfg.norm_epsilon)
+
+
+@functools.lru_cache(maxsize=16)
+def _rope_tables(dim: int, max_positions: int, base: float,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim))
+    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64, device=device), inv)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().float(), emb.sin().float()
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables of rotary embeddings (theta ``base``), kept in fp32 whatever the model dtype.
+
+    The tables are computed in fp64, stored in fp32 and shared by all layers through a
+    per-device cache (not buffers), so ``model.to(bf16)`` cannot round them and they never enter
+    the state dict.
+    """
+
+    def __init__(self, dim: int, max_positions: int, base: float = 10000.0):
+        super().__init__()
+        self.dim, self.max_positions, self.base = dim, max_positions, float(base)
+
+    def forward(self, seq_len: int, device: torch.device, offset: int = 0):
+        """``(cos, sin)``, each ``[seq_len, dim]`` fp32, for positions ``offset`` onwards."""
+        if offset + seq_len > self.max_positions:
+            raise ValueError(f"position {offset + seq_len - 1} is beyond the rotary table "
+                             f"({self.max_positions}); raise --max-position-embeddings")
+        cos, sin = _rope_tables(self.dim, self.max_positions, self.base, torch.device(device))
+        return cos[offset:offset + seq_len], sin[offset:offset + seq_len]
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, max_positions={self.max_positions}, base={self.base:g}"
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``[x1, x2] -> [-x2, x1]`` over the last dim (HF LLaMA convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [..., s, hd]`` by position (in at least fp32; returned in ``x.dtype``)."""
+    xf = x.to(_compute_dtype(x))
+    return (xf * cos + rotate_half(xf) * sin).type_as(x)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with RoPE and grouped-query attention (``nkv`` key/value heads)."""
+
+    def __init__(self, cfg: ModelConfig, qcfg: QSparseConfig, layer: int):
+        super().__init__()
+        self.nq, self.nkv = cfg.num_attention_heads, cfg.resolved_query_groups()
+        self.hd = cfg.resolved_kv_channels()
+        self.dropout = cfg.attention_dropout
+        std = cfg.init_method_std
+        self.qkv = ColumnParallelLinear(
+            cfg.hidden_size, (self.nq + 2 * self.nkv) * self.hd, bias=cfg.add_bias_linear,
+            sparsifier=build_sparsifier(qcfg, "qkv", layer), init_method_std=std,
+            bitnet=qcfg.bitnet)
+        self.o = RowParallelLinear(
+            self.nq * self.hd, cfg.hidden_size, bias=cfg.add_bias_linear,
+            sparsifier=build_sparsifier(qcfg, "o", layer),
+            init_method_std=std / math.sqrt(2.0 * cfg.num_layers), bitnet=qcfg.bitnet)
+        self.rotary = RotaryEmbedding(self.hd, cfg.max_position_embeddings or cfg.seq_length,
+                                      cfg.rotary_base)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.nq * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
+        q = q.view(b, s, self.nq, self.hd).transpose(1, 2)
+        k = k.view(b, s, self.nkv, self.hd).transpose(1, 2)
+        v = v.view(b, s, self.nkv, self.hd).transpose(1, 2)
+        cos, sin = self.rotary(s, x.device)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.nkv != self.nq)
+        return self.o(y.transpose(1, 2).reshape(b, s, self.nq * self.hd))
+
+
+class MLP(nn.Module):
+    """Gated FFN: fused ``[gate; up]`` projection, activation by ``ffn_type``, down projection."""
+
+    def __init__(self, cfg: ModelConfig, qcfg: QSparseConfig, layer: int):
+        super().__init__()
+        self.ffn = cfg.resolved_ffn_hidden_size()
+        self.act = ACTIVATIONS[cfg.ffn_type]
+        self.gate_up = ColumnParallelLinear(
+            cfg.hidden_size, 2 * self.ffn, bias=cfg.add_bias_linear,
+            sparsifier=build_sparsifier(qcfg, "gate_up", layer),
+            init_method_std=cfg.init_method_std, bitnet=qcfg.bitnet)
+        self.down = RowParallelLinear(
+            self.ffn, cfg.hidden_size, bias=cfg.add_bias_linear,
+            sparsifier=build_sparsifier(qcfg, "down", layer),
+            init_method_std=cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers),
+            bitnet=qcfg.bitnet)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(self.act(gate, up))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: ``x + drop(attn(norm(x)))``, then ``x + drop(mlp(norm(x)))``.
+
+    ``layer`` is the 0-based block index; it names the block's density statistics.
+    """
+
+    def __init__(self, cfg: ModelConfig, qcfg: QSparseConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.input_norm = build_norm(cfg)
+        self.attention = Attention(cfg, qcfg, layer)
+        self.post_attention_norm = build_norm(cfg)
+        self.mlp = MLP(cfg, qcfg, layer)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attention(self.input_norm(x)))
+        return x + self.dropout(self.mlp(self.post_attention_norm(x)))

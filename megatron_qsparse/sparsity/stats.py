@@ -1,0 +1,92 @@
+"""Density bookkeeping: how many input features every sparse projection actually kept.
+
+Each :class:`~megatron_qsparse.sparsity.topk.Sparsifier` owns a :class:`DensityStats` (attribute
+``density_stats``) that adds up ``count_nonzero`` of its outputs while recording is on. Counts stay
+on the device (no host sync in the forward pass); :func:`collect_density` reads them out.
+
+Recording is on by default; turn it off for evaluation with ``with recording(model, False): ...``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+class DensityStats:
+    """Running ``nonzero`` / ``total`` counts of one sparsifier's outputs since the last reset."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything recorded so far."""
+        self.nonzero: torch.Tensor | int = 0
+        self.total = 0
+
+    def record(self, y: torch.Tensor) -> None:
+        """Add the nonzero count of ``y`` (one ``count_nonzero``, no host sync)."""
+        if not self.enabled:
+            return
+        with torch.no_grad():
+            self.nonzero = self.nonzero + torch.count_nonzero(y)
+        self.total += y.numel()
+
+    def density(self) -> float | None:
+        """Fraction of nonzero entries recorded, or None if nothing was recorded."""
+        return float(self.nonzero) / self.total if self.total else None
+
+
+def _stats(model: nn.Module) -> Iterator[tuple[str, int, DensityStats]]:
+    for m in model.modules():
+        st = getattr(m, "density_stats", None)
+        if isinstance(st, DensityStats):
+            yield m.kind, m.layer, st
+
+
+def set_recording(model: nn.Module, on: bool) -> None:
+    """Turn density recording on or off for every sparsifier of ``model``."""
+    for _, _, st in _stats(model):
+        st.enabled = bool(on)
+
+
+@contextlib.contextmanager
+def recording(model: nn.Module, on: bool = True):
+    """Context manager: record densities (``on=True``) or not inside the block, then restore."""
+    prev = [(st, st.enabled) for _, _, st in _stats(model)]
+    set_recording(model, on)
+    try:
+        yield
+    finally:
+        for st, was in prev:
+            st.enabled = was
+
+
+def reset_density(model: nn.Module) -> None:
+    """Zero the counts of every sparsifier of ``model``."""
+    for _, _, st in _stats(model):
+        st.reset()
+
+
+def collect_density(model: nn.Module) -> dict[str, float]:
+    """Measured density since the last reset: ``{"kind/<kind>": d, "layer<i>/<kind>": d}``.
+
+    Per-kind values pool the counts of all layers (token-weighted); layers are numbered from 0.
+    Sparsifiers that recorded nothing (mode ``none``, or recording off) are left out.
+    """
+    per_kind: dict[str, list] = {}
+    out: dict[str, float] = {}
+    for kind, layer, st in _stats(model):
+        if not st.total:
+            continue
+        nz = float(st.nonzero)
+        out[f"layer{layer}/{kind}"] = nz / st.total
+        acc = per_kind.setdefault(kind, [0.0, 0])
+        acc[0] += nz
+        acc[1] += st.total
+    kinds = {f"kind/{k}": nz / tot for k, (nz, tot) in per_kind.items()}
+    return {**kinds, **out}
