@@ -1,0 +1,8 @@
+"""Data pipeline: Megatron-compatible indexed datasets, tokenizers, GPT sample indices, samplers.
+
+- :mod:`.indexed_dataset` reads and writes the ``.bin``/``.idx`` pairs made by
+  ``tools/preprocess_data.py`` (byte-compatible with Megatron-LM).
+- :mod:`.tokenizer` wraps SentencePiece (plus a byte-level tokenizer for tests).
+- :mod:`.gpt_dataset` builds the cached document/sample/shuffle indices, splits and blends.
+- :mod:`.sampler` turns a dataset into per-rank micro-batches that resume from ``consumed_samples``.
+"""

@@ -1,0 +1,1 @@
+"""Training: setup (processes, data, model, DeepSpeed engine), the loop, checkpoints, logging."""

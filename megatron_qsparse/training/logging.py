@@ -1,0 +1,77 @@
+"""The Megatron-style console line and TensorBoard scalars (written by rank 0 only)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+logger = logging.getLogger("megatron_qsparse")
+
+
+def setup_logging(rank: int) -> None:
+    """Console logging for the library: INFO on rank 0, warnings only elsewhere."""
+    level = logging.INFO if rank == 0 else logging.WARNING
+    root = logging.getLogger("megatron_qsparse")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+
+
+class Writer:
+    """TensorBoard writer that is a no-op off rank 0 or without ``--tensorboard-dir``."""
+
+    def __init__(self, tensorboard_dir: str | None, rank: int):
+        self._tb = None
+        if tensorboard_dir and rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            os.makedirs(tensorboard_dir, exist_ok=True)
+            self._tb = SummaryWriter(log_dir=tensorboard_dir, max_queue=100)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self._tb is None:
+            return
+        for name, value in values.items():
+            if value is not None and math.isfinite(value):
+                self._tb.add_scalar(name, value, step)
+
+    def text(self, name: str, text: str, step: int = 0) -> None:
+        if self._tb is not None:
+            self._tb.add_text(name, text, step)
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def format_density(density: dict[str, float]) -> str:
+    kinds = [(k.split("/", 1)[1], v) for k, v in density.items() if k.startswith("kind/")]
+    return " ".join(f"{k} {v:.3f}" for k, v in kinds)
+
+
+def console_line(it: int, train_iters: int, stats: dict[str, Any]) -> str:
+    """One Megatron-LM-style progress line."""
+    parts = [f" iteration {it:8d}/{train_iters:8d}",
+             f"consumed samples: {stats['consumed_samples']:12d}",
+             f"elapsed time per iteration (ms): {stats['ms_per_iter']:.1f}",
+             f"learning rate: {stats['lr']:.3E}",
+             f"global batch size: {stats['global_batch_size']:5d}",
+             f"lm loss: {stats['loss']:.6E}"]
+    if stats.get("grad_norm") is not None:
+        parts.append(f"grad norm: {stats['grad_norm']:.3f}")
+    parts.append(f"tokens/s: {stats['tokens_per_sec']:.0f}")
+    if stats.get("density"):
+        parts.append(f"density: {format_density(stats['density'])}")
+    if stats.get("skipped"):
+        parts.append(f"number of skipped iterations: {stats['skipped']:3d}")
+    return " | ".join(parts) + " |"

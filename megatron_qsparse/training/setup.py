@@ -1,0 +1,268 @@
+"""Everything before the first step: processes, seeds, tokenizer, data, model, DeepSpeed engine."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+
+from megatron_qsparse.config import (Config, ConfigError, data_parallel_size,
+                                     grad_accumulation_steps, padded_vocab_size, validate)
+
+logger = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(cfg: Config) -> None:
+    """Join (or, without a launcher, create) the process group through DeepSpeed.
+
+    Under ``deepspeed``/``torchrun`` the launcher sets RANK, WORLD_SIZE and MASTER_*; a plain
+    ``python pretrain_qsparse.py`` becomes a one-process group. CPU runs use gloo, GPU runs NCCL.
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = cfg.parallel.distributed_backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("--distributed-backend: nccl needs GPUs and none is visible; use gloo")
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+            timeout=timedelta(minutes=cfg.parallel.distributed_timeout_minutes))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA) identically on every rank."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices only, never on norms and biases."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+class LRScheduler:
+    """Megatron's optimizer-param scheduler: linear warm-up, then constant/linear/cosine decay to
+    ``min_lr`` at ``decay_iters``, constant ``min_lr`` after. Stepped once per optimizer step
+    (DeepSpeed calls :meth:`step` after each applied update); its state is checkpointed."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: Config):
+        t = cfg.train
+        self.optimizer = optimizer
+        self.max_lr, self.min_lr = t.lr, t.min_lr
+        self.warmup_iters = t.lr_warmup_iters
+        self.decay_iters = t.lr_decay_iters or t.train_iters
+        self.style = t.lr_decay_style
+        self.num_steps = 0
+        self._apply()
+
+    def lr_at(self, step: int) -> float:
+        if self.warmup_iters > 0 and step < self.warmup_iters:
+            return self.max_lr * (step + 1) / self.warmup_iters
+        if self.style == "constant":
+            return self.max_lr
+        if step >= self.decay_iters:
+            return self.min_lr
+        frac = (step - self.warmup_iters) / max(1, self.decay_iters - self.warmup_iters)
+        if self.style == "linear":
+            coeff = 1.0 - frac
+        else:  # cosine
+            coeff = 0.5 * (math.cos(math.pi * frac) + 1.0)
+        return self.min_lr + coeff * (self.max_lr - self.min_lr)
+
+    def _apply(self) -> None:
+        lr = self.lr_at(self.num_steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    def get_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def get_last_lr(self) -> list[float]:
+        return self.get_lr()
+
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        self.num_steps += 1
+        self._apply()
+
+    def state_dict(self) -> dict:
+        return {"num_steps": self.num_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.num_steps = int(state["num_steps"])
+        self._apply()
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed JSON built from our flags, merged over ``--deepspeed-config`` if given.
+
+    Our flags win where both speak; each conflict is logged so nothing changes silently.
+    """
+    t = cfg.train
+    ours: dict = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": grad_accumulation_steps(cfg, world_size),
+        "gradient_clipping": t.clip_grad,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": t.bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if not cfg.parallel.deepspeed_config:
+        return ours
+    with open(cfg.parallel.deepspeed_config) as fh:
+        try:
+            theirs = json.load(fh)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--deepspeed-config: {cfg.parallel.deepspeed_config} is not valid "
+                              f"JSON ({e}); fix the file") from None
+    theirs.pop("train_batch_size", None)  # derived from micro-batch x accumulation x DP
+    merged = dict(theirs)
+    for key, value in ours.items():
+        if isinstance(value, dict) and isinstance(theirs.get(key), dict):
+            sub = dict(theirs[key])
+            for k, v in value.items():
+                if k in sub and sub[k] != v:
+                    logger.warning("DeepSpeed config %s.%s=%r replaced by our flag value %r",
+                                   key, k, sub[k], v)
+                sub[k] = v
+            merged[key] = sub
+        else:
+            if key in theirs and theirs[key] != value:
+                logger.warning("DeepSpeed config %s=%r replaced by our flag value %r",
+                               key, theirs[key], value)
+            merged[key] = value
+    if "optimizer" in merged or "scheduler" in merged:
+        raise ConfigError("--deepspeed-config: remove its 'optimizer'/'scheduler' sections; "
+                          "set them with --lr, --weight-decay, --lr-decay-style, ... instead")
+    return merged
+
+
+@dataclass
+class TrainingState:
+    """What the loop needs, built by :func:`setup`."""
+
+    cfg: Config
+    engine: Any
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler
+    tokenizer: Any
+    train_ds: Any
+    valid_ds: Any
+    test_ds: Any
+    world_size: int
+    rank: int
+    dp_size: int
+    dp_rank: int
+    iteration: int = 0
+    consumed_samples: int = 0
+
+
+def build_model(cfg: Config, vocab_size: int) -> torch.nn.Module:
+    from megatron_qsparse.model.gpt import GPTModel
+
+    return GPTModel(cfg.model, cfg.qsparse, vocab_size)
+
+
+def setup(cfg: Config) -> TrainingState:
+    """Initialise processes, data, model and the DeepSpeed engine for ``cfg``."""
+    import deepspeed
+
+    from megatron_qsparse.data.gpt_dataset import build_train_valid_test_datasets
+    from megatron_qsparse.data.tokenizer import build_tokenizer
+
+    init_distributed(cfg)
+    world_size = torch.distributed.get_world_size()
+    rank = torch.distributed.get_rank()
+    validate(cfg, world_size=world_size)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True)
+    dp_size = data_parallel_size(cfg, world_size)
+    dp_rank = rank // (cfg.parallel.tensor_model_parallel_size *
+                       cfg.parallel.pipeline_model_parallel_size)
+
+    tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = tokenizer.vocab_size
+    elif cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"--vocab-size: {cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"{tokenizer.vocab_size}; leave it unset")
+    vocab = padded_vocab_size(cfg.model.vocab_size, cfg)
+
+    gbs = cfg.train.global_batch_size or cfg.train.micro_batch_size * dp_size
+    evals = cfg.train.train_iters // cfg.train.eval_interval + 1
+    # No test-split evaluation is run yet, so no test samples are built.
+    num_samples = (cfg.train.train_iters * gbs,
+                   evals * cfg.train.eval_iters * gbs if cfg.train.eval_iters else 0, 0)
+    # Rank 0 builds (and caches) the sample indices first; the others then read the cache.
+    if rank != 0:
+        torch.distributed.barrier()
+    try:
+        train_ds, valid_ds, test_ds = build_train_valid_test_datasets(
+            list(cfg.data.data_path), cfg.data.split, cfg.model.seq_length, cfg.train.seed,
+            num_samples, cache_dir=cfg.data.data_cache_path)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"--data-path: {e}") from None
+    finally:
+        if rank == 0:
+            torch.distributed.barrier()
+    if train_ds is None:
+        raise ConfigError(f"--split: {cfg.data.split!r} leaves no training documents; "
+                          "give the train split a positive share")
+
+    set_seed(cfg.train.seed)
+    model = build_model(cfg, vocab).to(device())
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+        betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps)
+    scheduler = LRScheduler(optimizer, cfg)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, world_size))
+    # Seed the dropout/data RNG per data-parallel rank after init (init must match everywhere).
+    set_seed(cfg.train.seed + 100 * dp_rank)
+    return TrainingState(cfg=cfg, engine=engine, model=model, optimizer=optimizer,
+                         scheduler=scheduler, tokenizer=tokenizer, train_ds=train_ds,
+                         valid_ds=valid_ds, test_ds=test_ds, world_size=world_size, rank=rank,
+                         dp_size=dp_size, dp_rank=dp_rank)

@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""Pretrain (or continue-train) a Q-Sparse LLaMA-style model.
+
+Runs as a plain ``python pretrain_qsparse.py ...`` (one process) or under the ``deepspeed``
+launcher (``deepspeed --num_gpus N pretrain_qsparse.py ...``). See ``--help`` for every flag.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from megatron_qsparse.arguments import parse
+from megatron_qsparse.config import ConfigError
+
+
+def format_summary(summary: dict) -> str:
+    def fmt(v, spec):
+        return format(v, spec) if v is not None else "n/a"
+
+    density = summary.get("density") or {}
+    lines = ["", "=" * 64, "run summary",
+             f"  iterations          {summary['iterations']}",
+             f"  first train loss    {fmt(summary.get('first_loss'), '.4f')}",
+             f"  final train loss    {fmt(summary.get('train_loss'), '.4f')}",
+             f"  final valid loss    {fmt(summary.get('valid_loss'), '.4f')}",
+             f"  throughput          {fmt(summary.get('tokens_per_sec'), ',.0f')} tokens/s"]
+    if density:
+        lines.append("  measured density    " + "  ".join(
+            f"{k.split('/', 1)[1]} {v:.3f}" for k, v in density.items()))
+        mean = sum(density.values()) / len(density)
+        lines.append(f"  mean sparsity       {1 - mean:.1%} of linear inputs zeroed")
+    lines.append("=" * 64)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse(argv)
+    # Imported after parsing so that --help and flag errors answer instantly.
+    from megatron_qsparse.training.checkpointing import atomic_write_text, load
+    from megatron_qsparse.training.logging import setup_logging
+    from megatron_qsparse.training.loop import train
+    from megatron_qsparse.training.setup import setup
+
+    try:
+        setup_logging(int(os.environ.get("RANK", 0)))
+        state = setup(cfg)
+        setup_logging(state.rank)
+        if cfg.train.load:
+            state.iteration, state.consumed_samples = load(state.engine, cfg)
+        summary = train(state)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if state.rank == 0:
+        print(format_summary(summary), flush=True)
+        if cfg.log.summary_json:
+            atomic_write_text(cfg.log.summary_json, json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
