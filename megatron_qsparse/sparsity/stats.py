@@ -76,7 +76,7 @@ def collect_density(model: nn.Module) -> dict[str, float]:
     """Measured density since the last reset: ``{"kind/<kind>": d, "layer<i>/<kind>": d}``.
 
     Per-kind values pool the counts of all layers (token-weighted); layers are numbered from 0.
-    Sparsifiers that recorded nothing (mode ``none``, or recording off) are left out.
+    Sparsifiers that recorded nothing (recording off) are left out.
     """
     per_kind: dict[str, list] = {}
     out: dict[str, float] = {}

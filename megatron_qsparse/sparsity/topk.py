@@ -175,7 +175,8 @@ class Sparsifier(nn.Module):
     ``relu``, ``none``). ``ratio_scale`` (default 1.0) multiplies the Top-K ratio; the training loop
     ramps it 0→1 for the sparsity warm-up through :func:`set_sparsity_scale`. The density of every
     output is recorded into ``density_stats`` while recording is on (see ``stats.py``); mode
-    ``none`` records nothing and, without quantization, returns its input unchanged.
+    ``none`` returns its input unchanged (without quantization) and records its natural density,
+    so a dense baseline logs the same statistics (e.g. the zeros ReLU² leaves before ``down``).
     """
 
     def __init__(self, cfg: QSparseConfig, kind: str, layer: int):
@@ -198,6 +199,7 @@ class Sparsifier(nn.Module):
         if self.quantize:
             x = quantize_int8(x)
         if self.mode == "none":
+            self.density_stats.record(x)
             return x
         if self.mode == "relu":
             y = F.relu(x)

@@ -79,10 +79,15 @@ def train(state: TrainingState) -> dict:
     writer = Writer(cfg.log.tensorboard_dir, state.rank)
     writer.text("config", "```\n" + str(cfg.to_dict()) + "\n```")
 
-    loader = build_pretraining_data_loader(state.train_ds, state.consumed_samples,
-                                           cfg.train.micro_batch_size, state.dp_rank,
-                                           state.dp_size, cfg.data.num_workers)
-    data_iter = iter(loader)
+    data_iter = None
+    if state.iteration < cfg.train.train_iters:
+        loader = build_pretraining_data_loader(state.train_ds, state.consumed_samples,
+                                               cfg.train.micro_batch_size, state.dp_rank,
+                                               state.dp_size, cfg.data.num_workers)
+        data_iter = iter(loader)
+    else:
+        logger.info("checkpoint is at iteration %d, --train-iters is %d: nothing to train",
+                    state.iteration, cfg.train.train_iters)
     # DeepSpeed reports the norm for ZeRO >= 1 and bf16; for fp32 ZeRO-0 we measure it.
     measure_norm = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
 
@@ -93,7 +98,7 @@ def train(state: TrainingState) -> dict:
     run_time, run_steps = 0.0, 0
     engine.train()
     reset_density(model)
-    it = state.iteration
+    it = start_iteration = state.iteration
     while it < cfg.train.train_iters:
         step_start = time.perf_counter()
         set_sparsity_scale(model, sparsity_scale(state, it))
@@ -125,7 +130,7 @@ def train(state: TrainingState) -> dict:
         interval_loss += loss_value
         interval_steps += 1
         step_time = time.perf_counter() - step_start
-        if run_steps or it > 1:  # the first step pays one-off costs; leave it out of throughput
+        if it > start_iteration + 1:  # the first step pays one-off costs; leave it out of throughput
             run_time += step_time
             run_steps += 1
 
@@ -165,7 +170,8 @@ def train(state: TrainingState) -> dict:
     summary["valid_loss"] = _log_eval(state, writer, it, it // max(1, cfg.train.eval_interval))
     if run_steps:
         summary["tokens_per_sec"] = tokens_per_step * run_steps / run_time
-    if cfg.train.save and (not cfg.train.save_interval or it % cfg.train.save_interval):
+    trained = it > start_iteration
+    if cfg.train.save and trained and (not cfg.train.save_interval or it % cfg.train.save_interval):
         checkpointing.save(engine, cfg, it, state.consumed_samples)
     writer.close()
     return summary

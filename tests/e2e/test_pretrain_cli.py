@@ -68,7 +68,10 @@ def test_dense_mode_reports_full_density(kjv_small, tmp_path):
     pretrain(kjv_small, "--train-iters", "3", "--qsparse-mode", "none", "--eval-iters", "0",
              "--summary-json", str(summary_path))
     density = json.loads(summary_path.read_text())["density"]
-    assert all(v == pytest.approx(1.0) for v in density.values())
+    assert set(density) == {"kind/qkv", "kind/o", "kind/gate_up", "kind/down"}
+    for kind in ("qkv", "o", "gate_up"):
+        assert density[f"kind/{kind}"] == pytest.approx(1.0)
+    assert density["kind/down"] < 1.0  # ReLU² zeroes some of the down projection's input
 
 
 def test_save_and_resume_continues(kjv_small, tmp_path):
@@ -140,3 +143,17 @@ def test_deepspeed_launcher_two_ranks_matches_one(kjv_small, tmp_path):
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert b["first_loss"] == pytest.approx(a["first_loss"], rel=1e-5)
     assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--vocab-size", "100"], "--vocab-size: 100 is smaller than the tokenizer's 4096"),
+    (["--distributed-backend", "nccl"], "--distributed-backend: nccl needs GPUs"),
+])
+def test_setup_errors_are_one_line(kjv_small, args, needle):
+    import torch
+
+    if "nccl" in args and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    proc = pretrain(kjv_small, "--train-iters", "2", *args, check=False)
+    assert proc.returncode == 2
+    assert needle in proc.stderr.strip().splitlines()[-1]

@@ -186,7 +186,11 @@ def test_none_mode_is_identity():
     x = torch.randn(4, 16)
     s = sparsifier(mode="none")
     assert s(x) is x
-    assert collect_density(s) == {}
+    assert collect_density(s)["kind/qkv"] == 1.0
+    reset_density(s)
+    x[0, :4] = 0.0
+    s(x)
+    assert collect_density(s)["kind/qkv"] == pytest.approx(1.0 - 4 / 64)  # natural density
 
 
 def test_int8_quant_values_and_range():
