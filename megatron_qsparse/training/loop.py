@@ -101,7 +101,8 @@ def train(state: TrainingState) -> dict:
     it = start_iteration = state.iteration
     while it < cfg.train.train_iters:
         step_start = time.perf_counter()
-        set_sparsity_scale(model, sparsity_scale(state, it))
+        scale = sparsity_scale(state, it)
+        set_sparsity_scale(model, scale)
         # Density is measured on the last step of each log interval: counting non-zeros costs
         # ~7% of a matmul per projection, too much to pay on every step at scale.
         logs_now = (it + 1) % cfg.log.log_interval == 0 or it + 1 == cfg.train.train_iters
@@ -150,7 +151,7 @@ def train(state: TrainingState) -> dict:
             scalars = {"lm-loss": mean_loss, "learning-rate": stats["lr"],
                        "grad-norm": grad_norm, "tokens-per-sec": stats["tokens_per_sec"],
                        "iteration-time-ms": stats["ms_per_iter"],
-                       "sparsity-scale": sparsity_scale(state, it),
+                       "sparsity-scale": scale,
                        "consumed-samples": float(state.consumed_samples)}
             scalars.update({f"density/{k}": v for k, v in density.items()})
             writer.scalars(scalars, it)
