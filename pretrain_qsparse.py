@@ -25,12 +25,18 @@ def format_summary(summary: dict) -> str:
              f"  first train loss    {fmt(summary.get('first_loss'), '.4f')}",
              f"  final train loss    {fmt(summary.get('train_loss'), '.4f')}",
              f"  final valid loss    {fmt(summary.get('valid_loss'), '.4f')}",
+             *([f"  test loss           {summary['test_loss']:.4f}"]
+               if summary.get("test_loss") is not None else []),
              f"  throughput          {fmt(summary.get('tokens_per_sec'), ',.0f')} tokens/s"]
     if density:
         lines.append("  measured density    " + "  ".join(
             f"{k.split('/', 1)[1]} {v:.3f}" for k, v in density.items()))
         mean = sum(density.values()) / len(density)
         lines.append(f"  mean sparsity       {1 - mean:.1%} of linear inputs zeroed")
+    if summary.get("skipped_iterations"):
+        lines.append(f"  skipped iterations  {summary['skipped_iterations']} (non-finite gradients)")
+    if summary.get("exit_reason", "finished") != "finished":
+        lines.append(f"  stopped early       {summary['exit_reason']}")
     lines.append("=" * 64)
     return "\n".join(lines)
 
@@ -40,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported after parsing so that --help and flag errors answer instantly.
     from megatron_qsparse.training.checkpointing import atomic_write_text, load
     from megatron_qsparse.training.logging import setup_logging
-    from megatron_qsparse.training.loop import train
+    from megatron_qsparse.training.loop import TrainingStopped, train
     from megatron_qsparse.training.setup import setup
 
     try:
@@ -48,11 +54,14 @@ def main(argv: list[str] | None = None) -> int:
         state = setup(cfg)
         setup_logging(state.rank)
         if cfg.train.load:
-            state.iteration, state.consumed_samples = load(state.engine, cfg)
+            state.iteration, state.consumed_samples = load(state.engine, cfg, state.dp_size)
         summary = train(state)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        print(f"error: training stopped: {e}", file=sys.stderr)
+        return 1
     if state.rank == 0:
         print(format_summary(summary), flush=True)
         if cfg.log.summary_json:

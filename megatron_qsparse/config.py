@@ -33,7 +33,8 @@ def arg(default: Any, help: str, *, flag: str | None = None, choices: tuple | No
 PROJECTION_KINDS = ("qkv", "o", "gate_up", "down")
 SPARSITY_MODES = ("topk", "block", "relu", "none")
 FFN_TYPES = ("relu2_glu", "swiglu")
-LR_DECAY_STYLES = ("constant", "linear", "cosine")
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "WSD")
+WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 
 
@@ -169,6 +170,10 @@ class TrainConfig:
     lr_warmup_iters: int = arg(0, "Linear warm-up iterations.")
     lr_decay_style: str = arg("cosine", "Decay after warm-up.", choices=LR_DECAY_STYLES)
     lr_decay_iters: int | None = arg(None, "Iterations over which lr decays; default: --train-iters.")
+    lr_wsd_decay_iters: int | None = arg(
+        None, "WSD: length of the final decay phase (the rest after warm-up is stable at --lr).")
+    lr_wsd_decay_style: str = arg("exponential", "WSD: shape of the final decay phase.",
+                                  choices=WSD_DECAY_STYLES)
     weight_decay: float = arg(0.1, "AdamW weight decay (not applied to norms and biases).")
     adam_beta1: float = arg(0.9, "AdamW beta1.")
     adam_beta2: float = arg(0.95, "AdamW beta2.")
@@ -182,6 +187,24 @@ class TrainConfig:
     load: str | None = arg(None, "Directory to resume from (its 'latest' checkpoint).")
     save_interval: int | None = arg(None, "Save a checkpoint every this many iterations.")
     deterministic: bool = arg(False, "Use deterministic algorithms (bitwise reproducible on CPU).")
+    keep_last_n_checkpoints: int | None = arg(
+        None, "Delete older checkpoints, keeping only the newest N.")
+    finetune: bool = arg(False, "With --load: take the weights only (iteration, optimizer, lr "
+                         "schedule and data position start anew).")
+    exit_interval: int | None = arg(
+        None, "Save (with --save) and exit when the iteration is a multiple of this.")
+    exit_duration_in_mins: float | None = arg(
+        None, "Save (with --save) and exit once the run has lasted this many minutes.")
+    exit_signal_handler: bool = arg(
+        True, "Do not save and exit on SIGTERM/SIGUSR1 (by default a preempted run saves "
+        "after the current iteration).", flag="--no-exit-signal-handler")
+    max_consecutive_skipped_iters: int = arg(
+        5, "Stop the run after this many consecutive iterations with non-finite gradients "
+        "(each is skipped, not applied).")
+    loss_spike_factor: float = arg(
+        2.0, "Warn and count a loss spike when the loss exceeds this multiple of its recent "
+        "average (0 disables).")
+    test: bool = arg(False, "Evaluate on the test split at the end of training.")
 
 
 @dataclass
@@ -352,7 +375,32 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
 
     # ---- training
     _positive("train", t, ("micro_batch_size", "global_batch_size", "train_iters",
-                           "eval_interval", "save_interval", "lr_decay_iters"))
+                           "eval_interval", "save_interval", "lr_decay_iters",
+                           "lr_wsd_decay_iters", "keep_last_n_checkpoints", "exit_interval",
+                           "max_consecutive_skipped_iters"))
+    if t.exit_duration_in_mins is not None and t.exit_duration_in_mins <= 0:
+        raise _err("train", "exit_duration_in_mins", f"got {t.exit_duration_in_mins}",
+                   "use a positive number of minutes")
+    if t.loss_spike_factor != 0 and t.loss_spike_factor <= 1:
+        raise _err("train", "loss_spike_factor", f"got {t.loss_spike_factor}",
+                   "use a factor above 1 (e.g. 2.0) or 0 to disable")
+    if t.finetune and not t.load:
+        raise _err("train", "finetune", "nothing to fine-tune from", "add --load DIR")
+    if t.keep_last_n_checkpoints and not t.save:
+        raise _err("train", "keep_last_n_checkpoints", "no checkpoints are saved",
+                   "add --save DIR")
+    if t.lr_decay_style == "WSD":
+        if t.lr_wsd_decay_iters is None:
+            raise _err("train", "lr_wsd_decay_iters", "WSD needs the length of its decay phase",
+                       "add --lr-wsd-decay-iters N (e.g. 10-20% of --train-iters)")
+        if t.lr_warmup_iters + t.lr_wsd_decay_iters > (t.lr_decay_iters or t.train_iters):
+            raise _err("train", "lr_wsd_decay_iters",
+                       f"warm-up ({t.lr_warmup_iters}) + decay ({t.lr_wsd_decay_iters}) exceed "
+                       f"the schedule ({t.lr_decay_iters or t.train_iters})",
+                       "shorten them or raise --train-iters")
+    elif t.lr_wsd_decay_iters is not None:
+        raise _err("train", "lr_wsd_decay_iters", f"only used with --lr-decay-style WSD, "
+                   f"not {t.lr_decay_style}", "drop it or use --lr-decay-style WSD")
     _positive("train", t, ("lr_warmup_iters", "eval_iters"), allow_zero=True)
     if t.lr <= 0:
         raise _err("train", "lr", f"got {t.lr}", "use a positive learning rate")

@@ -1,16 +1,27 @@
 """Save and resume through DeepSpeed's checkpoint engine, plus our own run metadata.
 
-Layout under ``--save``: DeepSpeed's ``iter_0000100/`` tag folders and its ``latest`` pointer, and
-inside each tag ``qsparse_meta.json`` (arguments, iteration, consumed samples), written atomically.
-The RNG states of every rank travel in DeepSpeed's client state.
+Layout under ``--save``::
+
+    latest                  the tag of the newest complete checkpoint (replaced atomically, last)
+    iter_0000100/           DeepSpeed's files (model, optimizer/ZeRO partitions, LR scheduler) and
+        qsparse_meta.json   arguments, iteration, consumed samples, parallel layout
+        rng_rank00000.pt    RNG states of each rank (tensors only)
+
+A checkpoint is written into a hidden ``.tmp-iter_0000100`` folder and renamed into place only when
+every rank has finished; ``latest`` is replaced after the rename. A crash at any point leaves the
+previous checkpoint and ``latest`` intact. Loading never unpickles arbitrary objects: DeepSpeed's
+files are read with ``torch.load(weights_only=True)`` and an allow-list of its plain state classes.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
 import random
+import re
+import shutil
 import tempfile
 
 import numpy as np
@@ -21,6 +32,9 @@ from megatron_qsparse.config import Config, ConfigError
 logger = logging.getLogger(__name__)
 
 META_NAME = "qsparse_meta.json"
+LATEST = "latest"
+TMP_PREFIX = ".tmp-"
+_TAG_RE = re.compile(r"^iter_(\d{7,})$")
 
 
 def tag_for(iteration: int) -> str:
@@ -31,12 +45,13 @@ def atomic_write_text(path: str, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -44,75 +59,219 @@ def atomic_write_text(path: str, text: str) -> None:
         raise
 
 
+# ---------------------------------------------------------------------------------------------
+# RNG state (tensors and ints only, so that it loads with weights_only=True)
+
+
 def rng_state() -> dict:
-    np_state = np.random.get_state()
+    version, mt, gauss = random.getstate()
+    keys, pos, has_gauss, cached = np.random.get_state()[1:]
     return {
-        "python": list(random.getstate()[1]) + [random.getstate()[2]],
-        "python_version": random.getstate()[0],
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python_version": version, "python": torch.tensor(mt, dtype=torch.int64),
+        "python_gauss": gauss,
+        "numpy_keys": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(pos),
+        "numpy_has_gauss": int(has_gauss), "numpy_cached_gaussian": float(cached),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
     }
 
 
 def set_rng_state(state: dict) -> None:
-    py = state["python"]
-    random.setstate((state["python_version"], tuple(py[:-1]), py[-1]))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["cached_gaussian"]))
+    random.setstate((state["python_version"], tuple(state["python"].tolist()),
+                     state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32),
+                         state["numpy_pos"], state["numpy_has_gauss"],
+                         state["numpy_cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, cfg: Config, iteration: int, consumed_samples: int) -> str:
-    """Save a checkpoint for ``iteration``; DeepSpeed updates ``latest`` after the files."""
+# ---------------------------------------------------------------------------------------------
+# safe loading of DeepSpeed's files
+
+
+def _deepspeed_safe_globals() -> list:
+    """Plain state holders DeepSpeed pickles into its checkpoints (no code runs on load)."""
+    out = []
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        out += [LossScaler, DynamicLossScaler]
+    except ImportError:  # pragma: no cover - depends on the DeepSpeed version
+        pass
+    try:
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        out.append(ZeroStageEnum)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from deepspeed.utils.tensor_fragment import fragment_address
+        out.append(fragment_address)
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+def make_loading_safe(engine) -> None:
+    """Make DeepSpeed read checkpoints with ``torch.load(weights_only=True)``."""
+    ckpt_engine = getattr(engine, "checkpoint_engine", None)
+    if ckpt_engine is None:
+        return
+    allowed = _deepspeed_safe_globals()
+
+    def safe_load(path: str, map_location=None):
+        with torch.serialization.safe_globals(allowed):
+            try:
+                return torch.load(path, map_location=map_location, weights_only=True)
+            except Exception as e:  # noqa: BLE001 - turn into a one-line, actionable error
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ConfigError(f"--load: cannot read {path} safely ({first}); it is corrupt or "
+                                  "not a megatron-qsparse/DeepSpeed checkpoint") from None
+
+    ckpt_engine.load = safe_load
+
+
+# ---------------------------------------------------------------------------------------------
+# save
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def list_checkpoints(save_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints under ``save_dir`` as (iteration, tag), oldest first."""
+    out = []
+    for path in glob.glob(os.path.join(save_dir, "iter_*")):
+        m = _TAG_RE.match(os.path.basename(path))
+        if m and os.path.isfile(os.path.join(path, META_NAME)):
+            out.append((int(m.group(1)), os.path.basename(path)))
+    return sorted(out)
+
+
+def save(engine, cfg: Config, iteration: int, consumed_samples: int, *, dp_size: int,
+         extra: dict | None = None) -> str:
+    """Save a complete checkpoint for ``iteration`` atomically, then point ``latest`` at it."""
+    save_dir = cfg.train.save
     tag = tag_for(iteration)
-    client_state = {"iteration": iteration, "consumed_samples": consumed_samples,
-                    "rng": rng_state()}
-    engine.save_checkpoint(cfg.train.save, tag=tag, client_state=client_state)
-    if torch.distributed.get_rank() == 0:
+    tmp_tag = TMP_PREFIX + tag
+    rank = _rank()
+    if rank == 0:
+        os.makedirs(save_dir, exist_ok=True)
+        shutil.rmtree(os.path.join(save_dir, tmp_tag), ignore_errors=True)  # an aborted save
+    _barrier()
+    engine.save_checkpoint(save_dir, tag=tmp_tag, save_latest=False,
+                           client_state={"iteration": iteration,
+                                         "consumed_samples": consumed_samples})
+    tmp_dir = os.path.join(save_dir, tmp_tag)
+    os.makedirs(tmp_dir, exist_ok=True)
+    rng_path = os.path.join(tmp_dir, f"rng_rank{rank:05d}.pt")
+    torch.save(rng_state(), rng_path + ".part")
+    os.replace(rng_path + ".part", rng_path)
+    _barrier()
+    if rank == 0:
+        p = cfg.parallel
         meta = {"iteration": iteration, "consumed_samples": consumed_samples,
-                "config": cfg.to_dict()}
-        atomic_write_text(os.path.join(cfg.train.save, tag, META_NAME),
+                "tensor_model_parallel_size": p.tensor_model_parallel_size,
+                "pipeline_model_parallel_size": p.pipeline_model_parallel_size,
+                "data_parallel_size": dp_size, "zero_stage": p.zero_stage,
+                "config": cfg.to_dict(), **(extra or {})}
+        atomic_write_text(os.path.join(tmp_dir, META_NAME),
                           json.dumps(meta, indent=1, sort_keys=True))
-    torch.distributed.barrier()
-    logger.info("saved checkpoint %s at iteration %d", os.path.join(cfg.train.save, tag),
-                iteration)
+        final = os.path.join(save_dir, tag)
+        if os.path.exists(final):  # re-saving the same iteration: replace the old one
+            shutil.rmtree(final)
+        os.replace(tmp_dir, final)
+        atomic_write_text(os.path.join(save_dir, LATEST), tag)
+        _prune(save_dir, cfg.train.keep_last_n_checkpoints)
+    _barrier()
+    logger.info("saved checkpoint %s at iteration %d", os.path.join(save_dir, tag), iteration)
     return tag
 
 
-def _check_compatible(cfg: Config, meta: dict, path: str) -> None:
+def _prune(save_dir: str, keep: int | None) -> None:
+    if not keep:
+        return
+    for _, tag in list_checkpoints(save_dir)[:-keep]:
+        shutil.rmtree(os.path.join(save_dir, tag), ignore_errors=True)
+        logger.info("removed old checkpoint %s (--keep-last-n-checkpoints %d)", tag, keep)
+
+
+# ---------------------------------------------------------------------------------------------
+# load
+
+
+def _check_compatible(cfg: Config, meta: dict, path: str, dp_size: int, finetune: bool) -> None:
     saved = meta.get("config", {}).get("model", {})
     for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                "num_query_groups", "kv_channels", "ffn_type", "vocab_size"):
+                "num_query_groups", "kv_channels", "ffn_type", "vocab_size",
+                "untie_embeddings_and_output_weights", "add_bias_linear", "normalization"):
         ours = getattr(cfg.model, key)
-        if key in saved and saved[key] != ours and not (key.endswith("size") and ours is None):
+        if key not in saved or saved[key] == ours or ours is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        raise ConfigError(f"--load: checkpoint {path} has {flag} {saved[key]} but this run "
+                          f"has {ours}; use the checkpoint's model shape")
+    for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        if key in meta and meta[key] != getattr(cfg.parallel, key):
             flag = "--" + key.replace("_", "-")
-            raise ConfigError(f"--load: checkpoint {path} has {flag} {saved[key]} but this run "
-                              f"has {ours}; use the checkpoint's model shape")
+            raise ConfigError(f"--load: checkpoint {path} was saved with {flag} {meta[key]} but "
+                              f"this run uses {getattr(cfg.parallel, key)}; launch with the "
+                              "checkpoint's layout")
+    if not finetune and meta.get("zero_stage", 0) >= 1 and meta.get("data_parallel_size") and \
+            meta["data_parallel_size"] != dp_size:
+        raise ConfigError(f"--load: checkpoint {path} holds ZeRO-{meta['zero_stage']} optimizer "
+                          f"partitions for {meta['data_parallel_size']} data-parallel ranks but "
+                          f"this run has {dp_size}; resume with the same number of ranks or use "
+                          "--finetune to load the weights only")
 
 
-def load(engine, cfg: Config) -> tuple[int, int]:
-    """Resume from ``--load``; returns (iteration, consumed samples), (0, 0) when there is none."""
+def load(engine, cfg: Config, dp_size: int) -> tuple[int, int]:
+    """Resume from ``--load``: returns (iteration, consumed samples); (0, 0) when there is none
+    or with ``--finetune`` (weights only: optimizer, schedule, data position and RNG start anew)."""
     load_dir = cfg.train.load
-    latest = os.path.join(load_dir, "latest")
+    if not os.path.isdir(load_dir):
+        raise ConfigError(f"--load: directory {load_dir!r} does not exist; check the path")
+    latest = os.path.join(load_dir, LATEST)
     if not os.path.isfile(latest):
-        logger.warning("--load %s holds no 'latest' checkpoint; starting from scratch", load_dir)
+        if cfg.train.finetune:
+            raise ConfigError(f"--load: {load_dir} holds no '{LATEST}' checkpoint to fine-tune "
+                              "from; check the path")
+        logger.warning("--load %s holds no '%s' checkpoint; starting from scratch", load_dir,
+                       LATEST)
         return 0, 0
     with open(latest) as fh:
         tag = fh.read().strip()
-    meta_path = os.path.join(load_dir, tag, META_NAME)
-    if os.path.isfile(meta_path):
-        with open(meta_path) as fh:
-            _check_compatible(cfg, json.load(fh), os.path.join(load_dir, tag))
-    path, client_state = engine.load_checkpoint(load_dir, tag=tag)
-    if path is None:
-        raise ConfigError(f"--load: could not read checkpoint {tag!r} in {load_dir}; "
-                          "check the directory or remove its 'latest' file")
-    if client_state.get("rng") is not None:
-        set_rng_state(client_state["rng"])
+    path = os.path.join(load_dir, tag)
+    meta_path = os.path.join(path, META_NAME)
+    if not os.path.isfile(meta_path):
+        raise ConfigError(f"--load: {path} has no {META_NAME}; it is incomplete or not ours "
+                          f"(point '{LATEST}' at a complete iter_* folder)")
+    with open(meta_path) as fh:
+        meta = json.load(fh)
+    _check_compatible(cfg, meta, path, dp_size, cfg.train.finetune)
+    make_loading_safe(engine)
+    if cfg.train.finetune:
+        loaded, _ = engine.load_checkpoint(load_dir, tag=tag, load_module_only=True,
+                                           load_optimizer_states=False,
+                                           load_lr_scheduler_states=False)
+        if loaded is None:
+            raise ConfigError(f"--load: could not read the weights in {path}")
+        logger.info("fine-tuning from the weights of %s", path)
+        return 0, 0
+    loaded, client_state = engine.load_checkpoint(load_dir, tag=tag)
+    if loaded is None:
+        raise ConfigError(f"--load: could not read checkpoint {path}; check the directory")
+    rng_path = os.path.join(path, f"rng_rank{_rank():05d}.pt")
+    if os.path.isfile(rng_path):
+        set_rng_state(torch.load(rng_path, weights_only=True))
+    else:
+        logger.warning("%s has no RNG state for rank %d; dropout will not replay exactly", path,
+                       _rank())
     logger.info("resumed from %s at iteration %d", path, client_state["iteration"])
     return int(client_state["iteration"]), int(client_state["consumed_samples"])

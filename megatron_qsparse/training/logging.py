@@ -54,6 +54,18 @@ class Writer:
             self._tb = None
 
 
+def memory_stats() -> dict[str, float]:
+    """Peak memory: CUDA allocator high-water mark on GPU, the process's max RSS on CPU (GB)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return {"memory/max-allocated-gb": torch.cuda.max_memory_allocated() / 2**30,
+                "memory/allocated-gb": torch.cuda.memory_allocated() / 2**30}
+    import resource
+
+    return {"memory/max-rss-gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
 def format_density(density: dict[str, float]) -> str:
     kinds = [(k.split("/", 1)[1], v) for k, v in density.items() if k.startswith("kind/")]
     return " ".join(f"{k} {v:.3f}" for k, v in kinds)
@@ -70,6 +82,10 @@ def console_line(it: int, train_iters: int, stats: dict[str, Any]) -> str:
     if stats.get("grad_norm") is not None:
         parts.append(f"grad norm: {stats['grad_norm']:.3f}")
     parts.append(f"tokens/s: {stats['tokens_per_sec']:.0f}")
+    if stats.get("tflops") is not None:
+        parts.append(f"TFLOP/s/rank: {stats['tflops']:.3f} (activated {stats['tflops_activated']:.3f})")
+    if stats.get("memory_gb") is not None:
+        parts.append(f"mem GB: {stats['memory_gb']:.2f}")
     if stats.get("density"):
         parts.append(f"density: {format_density(stats['density'])}")
     if stats.get("skipped"):

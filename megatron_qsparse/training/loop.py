@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+import signal
 import time
 
 import torch
 
 from megatron_qsparse.config import grad_accumulation_steps
 from megatron_qsparse.data.sampler import build_pretraining_data_loader
+from megatron_qsparse.model.gpt import activated_parameters, count_parameters, flops_per_token
 from megatron_qsparse.sparsity import (collect_density, recording, reset_density, set_recording,
-                                      set_sparsity_scale)
+                                       set_sparsity_scale)
 from megatron_qsparse.training import checkpointing
-from megatron_qsparse.training.logging import Writer, console_line
+from megatron_qsparse.training.logging import Writer, console_line, memory_stats
 from megatron_qsparse.training.setup import TrainingState, device
 
 logger = logging.getLogger(__name__)
+
+_PROJ_RE = re.compile(r"layers\.(\d+)\.(?:attention|mlp)\.(qkv|o|gate_up|down)\.weight$")
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. gradients stayed non-finite); the message says why."""
 
 
 def get_batch(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,17 +34,43 @@ def get_batch(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
 
+def _iterate(loader):
+    """Iterate a DataLoader without touching the global RNG (creating a DataLoader iterator draws
+    a seed from it, which would shift dropout after a resume or an evaluation)."""
+    with torch.random.fork_rng(devices=[]):
+        it = iter(loader)
+    return it
+
+
+def _all_reduce(values: list[float], state: TrainingState, op=None) -> list[float]:
+    if state.world_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(t, op=op or torch.distributed.ReduceOp.SUM)
+    return t.tolist()
+
+
 def _dp_mean(value: float, state: TrainingState) -> float:
-    if state.dp_size == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return t.item() / state.world_size
+    return _all_reduce([value], state)[0] / state.world_size if state.world_size > 1 else value
 
 
 def _grad_norm(model: torch.nn.Module) -> float:
-    norms = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()).item()
+
+
+def projection_grad_norms(model: torch.nn.Module) -> dict[str, float]:
+    """Gradient L2 norm of every projection weight, ``layer<i>/<kind>`` (the paper's STE
+    diagnostic: without STE the lower layers' norms collapse). Empty when the gradients live only
+    in ZeRO-2/3 partitions."""
+    out = {}
+    for name, p in model.named_parameters():
+        m = _PROJ_RE.search(name)
+        if m and p.grad is not None:
+            out[f"layer{int(m.group(1))}/{m.group(2)}"] = p.grad.detach().float().norm().item()
+    return out
 
 
 def sparsity_scale(state: TrainingState, iteration: int) -> float:
@@ -59,7 +94,7 @@ def evaluate(state: TrainingState, dataset, eval_index: int) -> float | None:
     state.engine.eval()
     total, count = 0.0, 0
     with recording(state.model, False):
-        for i, batch in enumerate(loader):
+        for i, batch in enumerate(_iterate(loader)):
             if i >= cfg.train.eval_iters:
                 break
             tokens, labels = get_batch(batch)
@@ -69,121 +104,247 @@ def evaluate(state: TrainingState, dataset, eval_index: int) -> float | None:
     return _dp_mean(total / max(1, count), state)
 
 
+class _ExitSignals:
+    """SIGTERM/SIGUSR1 (preemption) set a flag; the loop saves and exits after the iteration."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, enabled: bool):
+        self.received: int | None = None
+        self._previous = {}
+        if enabled:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class _SpikeDetector:
+    """Flags a loss above ``factor`` x its exponential moving average (after a short warm-up)."""
+
+    def __init__(self, factor: float, beta: float = 0.9, warmup: int = 10):
+        self.factor, self.beta, self.warmup = factor, beta, warmup
+        self.ema, self.seen, self.count = None, 0, 0
+
+    def __call__(self, loss: float) -> bool:
+        spike = (self.factor > 0 and self.ema is not None and self.seen >= self.warmup
+                 and loss > self.factor * self.ema)
+        if spike:
+            self.count += 1
+        else:  # a spike does not pull the average up
+            self.ema = loss if self.ema is None else self.beta * self.ema + (1 - self.beta) * loss
+            self.seen += 1
+        return spike
+
+
 def train(state: TrainingState) -> dict:
-    """Run ``--train-iters`` optimizer steps; returns the run summary (rank 0's view)."""
+    """Run until ``--train-iters`` (or an exit condition); returns the run summary."""
     cfg = state.cfg
-    engine, model = state.engine, state.model
+    t = cfg.train
+    engine, model, optimizer = state.engine, state.model, state.optimizer
     gas = grad_accumulation_steps(cfg, state.world_size)
     gbs = cfg.train.micro_batch_size * state.dp_size * gas
     tokens_per_step = gbs * cfg.model.seq_length
+    vocab = model.vocab_size
+    dense_flops = flops_per_token(cfg.model, vocab, cfg.model.seq_length)
     writer = Writer(cfg.log.tensorboard_dir, state.rank)
     writer.text("config", "```\n" + str(cfg.to_dict()) + "\n```")
+    signals = _ExitSignals(t.exit_signal_handler)
+    spikes = _SpikeDetector(t.loss_spike_factor)
+    run_start = time.time()
 
     data_iter = None
-    if state.iteration < cfg.train.train_iters:
+    if state.iteration < t.train_iters:
         loader = build_pretraining_data_loader(state.train_ds, state.consumed_samples,
-                                               cfg.train.micro_batch_size, state.dp_rank,
+                                               t.micro_batch_size, state.dp_rank,
                                                state.dp_size, cfg.data.num_workers)
-        data_iter = iter(loader)
+        data_iter = _iterate(loader)
     else:
         logger.info("checkpoint is at iteration %d, --train-iters is %d: nothing to train",
-                    state.iteration, cfg.train.train_iters)
+                    state.iteration, t.train_iters)
     # DeepSpeed reports the norm for ZeRO >= 1 and bf16; for fp32 ZeRO-0 we measure it.
     measure_norm = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
 
-    summary: dict = {"train_loss": None, "valid_loss": None, "tokens_per_sec": None,
-                     "density": {}, "iterations": 0, "first_loss": None}
-    interval_loss, interval_steps = 0.0, 0
+    summary: dict = {"train_loss": None, "valid_loss": None, "test_loss": None,
+                     "tokens_per_sec": None, "density": {}, "iterations": 0, "first_loss": None,
+                     "skipped_iterations": 0, "loss_spikes": 0, "exit_reason": "finished",
+                     "parameters": count_parameters(model)}
+    interval_loss, interval_steps, interval_ok = 0.0, 0, 0
     interval_start = time.perf_counter()
     run_time, run_steps = 0.0, 0
     engine.train()
     reset_density(model)
     it = start_iteration = state.iteration
-    while it < cfg.train.train_iters:
-        step_start = time.perf_counter()
-        scale = sparsity_scale(state, it)
-        set_sparsity_scale(model, scale)
-        # Density is measured on the last step of each log interval: counting non-zeros costs
-        # ~7% of a matmul per projection, too much to pay on every step at scale.
-        logs_now = (it + 1) % cfg.log.log_interval == 0 or it + 1 == cfg.train.train_iters
-        set_recording(model, logs_now)
-        loss_sum, grad_norm = 0.0, None
-        for micro in range(gas):
-            tokens, labels = get_batch(next(data_iter))
-            loss = engine(tokens, labels).float().mean()
-            engine.backward(loss)
-            if micro == gas - 1 and measure_norm:
-                grad_norm = _grad_norm(model)  # fp32 ZeRO-0: DeepSpeed does not report it
-            engine.step()
-            loss_sum += loss.item()
-        it += 1
-        state.iteration = it
-        state.consumed_samples += gbs
-        loss_value = loss_sum / gas
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"loss became {loss_value} at iteration {it}; lower --lr "
-                                     "or raise --lr-warmup-iters")
-        if grad_norm is None:
-            grad_norm = engine.get_global_grad_norm()
-            grad_norm = float(grad_norm) if grad_norm is not None else None
-        if summary["first_loss"] is None:
-            summary["first_loss"] = _dp_mean(loss_value, state)
-        interval_loss += loss_value
-        interval_steps += 1
-        step_time = time.perf_counter() - step_start
-        if it > start_iteration + 1:  # the first step pays one-off costs; leave it out of throughput
-            run_time += step_time
-            run_steps += 1
+    try:
+        while it < t.train_iters:
+            step_start = time.perf_counter()
+            scale = sparsity_scale(state, it)
+            set_sparsity_scale(model, scale)
+            # Density is measured on the last step of each log interval: counting non-zeros costs
+            # ~7% of a matmul per projection, too much to pay on every step at scale.
+            logs_now = (it + 1) % cfg.log.log_interval == 0 or it + 1 == t.train_iters
+            set_recording(model, logs_now)
+            loss_sum, grad_norm, proj_norms = 0.0, None, {}
+            for micro in range(gas):
+                tokens, labels = get_batch(next(data_iter))
+                loss = engine(tokens, labels).float().mean()
+                engine.backward(loss)
+                if micro == gas - 1:
+                    if measure_norm:
+                        grad_norm = _grad_norm(model)  # fp32 ZeRO-0: DeepSpeed does not report it
+                    if logs_now:
+                        proj_norms = projection_grad_norms(model)
+                engine.step()
+                loss_sum += loss.item()
+            it += 1
+            state.iteration = it
+            state.consumed_samples += gbs
+            loss_value = _dp_mean(loss_sum / gas, state)
+            skipped = bool(getattr(optimizer, "overflow", False))
+            if skipped:
+                logger.warning("iteration %d: non-finite gradients (loss %s); update skipped "
+                               "(%d in a row)", it, loss_value, optimizer.consecutive_skips)
+                if optimizer.consecutive_skips >= t.max_consecutive_skipped_iters:
+                    raise TrainingStopped(
+                        f"{optimizer.consecutive_skips} consecutive iterations had non-finite "
+                        f"gradients (last at iteration {it}); lower --lr, raise --lr-warmup-iters "
+                        "or resume from an earlier checkpoint")
+            else:
+                if grad_norm is None:
+                    grad_norm = engine.get_global_grad_norm()
+                    grad_norm = float(grad_norm) if grad_norm is not None else None
+                if summary["first_loss"] is None:
+                    summary["first_loss"] = loss_value
+                if spikes(loss_value):
+                    logger.warning("iteration %d: loss spike %.4f (recent average %.4f)", it,
+                                   loss_value, spikes.ema)
+                interval_loss += loss_value
+                interval_ok += 1
+            interval_steps += 1
+            if it > start_iteration + 1:  # the first step pays one-off costs: not in throughput
+                run_time += time.perf_counter() - step_start
+                run_steps += 1
 
-        if it % cfg.log.log_interval == 0 or it == cfg.train.train_iters:
-            elapsed = time.perf_counter() - interval_start
-            mean_loss = _dp_mean(interval_loss / interval_steps, state)
-            density = collect_density(model)
-            if not cfg.log.log_sparsity_per_layer:
-                density = {k: v for k, v in density.items() if k.startswith("kind/")}
-            stats = {"consumed_samples": state.consumed_samples,
-                     "ms_per_iter": 1000 * elapsed / interval_steps,
-                     "lr": state.scheduler.get_lr()[0], "global_batch_size": gbs,
-                     "loss": mean_loss, "grad_norm": grad_norm,
-                     "tokens_per_sec": tokens_per_step * interval_steps / elapsed,
-                     "density": density, "skipped": getattr(engine, "skipped_steps", 0)}
-            logger.info(console_line(it, cfg.train.train_iters, stats))
-            scalars = {"lm-loss": mean_loss, "learning-rate": stats["lr"],
-                       "grad-norm": grad_norm, "tokens-per-sec": stats["tokens_per_sec"],
-                       "iteration-time-ms": stats["ms_per_iter"],
-                       "sparsity-scale": scale,
-                       "consumed-samples": float(state.consumed_samples)}
-            scalars.update({f"density/{k}": v for k, v in density.items()})
-            writer.scalars(scalars, it)
-            summary["train_loss"] = mean_loss
-            summary["density"] = {k: v for k, v in density.items() if k.startswith("kind/")}
-            reset_density(model)
-            interval_loss, interval_steps = 0.0, 0
-            interval_start = time.perf_counter()
+            if it % cfg.log.log_interval == 0 or it == t.train_iters:
+                _log_interval(state, writer, summary, it, interval_loss, interval_ok,
+                              interval_steps, time.perf_counter() - interval_start, grad_norm,
+                              proj_norms, scale, gbs, tokens_per_step, dense_flops, vocab, spikes)
+                interval_loss, interval_steps, interval_ok = 0.0, 0, 0
+                interval_start = time.perf_counter()
 
-        if cfg.train.eval_interval and it % cfg.train.eval_interval == 0 \
-                and it != cfg.train.train_iters:
-            _log_eval(state, writer, it, it // cfg.train.eval_interval)
-        if cfg.train.save and cfg.train.save_interval and it % cfg.train.save_interval == 0:
-            checkpointing.save(engine, cfg, it, state.consumed_samples)
+            if t.eval_interval and it % t.eval_interval == 0 and it != t.train_iters:
+                _log_eval(state, writer, it, it // t.eval_interval, state.valid_ds, "validation")
+            saved = False
+            if t.save and t.save_interval and it % t.save_interval == 0:
+                _save(state, it, summary)
+                saved = True
+            reason = _exit_reason(state, it, run_start, signals)
+            if reason:
+                summary["exit_reason"] = reason
+                logger.info("exiting at iteration %d: %s", it, reason)
+                if t.save and not saved:
+                    _save(state, it, summary)
+                break
+    finally:
+        signals.restore()
 
     summary["iterations"] = it
-    summary["valid_loss"] = _log_eval(state, writer, it, it // max(1, cfg.train.eval_interval))
+    summary["skipped_iterations"] = getattr(optimizer, "skipped_iters", 0)
+    summary["loss_spikes"] = spikes.count
     if run_steps:
         summary["tokens_per_sec"] = tokens_per_step * run_steps / run_time
-    trained = it > start_iteration
-    if cfg.train.save and trained and (not cfg.train.save_interval or it % cfg.train.save_interval):
-        checkpointing.save(engine, cfg, it, state.consumed_samples)
+    if summary["exit_reason"] == "finished":
+        summary["valid_loss"] = _log_eval(state, writer, it,
+                                          it // max(1, t.eval_interval), state.valid_ds,
+                                          "validation")
+        if t.test:
+            summary["test_loss"] = _log_eval(state, writer, it, 0, state.test_ds, "test")
+        last_saved = t.save_interval and it % t.save_interval == 0
+        if t.save and it > start_iteration and not last_saved:
+            _save(state, it, summary)
     writer.close()
     return summary
 
 
-def _log_eval(state: TrainingState, writer: Writer, it: int, index: int) -> float | None:
-    loss = evaluate(state, state.valid_ds, index)
+def _save(state: TrainingState, it: int, summary: dict) -> None:
+    checkpointing.save(state.engine, state.cfg, it, state.consumed_samples, dp_size=state.dp_size,
+                       extra={"skipped_iterations": getattr(state.optimizer, "skipped_iters", 0)})
+
+
+def _exit_reason(state: TrainingState, it: int, run_start: float, signals: _ExitSignals) -> str:
+    """Why to stop now ('' to go on), agreed by all ranks."""
+    t = state.cfg.train
+    flags = [0.0, 0.0]
+    if signals.received is not None:
+        flags[0] = float(signals.received)
+    if t.exit_duration_in_mins and (time.time() - run_start) / 60 >= t.exit_duration_in_mins:
+        flags[1] = 1.0
+    if signals._previous or t.exit_duration_in_mins:
+        flags = _all_reduce(flags, state, op=torch.distributed.ReduceOp.MAX)
+    if flags[0]:
+        return f"received {signal.Signals(int(flags[0])).name}"
+    if flags[1]:
+        return f"--exit-duration-in-mins {t.exit_duration_in_mins} reached"
+    if t.exit_interval and it % t.exit_interval == 0 and it < t.train_iters:
+        return f"--exit-interval {t.exit_interval} reached"
+    return ""
+
+
+def _log_interval(state, writer, summary, it, interval_loss, interval_ok, interval_steps,
+                  elapsed, grad_norm, proj_norms, scale, gbs, tokens_per_step, dense_flops,
+                  vocab, spikes) -> None:
+    cfg, model = state.cfg, state.model
+    mean_loss = interval_loss / interval_ok if interval_ok else float("nan")
+    density = collect_density(model)
+    kinds = {k: v for k, v in density.items() if k.startswith("kind/")}
+    shown = density if cfg.log.log_sparsity_per_layer else kinds
+    tokens_per_sec = tokens_per_step * interval_steps / elapsed
+    act_flops = flops_per_token(cfg.model, vocab, cfg.model.seq_length, density or None)
+    n_act = activated_parameters(model, density or None)
+    skipped = getattr(state.optimizer, "skipped_iters", 0)
+    mem = memory_stats()
+    stats = {"consumed_samples": state.consumed_samples,
+             "ms_per_iter": 1000 * elapsed / interval_steps, "lr": state.scheduler.get_lr()[0],
+             "global_batch_size": gbs, "loss": mean_loss, "grad_norm": grad_norm,
+             "tokens_per_sec": tokens_per_sec,
+             "tflops": dense_flops * tokens_per_sec / state.world_size / 1e12,
+             "tflops_activated": act_flops * tokens_per_sec / state.world_size / 1e12,
+             "activated_params": n_act, "density": shown, "skipped": skipped,
+             "memory_gb": mem.get("memory/max-allocated-gb", mem.get("memory/max-rss-gb"))}
+    logger.info(console_line(it, cfg.train.train_iters, stats))
+    scalars = {"lm-loss": mean_loss, "learning-rate": stats["lr"], "grad-norm": grad_norm,
+               "tokens-per-sec": tokens_per_sec, "iteration-time-ms": stats["ms_per_iter"],
+               "tflops-per-gpu/dense": stats["tflops"],
+               "tflops-per-gpu/activated": stats["tflops_activated"],
+               "activated-params": n_act, "sparsity-scale": scale,
+               "skipped-iterations": float(skipped), "loss-spikes": float(spikes.count),
+               "consumed-samples": float(state.consumed_samples), **mem}
+    scale_obj = getattr(state.engine.optimizer, "loss_scale", None)
+    if isinstance(scale_obj, (int, float)):
+        scalars["loss-scale"] = float(scale_obj)
+    scalars.update({f"density/{k}": v for k, v in density.items()})
+    scalars.update({f"grad-norm/{k}": v for k, v in proj_norms.items()})
+    writer.scalars(scalars, it)
+    if interval_ok:
+        summary["train_loss"] = mean_loss
+    summary["density"] = kinds
+    summary["activated_params"] = n_act
+    reset_density(model)
+
+
+def _log_eval(state: TrainingState, writer: Writer, it: int, index: int, dataset,
+              split: str) -> float | None:
+    loss = evaluate(state, dataset, index)
     if loss is None:
         return None
     ppl = math.exp(min(20.0, loss))
-    line = f" validation loss at iteration {it} | lm loss value: {loss:.6E} | lm loss PPL: {ppl:.6E} |"
+    line = (f" {split} loss at iteration {it} | lm loss value: {loss:.6E} | "
+            f"lm loss PPL: {ppl:.6E} |")
     logger.info("-" * len(line) + "\n" + line + "\n" + "-" * len(line))
-    writer.scalars({"lm-loss-validation/lm loss": loss, "lm-loss-validation/lm loss ppl": ppl}, it)
+    writer.scalars({f"lm-loss-{split}/lm loss": loss, f"lm-loss-{split}/lm loss ppl": ppl}, it)
     return loss

@@ -80,10 +80,51 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that skips (does not apply) a step whose gradients hold NaN or Inf.
+
+    The decision is agreed over all ranks (each may hold only a ZeRO partition of the gradients).
+    ``overflow`` tells DeepSpeed's engine that the step was skipped (it then counts it and holds the
+    LR schedule); ``skipped_iters`` and ``consecutive_skips`` are kept here for logging and for
+    stopping a run that keeps diverging.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.overflow = False
+        self.skipped_iters = 0
+        self.consecutive_skips = 0
+
+    def _grads_finite(self) -> bool:
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        bad = torch.zeros(1)
+        if grads:
+            norms = torch._foreach_norm(grads)
+            bad = (~torch.isfinite(torch.stack(norms).float())).any().float().reshape(1).cpu()
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        return bad.item() == 0
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D401 - torch signature
+        if not self._grads_finite():
+            self.overflow = True
+            self.skipped_iters += 1
+            self.consecutive_skips += 1
+            for g in self.param_groups:
+                for p in g["params"]:
+                    p.grad = None
+            return None
+        self.overflow = False
+        self.consecutive_skips = 0
+        return super().step(closure)
+
+
 class LRScheduler:
-    """Megatron's optimizer-param scheduler: linear warm-up, then constant/linear/cosine decay to
-    ``min_lr`` at ``decay_iters``, constant ``min_lr`` after. Stepped once per optimizer step
-    (DeepSpeed calls :meth:`step` after each applied update); its state is checkpointed."""
+    """Megatron's optimizer-param scheduler: linear warm-up, then constant / linear / cosine decay
+    to ``min_lr`` at ``decay_iters`` (``min_lr`` after), or WSD: warm-up, stable at ``lr``, then a
+    final decay of ``lr_wsd_decay_iters`` (linear, cosine, exponential or 1-sqrt). Stepped once per
+    applied optimizer step (a skipped step does not advance it); its state is checkpointed."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: Config):
         t = cfg.train
@@ -92,6 +133,8 @@ class LRScheduler:
         self.warmup_iters = t.lr_warmup_iters
         self.decay_iters = t.lr_decay_iters or t.train_iters
         self.style = t.lr_decay_style
+        self.wsd_decay_iters = t.lr_wsd_decay_iters
+        self.wsd_style = t.lr_wsd_decay_style
         self.num_steps = 0
         self._apply()
 
@@ -102,11 +145,21 @@ class LRScheduler:
             return self.max_lr
         if step >= self.decay_iters:
             return self.min_lr
-        frac = (step - self.warmup_iters) / max(1, self.decay_iters - self.warmup_iters)
-        if self.style == "linear":
-            coeff = 1.0 - frac
-        else:  # cosine
-            coeff = 0.5 * (math.cos(math.pi * frac) + 1.0)
+        if self.style == "WSD":
+            anneal_start = self.decay_iters - self.wsd_decay_iters
+            if step <= anneal_start:
+                coeff = 1.0
+            else:
+                r = (step - anneal_start) / self.wsd_decay_iters
+                coeff = {"linear": 1.0 - r, "cosine": 0.5 * (math.cos(math.pi * r) + 1.0),
+                         "exponential": 2.0 * 0.5 ** r - 1.0,
+                         "minus_sqrt": 1.0 - math.sqrt(r)}[self.wsd_style]
+        else:
+            frac = (step - self.warmup_iters) / max(1, self.decay_iters - self.warmup_iters)
+            if self.style == "linear":
+                coeff = 1.0 - frac
+            else:  # cosine
+                coeff = 0.5 * (math.cos(math.pi * frac) + 1.0)
         return self.min_lr + coeff * (self.max_lr - self.min_lr)
 
     def _apply(self) -> None:
@@ -121,6 +174,8 @@ class LRScheduler:
         return self.get_lr()
 
     def step(self, *args: Any, **kwargs: Any) -> None:
+        if getattr(self.optimizer, "overflow", False):
+            return  # the update was skipped; the schedule holds
         self.num_steps += 1
         self._apply()
 
@@ -232,9 +287,9 @@ def setup(cfg: Config) -> TrainingState:
 
     gbs = cfg.train.global_batch_size or cfg.train.micro_batch_size * dp_size
     evals = cfg.train.train_iters // cfg.train.eval_interval + 1
-    # No test-split evaluation is run yet, so no test samples are built.
     num_samples = (cfg.train.train_iters * gbs,
-                   evals * cfg.train.eval_iters * gbs if cfg.train.eval_iters else 0, 0)
+                   evals * cfg.train.eval_iters * gbs if cfg.train.eval_iters else 0,
+                   cfg.train.eval_iters * gbs if cfg.train.test else 0)
     # Rank 0 builds (and caches) the sample indices first; the others then read the cache.
     if rank != 0:
         torch.distributed.barrier()
@@ -247,17 +302,20 @@ def setup(cfg: Config) -> TrainingState:
     finally:
         if rank == 0:
             torch.distributed.barrier()
+    if cfg.train.test and test_ds is None:
+        raise ConfigError(f"--test: the split {cfg.data.split!r} leaves no test documents; give "
+                          "the third number of --split a positive share")
     if train_ds is None:
         raise ConfigError(f"--split: {cfg.data.split!r} leaves no training documents; "
                           "give the train split a positive share")
 
     set_seed(cfg.train.seed)
     model = build_model(cfg, vocab).to(device())
-    optimizer = torch.optim.AdamW(
+    optimizer = GuardedAdamW(
         param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
         betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps)
     scheduler = LRScheduler(optimizer, cfg)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
+    engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(cfg, world_size))
     # Seed the dropout/data RNG per data-parallel rank after init (init must match everywhere).
