@@ -35,7 +35,8 @@ def read_scalars(tb_dir: str) -> dict[str, list[tuple[int, float]]]:
 def test_train_eval_tensorboard_summary(kjv_small, tmp_path):
     tb, summary_path = tmp_path / "tb", tmp_path / "summary.json"
     proc = pretrain(kjv_small, "--train-iters", "40", "--eval-interval", "20", "--lr-warmup-iters", "5",
-                    "--tensorboard-dir", str(tb), "--summary-json", str(summary_path))
+                    "--tensorboard-dir", str(tb), "--summary-json", str(summary_path),
+                    "--log-sparsity-per-layer", "--test", "--split", "80,10,10")
     out = proc.stdout + proc.stderr
     assert "iteration       40/      40" in out
     assert "validation loss at iteration 20" in out and "validation loss at iteration 40" in out
@@ -54,13 +55,20 @@ def test_train_eval_tensorboard_summary(kjv_small, tmp_path):
     assert 0.2 < density["kind/down"] <= 0.5
 
     scalars = read_scalars(str(tb))
-    for tag in ("lm-loss", "learning-rate", "grad-norm", "tokens-per-sec", "density/kind/qkv",
-                "density/kind/down", "lm-loss-validation/lm loss"):
+    assert summary["test_loss"] is not None and "test loss at iteration 40" in out
+    for tag in ("lm-loss", "learning-rate", "grad-norm", "tokens-per-sec", "iteration-time-ms",
+                "tflops-per-gpu/dense", "tflops-per-gpu/activated", "activated-params",
+                "memory/max-rss-gb", "skipped-iterations", "loss-spikes", "density/kind/qkv",
+                "density/kind/down", "density/layer0/qkv", "density/layer1/down",
+                "grad-norm/layer0/qkv", "grad-norm/layer1/down", "lm-loss-validation/lm loss",
+                "lm-loss-validation/lm loss ppl", "lm-loss-test/lm loss"):
         assert tag in scalars, sorted(scalars)
     assert [s for s, _ in scalars["lm-loss"]] == [5, 10, 15, 20, 25, 30, 35, 40]
     lrs = dict(scalars["learning-rate"])
     assert lrs[5] == pytest.approx(3e-3)  # end of warm-up
     assert lrs[40] < lrs[20] < lrs[5]  # cosine decay
+    tflops = dict(scalars["tflops-per-gpu/dense"])[40]
+    assert 0 < dict(scalars["tflops-per-gpu/activated"])[40] < tflops  # top-K halves the inputs
 
 
 def test_dense_mode_reports_full_density(kjv_small, tmp_path):

@@ -156,6 +156,19 @@ ERRORS = [
     (["--global-batch-size", "12", "--micro-batch-size", "4"], 2,
      "--global-batch-size: 12 is not divisible by micro-batch 4 x data-parallel size 2"),
     (["--log-interval", "0"], None, "--log-interval: got 0"),
+    (["--keep-last-n-checkpoints", "0", "--save", "c"], None, "--keep-last-n-checkpoints: got 0"),
+    (["--keep-last-n-checkpoints", "2"], None,
+     "--keep-last-n-checkpoints: no checkpoints are saved"),
+    (["--exit-interval", "0"], None, "--exit-interval: got 0"),
+    (["--exit-duration-in-mins", "0"], None, "--exit-duration-in-mins: got 0"),
+    (["--max-consecutive-skipped-iters", "0"], None, "--max-consecutive-skipped-iters: got 0"),
+    (["--loss-spike-factor", "0.5"], None, "--loss-spike-factor: got 0.5"),
+    (["--finetune"], None, "--finetune: nothing to fine-tune from"),
+    (["--lr-decay-style", "WSD"], None, "--lr-wsd-decay-iters: WSD needs the length"),
+    (["--lr-decay-style", "WSD", "--train-iters", "10", "--lr-warmup-iters", "5",
+      "--lr-wsd-decay-iters", "6"], None, "--lr-wsd-decay-iters: warm-up (5) + decay (6) exceed"),
+    (["--lr-wsd-decay-iters", "6"], None, "--lr-wsd-decay-iters: only used with --lr-decay-style WSD"),
+    (["--lr-wsd-decay-iters", "0", "--lr-decay-style", "WSD"], None, "--lr-wsd-decay-iters: got 0"),
 ]
 
 

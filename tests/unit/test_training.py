@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ import torch
 
 from megatron_qsparse.arguments import parse
 from megatron_qsparse.config import ConfigError
-from megatron_qsparse.training.setup import LRScheduler, deepspeed_config, param_groups
+from megatron_qsparse.training.setup import (GuardedAdamW, LRScheduler, deepspeed_config,
+                                             param_groups)
 
 
 def cfg_of(*argv, data="unused"):
@@ -45,6 +47,48 @@ def test_linear_and_constant_decay():
     assert lin[:3] == pytest.approx([1.0, 0.9, 0.8]) and lin[10] == pytest.approx(0.0)
     const = lrs("--lr", "0.5", "--lr-decay-style", "constant", "--train-iters", "10", steps=10)
     assert const == pytest.approx([0.5] * 10)
+
+
+@pytest.mark.parametrize("style,coeff", [
+    ("linear", lambda r: 1 - r), ("cosine", lambda r: 0.5 * (math.cos(math.pi * r) + 1)),
+    ("exponential", lambda r: 2 * 0.5 ** r - 1), ("minus_sqrt", lambda r: 1 - math.sqrt(r))])
+def test_wsd_warmup_stable_decay(style, coeff):
+    v = lrs("--lr", "1.0", "--min-lr", "0.1", "--lr-decay-style", "WSD", "--lr-warmup-iters", "2",
+            "--lr-wsd-decay-iters", "4", "--lr-wsd-decay-style", style, "--train-iters", "10",
+            steps=12)
+    assert v[:2] == pytest.approx([0.5, 1.0])
+    assert v[2:7] == pytest.approx([1.0] * 5)  # stable until the last 4 iterations
+    for step in (7, 8, 9):
+        assert v[step] == pytest.approx(0.1 + 0.9 * coeff((step - 6) / 4))
+    assert v[10] == pytest.approx(0.1) and v[11] == pytest.approx(0.1)
+
+
+def test_scheduler_holds_on_a_skipped_step():
+    cfg = cfg_of("--lr", "1.0", "--lr-decay-style", "linear", "--train-iters", "10")
+    opt = GuardedAdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = LRScheduler(opt, cfg)
+    opt.overflow = True
+    sched.step()
+    assert sched.num_steps == 0 and sched.get_lr() == [1.0]
+    opt.overflow = False
+    sched.step()
+    assert sched.num_steps == 1 and sched.get_lr() == [pytest.approx(0.9)]
+
+
+def test_guarded_adamw_skips_non_finite_gradients():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = GuardedAdamW([p], lr=0.1, weight_decay=0.1)
+    p.grad = torch.tensor([1.0, float("nan"), 0.0])
+    opt.step()
+    assert torch.equal(p.detach(), torch.ones(3)) and opt.overflow and opt.skipped_iters == 1
+    assert not opt.state  # no moments were touched
+    p.grad = torch.tensor([1.0, float("inf"), 0.0])
+    opt.step()
+    assert opt.consecutive_skips == 2
+    p.grad = torch.tensor([1.0, 1.0, 1.0])
+    opt.step()
+    assert not opt.overflow and opt.consecutive_skips == 0 and opt.skipped_iters == 2
+    assert (p.detach() < 1).all()
 
 
 def test_scheduler_state_round_trip():
@@ -126,3 +170,84 @@ def test_one_training_step_changes_every_weight(byte_dataset, tmp_path):
     assert summary["iterations"] == 1 and math.isfinite(summary["train_loss"])
     for name, p in state.model.named_parameters():
         assert not torch.equal(p.detach(), before[name]), f"{name} did not change"
+
+
+def _tiny_cfg(byte_dataset, tmp_path, *argv):
+    return cfg_of("--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2",
+                  "--seq-length", "16", "--micro-batch-size", "2", "--eval-iters", "0",
+                  "--split", "90,10,0", "--lr", "1e-2", "--qsparse-ratio", "0.5",
+                  "--data-cache-path", str(tmp_path / "cache"), *argv, data=byte_dataset)
+
+
+def _nan_on_calls(model, calls):
+    """Make the embedding output NaN on the given (1-based) forward calls."""
+    count = {"n": 0}
+
+    def hook(module, args, out):
+        count["n"] += 1
+        return out * float("nan") if count["n"] in calls else out
+
+    return model.embedding.register_forward_hook(hook)
+
+
+def test_nan_batch_is_skipped_and_counted(byte_dataset, tmp_path):
+    from megatron_qsparse.training.loop import train
+    from megatron_qsparse.training.setup import setup
+
+    state = setup(_tiny_cfg(byte_dataset, tmp_path, "--train-iters", "6", "--log-interval", "1"))
+    _nan_on_calls(state.model, {3})
+    summary = train(state)
+    assert summary["iterations"] == 6 and summary["skipped_iterations"] == 1
+    assert state.scheduler.num_steps == 5  # the schedule held on the skipped step
+    assert math.isfinite(summary["train_loss"])
+    assert all(torch.isfinite(p).all() for p in state.model.parameters())
+
+
+def test_consecutive_non_finite_steps_stop_the_run(byte_dataset, tmp_path):
+    from megatron_qsparse.training.loop import TrainingStopped, train
+    from megatron_qsparse.training.setup import setup
+
+    state = setup(_tiny_cfg(byte_dataset, tmp_path, "--train-iters", "20",
+                            "--max-consecutive-skipped-iters", "3"))
+    _nan_on_calls(state.model, set(range(2, 100)))
+    with pytest.raises(TrainingStopped, match="3 consecutive iterations had non-finite"):
+        train(state)
+    assert state.iteration == 4
+
+
+def test_crash_while_saving_keeps_the_previous_checkpoint(byte_dataset, tmp_path, monkeypatch):
+    from megatron_qsparse.training import checkpointing
+    from megatron_qsparse.training.loop import train
+    from megatron_qsparse.training.setup import setup
+
+    ckpt = tmp_path / "ckpt"
+    state = setup(_tiny_cfg(byte_dataset, tmp_path, "--train-iters", "4", "--save", str(ckpt),
+                            "--save-interval", "2"))
+    good = {}
+    real_save, real_replace = checkpointing.save, checkpointing.os.replace
+
+    def snapshot_save(engine, cfg, iteration, *args, **kwargs):
+        if iteration == 2:
+            good.update({n: p.detach().clone() for n, p in state.model.named_parameters()})
+        return real_save(engine, cfg, iteration, *args, **kwargs)
+
+    def dying_replace(src, dst):
+        # the save at iteration 4 dies right before its folder would be renamed into place
+        if os.path.basename(str(src)) == ".tmp-iter_0000004":
+            raise KeyboardInterrupt("simulated crash")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(checkpointing, "save", snapshot_save)
+    monkeypatch.setattr(checkpointing.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        train(state)
+    monkeypatch.undo()
+    assert good and (ckpt / "latest").read_text() == "iter_0000002"
+    assert not (ckpt / "iter_0000004").exists()
+
+    fresh = setup(_tiny_cfg(byte_dataset, tmp_path, "--train-iters", "4", "--load", str(ckpt),
+                            "--seed", "99"))
+    it, consumed = checkpointing.load(fresh.engine, fresh.cfg, fresh.dp_size)
+    assert (it, consumed) == (2, 4)
+    for name, p in fresh.model.named_parameters():
+        assert torch.equal(p.detach(), good[name]), name
