@@ -173,7 +173,11 @@ def train(state: TrainingState) -> dict:
     summary: dict = {"train_loss": None, "valid_loss": None, "test_loss": None,
                      "tokens_per_sec": None, "density": {}, "iterations": 0, "first_loss": None,
                      "skipped_iterations": 0, "loss_spikes": 0, "exit_reason": "finished",
-                     "parameters": count_parameters(model)}
+                     "parameters": count_parameters(model),
+                     "non_embedding_parameters": count_parameters(model, non_embedding=True),
+                     "sparsity_ratio": cfg.qsparse.ratio if cfg.qsparse.mode == "topk" else 0.0,
+                     "sparsity_mode": cfg.qsparse.mode,
+                     "bits": 1.58 if cfg.qsparse.bitnet else 16}
     interval_loss, interval_steps, interval_ok = 0.0, 0, 0
     interval_start = time.perf_counter()
     run_time, run_steps = 0.0, 0

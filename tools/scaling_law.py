@@ -1,0 +1,374 @@
+#!/usr/bin/env python
+"""Q-Sparse scaling law: fit it to runs, find the inference-optimal sparsity, collect runs.
+
+The law (Q-Sparse, Sec. 3): ``L(N, S) = E + A(S) / N^alpha`` with ``A(S) = B + C * exp(beta / (1 - S))``
+for model size ``N`` (non-embedding parameters) and sparsity ratio ``S``.
+
+  fit      CSV of runs (columns params,sparsity,loss[,bits]) -> parameters with bootstrap
+           confidence intervals, residuals, and a PNG of the fitted curves over the points.
+           Minimises the Huber loss (delta 1e-3) between predicted and observed log-loss with
+           L-BFGS from the best points of a grid of initialisations (one fit per `bits`).
+  optimum  the sparsity S* minimising the loss at a fixed number of activated parameters
+           N_a = (1 - S) N; S* does not depend on N_a or E. Prints S* and N / N_a, plots L(S).
+  runs     collect the final validation losses of a directory of our training runs (each with the
+           summary JSON written by `pretrain_qsparse.py --summary-json`) into such a CSV.
+
+Examples:
+  python tools/scaling_law.py runs --dir runs/ --output runs.csv
+  python tools/scaling_law.py fit --csv runs.csv --plot fit.png
+  python tools/scaling_law.py optimum --alpha 0.3 --B 50 --C 2 --beta 0.5 --plot optimum.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import itertools
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+PARAM_NAMES = ("E", "B", "C", "alpha", "beta")
+HUBER_DELTA = 1e-3
+GRID_STARTS = 8  # L-BFGS runs from the best of the 243 grid points
+
+
+class CSVError(ValueError):
+    """A malformed runs CSV; the message names the file, the line and the fix."""
+
+
+@dataclass
+class Law:
+    """Parameters of ``L(N, S) = E + (B + C exp(beta / (1 - S))) / N^alpha``."""
+
+    E: float
+    B: float
+    C: float
+    alpha: float
+    beta: float
+
+    def loss(self, n, s):
+        n, s = np.asarray(n, dtype=np.float64), np.asarray(s, dtype=np.float64)
+        return self.E + (self.B + self.C * np.exp(self.beta / (1.0 - s))) / n ** self.alpha
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in PARAM_NAMES}
+
+
+# ---------------------------------------------------------------------------------------------
+# reading runs
+
+
+def read_runs(path: str) -> dict[float, np.ndarray]:
+    """Rows ``(N, S, L)`` grouped by bits (16 when the column is absent)."""
+    if not os.path.isfile(path):
+        raise CSVError(f"{path}: file not found; give the CSV written by `scaling_law.py runs`")
+    aliases = {"params": "params", "n": "params", "sparsity": "sparsity", "s": "sparsity",
+               "loss": "loss", "l": "loss", "bits": "bits"}
+    groups: dict[float, list] = {}
+    with open(path, newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None:
+            raise CSVError(f"{path}: empty file; expected a header params,sparsity,loss[,bits]")
+        cols = [aliases.get(h.strip().lower()) for h in header]
+        for need in ("params", "sparsity", "loss"):
+            if need not in cols:
+                raise CSVError(f"{path}:1: no '{need}' column in header {header}; expected "
+                               "params,sparsity,loss[,bits]")
+        idx = {c: cols.index(c) for c in ("params", "sparsity", "loss", "bits") if c in cols}
+        for lineno, row in enumerate(reader, start=2):
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) < len(header):
+                raise CSVError(f"{path}:{lineno}: {len(row)} fields, header has {len(header)}")
+            vals = {}
+            for c, i in idx.items():
+                try:
+                    vals[c] = float(row[i])
+                except ValueError:
+                    raise CSVError(f"{path}:{lineno}: {c} {row[i]!r} is not a number") from None
+                if not math.isfinite(vals[c]):
+                    raise CSVError(f"{path}:{lineno}: {c} is {row[i]}; use finite numbers")
+            if vals["params"] <= 0:
+                raise CSVError(f"{path}:{lineno}: params must be positive, got {row[idx['params']]}")
+            if not 0.0 <= vals["sparsity"] < 1.0:
+                raise CSVError(f"{path}:{lineno}: sparsity {vals['sparsity']} is outside [0, 1)")
+            if vals["loss"] <= 0:
+                raise CSVError(f"{path}:{lineno}: loss must be positive, got {row[idx['loss']]}")
+            groups.setdefault(vals.get("bits", 16.0), []).append(
+                (vals["params"], vals["sparsity"], vals["loss"]))
+    if not groups:
+        raise CSVError(f"{path}: no data rows")
+    return {b: np.array(rows, dtype=np.float64) for b, rows in groups.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# fitting
+
+
+def _unpack(theta: np.ndarray) -> Law:
+    e, b, c, alpha, beta = theta
+    return Law(E=math.exp(e), B=math.exp(b), C=math.exp(c), alpha=alpha, beta=beta)
+
+
+def _objective(theta: np.ndarray, log_n, s, log_l) -> tuple[float, np.ndarray]:
+    """Huber loss of log-loss residuals, and its gradient (parameters e, b, c = log E, B, C)."""
+    e, b, c, alpha, beta = theta
+    with np.errstate(over="ignore", invalid="ignore"):
+        expo = np.exp(beta / (1.0 - s))
+        a = np.exp(b) + np.exp(c) * expo
+        na = np.exp(-alpha * log_n)
+        pred_l = np.exp(e) + a * na
+        r = np.log(pred_l) - log_l
+    if not np.all(np.isfinite(r)):
+        return 1e30, np.zeros_like(theta)
+    absr = np.abs(r)
+    huber = np.where(absr <= HUBER_DELTA, 0.5 * r * r, HUBER_DELTA * (absr - 0.5 * HUBER_DELTA))
+    dh = np.clip(r, -HUBER_DELTA, HUBER_DELTA)  # d huber / d r
+    g = dh / pred_l  # d / d pred_l
+    grad = np.array([
+        np.sum(g * np.exp(e)),
+        np.sum(g * np.exp(b) * na),
+        np.sum(g * np.exp(c) * expo * na),
+        np.sum(g * a * na * -log_n),
+        np.sum(g * np.exp(c) * expo / (1.0 - s) * na),
+    ])
+    return float(np.sum(huber)), grad
+
+
+def _init_grid(log_l_min: float):
+    es = [log_l_min - d for d in (0.05, 0.5, 1.5)]
+    return itertools.product(es, (0.0, 5.0, 10.0), (-5.0, 0.0, 5.0), (0.1, 0.3, 0.6),
+                             (0.1, 0.5, 1.0))
+
+
+def fit_law(rows: np.ndarray, init: np.ndarray | None = None) -> tuple[Law, float]:
+    """Best fit over the initialisation grid (or from ``init``); returns (law, objective)."""
+    from scipy.optimize import minimize
+
+    if len(rows) < len(PARAM_NAMES) + 1:
+        raise CSVError(f"{len(rows)} runs cannot determine {len(PARAM_NAMES)} parameters; give "
+                       f"at least {len(PARAM_NAMES) + 1} (several sizes and sparsities)")
+    log_n, s, log_l = np.log(rows[:, 0]), rows[:, 1], np.log(rows[:, 2])
+    if init is not None:
+        starts = [init]
+    else:  # L-BFGS from the most promising points of the grid
+        grid = [np.array(t) for t in _init_grid(log_l.min())]
+        scores = [_objective(t, log_n, s, log_l)[0] for t in grid]
+        starts = [grid[i] for i in np.argsort(scores)[:GRID_STARTS]]
+    best, best_val = None, math.inf
+    for theta0 in starts:
+        res = minimize(_objective, theta0, args=(log_n, s, log_l), jac=True, method="L-BFGS-B",
+                       options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-12})
+        if res.fun < best_val:
+            best, best_val = res.x, float(res.fun)
+    return _unpack(best), best_val
+
+
+def bootstrap(rows: np.ndarray, law: Law, samples: int, seed: int) -> dict[str, tuple]:
+    """95% intervals of each parameter from refits on resampled runs."""
+    rng = np.random.default_rng(seed)
+    theta = np.array([math.log(law.E), math.log(law.B), math.log(law.C), law.alpha, law.beta])
+    draws = []
+    for _ in range(samples):
+        pick = rows[rng.integers(0, len(rows), len(rows))]
+        if len(np.unique(pick[:, :2], axis=0)) < len(PARAM_NAMES) + 1:
+            continue  # too few distinct runs in this resample to identify the parameters
+        draws.append(fit_law(pick, init=theta)[0].as_dict())
+    if not draws:
+        return {}
+    return {k: (float(np.percentile([d[k] for d in draws], 2.5)),
+                float(np.percentile([d[k] for d in draws], 97.5))) for k in PARAM_NAMES}
+
+
+# ---------------------------------------------------------------------------------------------
+# optimum
+
+
+def _reduced_loss(law: Law, s):
+    """(L - E) * N_a^alpha at fixed activated parameters: ``A(S) (1 - S)^alpha``."""
+    s = np.asarray(s, dtype=np.float64)
+    with np.errstate(over="ignore"):
+        return (law.B + law.C * np.exp(law.beta / (1.0 - s))) * (1.0 - s) ** law.alpha
+
+
+def optimal_sparsity(law: Law) -> float:
+    """S* in [0, 1) minimising the loss at a fixed number of activated parameters."""
+    from scipy.optimize import minimize_scalar
+
+    grid = np.linspace(0.0, 0.999, 2000)
+    vals = _reduced_loss(law, grid)
+    i = int(np.nanargmin(vals))
+    lo, hi = grid[max(0, i - 1)], grid[min(len(grid) - 1, i + 1)]
+    if hi <= lo:
+        return float(grid[i])
+    res = minimize_scalar(lambda x: float(_reduced_loss(law, x)), bounds=(lo, hi),
+                          method="bounded", options={"xatol": 1e-10})
+    return float(res.x) if res.fun <= vals[i] else float(grid[i])
+
+
+# ---------------------------------------------------------------------------------------------
+# plots
+
+
+def _plot_fit(path: str, groups: dict, laws: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 4.5), squeeze=False)
+    for ax, (bits, rows) in zip(axes[0], sorted(groups.items())):
+        law = laws[bits]
+        ns = np.geomspace(rows[:, 0].min() / 1.5, rows[:, 0].max() * 1.5, 100)
+        for j, s in enumerate(sorted(set(rows[:, 1]))):
+            sel = rows[:, 1] == s
+            color = f"C{j}"
+            ax.scatter(rows[sel, 0], rows[sel, 2], color=color, label=f"S = {s:g}")
+            ax.plot(ns, law.loss(ns, s), color=color)
+        ax.set_xscale("log")
+        ax.set_xlabel("non-embedding parameters N")
+        ax.set_ylabel("validation loss")
+        ax.set_title(f"{bits:g}-bit weights: L = E + A(S)/N^α, α = {law.alpha:.3f}")
+        ax.legend()
+    fig.tight_layout()
+    _save_fig(fig, path)
+
+
+def _plot_optimum(path: str, law: Law, n_a: float, s_star: float) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = np.linspace(0.0, 0.95, 400)
+    loss = law.E + _reduced_loss(law, s) / n_a ** law.alpha
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.plot(s, loss)
+    ax.axvline(s_star, color="k", ls="--", label=f"S* = {s_star:.2%}")
+    ax.set_xlabel("sparsity ratio S")
+    ax.set_ylabel("predicted loss")
+    ax.set_title(f"loss at fixed activated parameters N_a = {n_a:.3g}")
+    ax.legend()
+    fig.tight_layout()
+    _save_fig(fig, path)
+
+
+def _save_fig(fig, path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, ".tmp-" + os.path.basename(path))
+    fig.savefig(tmp, dpi=110, format="png")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_fit(args) -> int:
+    groups = read_runs(args.csv)
+    laws, out = {}, {}
+    for bits, rows in sorted(groups.items()):
+        law, obj = fit_law(rows)
+        laws[bits] = law
+        ci = bootstrap(rows, law, args.bootstrap, args.seed) if args.bootstrap else {}
+        pred = law.loss(rows[:, 0], rows[:, 1])
+        resid = np.log(pred) - np.log(rows[:, 2])
+        print(f"\n{bits:g}-bit weights: {len(rows)} runs, Huber objective {obj:.3e}")
+        print(f"  {'param':<6} {'value':>12}   95% bootstrap interval")
+        for k in PARAM_NAMES:
+            lo_hi = f"[{ci[k][0]:.4g}, {ci[k][1]:.4g}]" if k in ci else "n/a"
+            print(f"  {k:<6} {getattr(law, k):>12.5g}   {lo_hi}")
+        print(f"  log-loss residuals: max |r| {np.abs(resid).max():.2e}, "
+              f"rms {np.sqrt(np.mean(resid ** 2)):.2e}")
+        s_star = optimal_sparsity(law)
+        print(f"  inference-optimal sparsity S* = {s_star:.2%} (N = {1 / (1 - s_star):.2f} x N_a)")
+        out[f"{bits:g}"] = {"params": law.as_dict(), "ci95": ci,
+                            "residuals": resid.tolist(), "optimal_sparsity": s_star}
+    if args.plot:
+        _plot_fit(args.plot, groups, laws)
+        print(f"\nplot: {args.plot}")
+    if args.output:
+        from megatron_qsparse.training.checkpointing import atomic_write_text
+        atomic_write_text(args.output, json.dumps(out, indent=1))
+        print(f"parameters: {args.output}")
+    return 0
+
+
+def cmd_optimum(args) -> int:
+    law = Law(E=args.E, B=args.B, C=args.C, alpha=args.alpha, beta=args.beta)
+    s_star = optimal_sparsity(law)
+    print(f"S* = {s_star:.4%}  (model size N = {1 / (1 - s_star):.3f} x activated N_a)")
+    if args.plot:
+        _plot_optimum(args.plot, law, args.activated_params, s_star)
+        print(f"plot: {args.plot}")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    paths = sorted(glob.glob(os.path.join(args.dir, "**", args.summary_name), recursive=True))
+    if not paths:
+        raise CSVError(f"{args.dir}: no {args.summary_name} found; train with "
+                       f"`pretrain_qsparse.py --summary-json DIR/RUN/{args.summary_name}`")
+    rows, skipped = [], 0
+    for p in paths:
+        with open(p) as fh:
+            s = json.load(fh)
+        if s.get("valid_loss") is None or s.get("non_embedding_parameters") is None:
+            print(f"skipping {p}: no validation loss or parameter count", file=sys.stderr)
+            skipped += 1
+            continue
+        rows.append((s["non_embedding_parameters"], s.get("sparsity_ratio", 0.0),
+                     s["valid_loss"], s.get("bits", 16), os.path.dirname(p)))
+    from megatron_qsparse.training.checkpointing import atomic_write_text
+    text = "params,sparsity,loss,bits,run\n" + "".join(
+        f"{n},{sp},{loss},{b},{run}\n" for n, sp, loss, b, run in rows)
+    atomic_write_text(args.output, text)
+    print(f"{len(rows)} runs -> {args.output} ({skipped} skipped)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[2:]))
+    sub = p.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("fit", help="Fit the law to a CSV of runs.")
+    f.add_argument("--csv", required=True, help="Runs: params,sparsity,loss[,bits] per line.")
+    f.add_argument("--bootstrap", type=int, default=100, help="Bootstrap refits (0: none).")
+    f.add_argument("--seed", type=int, default=0, help="Seed of the bootstrap resampling.")
+    f.add_argument("--plot", help="Write the fitted curves over the points to this PNG.")
+    f.add_argument("--output", help="Write the parameters and intervals to this JSON.")
+    o = sub.add_parser("optimum", help="Inference-optimal sparsity for given parameters.")
+    o.add_argument("--alpha", type=float, required=True, help="Exponent of N.")
+    o.add_argument("--B", type=float, required=True, help="Dense part of A(S).")
+    o.add_argument("--C", type=float, required=True, help="Sparsity part of A(S).")
+    o.add_argument("--beta", type=float, required=True, help="Exponent scale in A(S).")
+    o.add_argument("--E", type=float, default=0.0, help="Irreducible loss (plot only).")
+    o.add_argument("--activated-params", type=float, default=1e9,
+                   help="N_a for the plot (S* does not depend on it).")
+    o.add_argument("--plot", help="Write loss vs S at fixed N_a to this PNG.")
+    r = sub.add_parser("runs", help="Collect a directory of training runs into a CSV.")
+    r.add_argument("--dir", required=True, help="Folder searched recursively for summaries.")
+    r.add_argument("--summary-name", default="summary.json", help="File name of the summaries.")
+    r.add_argument("--output", required=True, help="CSV to write.")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    args = build_parser().parse_args(argv)
+    try:
+        return {"fit": cmd_fit, "optimum": cmd_optimum, "runs": cmd_runs}[args.command](args)
+    except CSVError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
