@@ -275,3 +275,50 @@ def load(engine, cfg: Config, dp_size: int) -> tuple[int, int]:
                        _rank())
     logger.info("resumed from %s at iteration %d", path, client_state["iteration"])
     return int(client_state["iteration"]), int(client_state["consumed_samples"])
+
+
+# ---------------------------------------------------------------------------------------------
+# reading a checkpoint outside training (reports, evaluation, generation)
+
+
+def resolve_checkpoint(path: str) -> str:
+    """``path`` may be a save directory (its ``latest`` is used) or one ``iter_*`` folder."""
+    if os.path.isfile(os.path.join(path, META_NAME)):
+        return path
+    latest = os.path.join(path, LATEST)
+    if os.path.isfile(latest):
+        with open(latest) as fh:
+            return os.path.join(path, fh.read().strip())
+    raise ConfigError(f"--load: {path} is neither a checkpoint folder (with {META_NAME}) nor a "
+                      f"save directory with a '{LATEST}' file")
+
+
+def load_model(path: str, map_location: str = "cpu"):
+    """Build the model a checkpoint was trained with and load its weights (tensor-parallel size 1).
+
+    Returns ``(model, config)``; the model is in eval mode. Reads only JSON and tensors.
+    """
+    from megatron_qsparse.model.gpt import GPTModel
+
+    folder = resolve_checkpoint(path)
+    with open(os.path.join(folder, META_NAME)) as fh:
+        meta = json.load(fh)
+    cfg = Config.from_dict(meta["config"])
+    if cfg.parallel.tensor_model_parallel_size != 1 or cfg.parallel.pipeline_model_parallel_size != 1:
+        raise ConfigError(f"--load: {folder} is split for tensor/pipeline parallelism; merge it "
+                          "to one shard first")
+    model_file = os.path.join(folder, "mp_rank_00_model_states.pt")
+    if not os.path.isfile(model_file):
+        raise ConfigError(f"--load: {model_file} is missing; the checkpoint is incomplete")
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        try:
+            state = torch.load(model_file, map_location=map_location, weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"--load: cannot read {model_file} safely "
+                              f"({str(e).strip().splitlines()[0]})") from None
+    from megatron_qsparse.config import padded_vocab_size
+
+    model = GPTModel(cfg.model, cfg.qsparse, padded_vocab_size(cfg.model.vocab_size, cfg))
+    model.load_state_dict(state["module"])
+    model.eval()
+    return model, cfg
