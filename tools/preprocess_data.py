@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Tokenize a JSON-lines corpus into Megatron-compatible ``.bin``/``.idx`` datasets.
+"""Tokenize JSON-lines corpora into Megatron-LM ``.bin``/``.idx`` datasets (Megatron's flags).
 
 Example (from the repository root)::
 
@@ -7,50 +7,87 @@ Example (from the repository root)::
         --output-prefix data/kjv --tokenizer-type SentencePieceTokenizer \\
         --tokenizer-model examples/data/kjv_sp4k.model --append-eod --workers 2
 
-writes ``data/kjv_text_document.bin`` and ``data/kjv_text_document.idx`` (one file pair per
+writes ``data/kjv_text_document.bin`` and ``data/kjv_text_document.idx`` (one pair per
 ``--json-keys`` entry, named as Megatron-LM names them); pass ``data/kjv_text_document`` as
-``--data-path`` to training. Lines that cannot be used (invalid JSON, missing key, non-string or
-empty text) are skipped and counted; the last line on stdout summarises the run.
+``--data-path`` to training. The files are byte-for-byte what Megatron-LM's
+``tools/preprocess_data.py`` writes for the same token ids (uint16 when the vocabulary has fewer
+than 65500 ids, else int32), so they move freely between the two code bases.
+
+Input: ``--input`` takes files, directories of shards (searched recursively for
+``*.jsonl``/``*.json``/``*.ndjson``, optionally ``.gz``/``.zst``) and glob patterns, read in
+sorted order; compression is recognised by content (``.zst`` needs the ``zstandard`` package).
+Input is streamed in ~1 MiB blobs of whole lines with a bounded number in flight, and the index
+is assembled from side files, so memory stays flat for inputs of any size.
+
+Bad lines (blank, invalid UTF-8, invalid JSON, not an object, missing key, non-string or empty
+text) are skipped and counted; the first ``--max-skip-reports`` are printed as ``file:line:
+reason``. ``--strict`` stops at the first one instead (exit status 2, nothing written). A
+truncated or corrupt compressed file is reported and the rest of that file skipped (an error under
+``--strict``). Outputs are written under temporary names and renamed only when complete.
+
+``--workers N`` tokenizes in N processes (output order is always the input order).
+``--partitions P`` (Megatron-LM's flag) cuts the input into P contiguous parts processed by
+separate processes with ``N / P`` workers each, then merges them in order: the output is identical
+to ``--partitions 1``. The last line on stdout summarises the run.
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
+import itertools
+import json
 import os
+import queue as queue_module
+import shutil
+import signal
 import sys
+import threading
+import tempfile
 import time
-from collections import Counter
-from multiprocessing import Pool
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from multiprocessing import Pool, get_context
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
-import json  # noqa: E402
-
 import numpy as np  # noqa: E402
 
+from megatron_qsparse.data.corpus import (  # noqa: E402
+    BlobReader,
+    CorruptInputError,
+    Piece,
+    check_decoders,
+    expand_inputs,
+    plan_partitions,
+    split_lines,
+)
 from megatron_qsparse.data.indexed_dataset import IndexedDatasetBuilder, best_token_dtype  # noqa: E402
 from megatron_qsparse.data.tokenizer import TOKENIZER_TYPES, Tokenizer, build_tokenizer  # noqa: E402
 
-_CHUNKSIZE = 64  # lines per task sent to a worker
+BLOB_BYTES = 1 << 20  # input bytes per task sent to a worker
 
 # Skip reasons, in the order the summary lists them.
-BLANK, BAD_UTF8, BAD_JSON, NOT_OBJECT, MISSING_KEY, NOT_STRING, EMPTY = (
+BLANK, BAD_UTF8, BAD_JSON, NOT_OBJECT, MISSING_KEY, NOT_STRING, EMPTY, CORRUPT = (
     "blank line", "invalid UTF-8", "invalid JSON", "not a JSON object", "missing key",
-    "non-string value", "empty text")
-SKIP_REASONS = (BLANK, BAD_UTF8, BAD_JSON, NOT_OBJECT, MISSING_KEY, NOT_STRING, EMPTY)
+    "non-string value", "empty text", "unreadable compressed file tail")
+SKIP_REASONS = (BLANK, BAD_UTF8, BAD_JSON, NOT_OBJECT, MISSING_KEY, NOT_STRING, EMPTY, CORRUPT)
+
+
+class InputError(Exception):
+    """A bad input under ``--strict`` (or an unusable input): one line, ``file:line: reason``."""
 
 
 def get_parser() -> argparse.ArgumentParser:
-    """The command-line interface (Megatron-LM flag names)."""
+    """The command-line interface (Megatron-LM flag names and meanings)."""
     p = argparse.ArgumentParser(
-        description="Tokenize a .jsonl(.gz) corpus into Megatron .bin/.idx datasets.",
+        description="Tokenize .jsonl(.gz/.zst) corpora into Megatron .bin/.idx datasets.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("input data")
-    g.add_argument("--input", required=True,
-                   help="JSON-lines file, one document per line (.jsonl or .jsonl.gz).")
+    g.add_argument("--input", required=True, nargs="+",
+                   help="JSON-lines files (one document per line; .jsonl, .jsonl.gz, .jsonl.zst), "
+                        "directories of shards, or glob patterns; read in sorted order.")
     g.add_argument("--json-keys", nargs="+", default=["text"],
                    help="Keys to tokenize; one output dataset per key (a line is skipped for all "
                         "keys if any key is unusable).")
@@ -66,19 +103,37 @@ def get_parser() -> argparse.ArgumentParser:
                    help="Output path prefix; writes PREFIX_{key}_document.bin/.idx.")
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1,
-                   help="Tokenizer processes (output order is the input order).")
+                   help="Tokenizer processes in all (output order is the input order).")
+    g.add_argument("--partitions", type=int, default=1,
+                   help="Split the input into this many contiguous parts, processed in parallel "
+                        "(--workers / --partitions workers each) and merged in order; the output "
+                        "equals --partitions 1.")
+    g.add_argument("--keep-sequential-samples", action="store_true",
+                   help="Accepted for Megatron-LM compatibility; input order is always kept.")
     g.add_argument("--log-interval", type=int, default=1000,
-                   help="Print progress to stderr every this many lines (0: never).")
+                   help="Print a progress line to stderr every this many input lines (0: never).")
+    g.add_argument("--strict", action="store_true",
+                   help="Stop at the first bad line (file:line: reason) instead of skipping it.")
+    g.add_argument("--max-skip-reports", type=int, default=10,
+                   help="Print file:line: reason for this many skipped lines (all are counted).")
     return p
 
 
-def open_input(path: str):
-    """Open a ``.jsonl`` or ``.jsonl.gz`` file for reading bytes."""
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+# ---------------------------------------------------------------------------------------------
+# encoding (runs in the workers)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class BlobResult:
+    """What a worker returns for one blob of lines."""
+
+    num_lines: int
+    num_bytes: int
+    skips: list  # (line index in the blob, reason, message)
+    tokens: dict  # key -> (concatenated token ids, int32 lengths)
 
 
 class Encoder:
-    """Turns one raw input line into token arrays (one per JSON key) or a skip reason."""
+    """Turns raw input lines into token arrays (one per JSON key), or a skip reason."""
 
     def __init__(self, json_keys: list[str], tokenizer: Tokenizer, append_eod: bool):
         self.json_keys = list(json_keys)
@@ -86,38 +141,68 @@ class Encoder:
         self.append_eod = bool(append_eod)
         self.dtype = best_token_dtype(tokenizer.vocab_size)
 
-    def encode(self, line: bytes) -> tuple[str | None, dict[str, np.ndarray] | None, int]:
-        """Return ``(skip_reason or None, {key: token ids}, number of input bytes)``."""
-        nbytes = len(line)
+    def check_line(self, line: bytes) -> tuple[str, str] | dict[str, str]:
+        """The texts of ``line`` by key, or ``(reason, message)`` if the line is unusable."""
         if not line.strip():
-            return BLANK, None, nbytes
+            return BLANK, "blank line"
         try:
             text = line.decode("utf-8")
-        except UnicodeDecodeError:
-            return BAD_UTF8, None, nbytes
+        except UnicodeDecodeError as e:
+            return BAD_UTF8, f"invalid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})"
         try:
-            obj = json.loads(text)
-        except ValueError:
-            return BAD_JSON, None, nbytes
+            obj = json.loads(text.lstrip("\ufeff"))
+        except json.JSONDecodeError as e:
+            return BAD_JSON, f"invalid JSON ({e.msg} at column {e.colno})"
+        except (ValueError, RecursionError) as e:
+            return BAD_JSON, f"invalid JSON ({type(e).__name__})"
         if not isinstance(obj, dict):
-            return NOT_OBJECT, None, nbytes
+            return NOT_OBJECT, f"not a JSON object (a {type(obj).__name__})"
         values = {}
         for key in self.json_keys:
             if key not in obj:
-                return MISSING_KEY, None, nbytes
+                keys = ", ".join(list(obj)[:8]) or "none"
+                return MISSING_KEY, f"missing key {key!r} (keys: {keys})"
             value = obj[key]
             if not isinstance(value, str):
-                return NOT_STRING, None, nbytes
+                return NOT_STRING, f"non-string value under {key!r} ({type(value).__name__})"
             if not value.strip():
-                return EMPTY, None, nbytes
+                return EMPTY, f"empty text under {key!r}"
             values[key] = value
-        out = {}
-        for key, value in values.items():
-            ids = self.tokenizer.tokenize(value)
-            if self.append_eod:
-                ids.append(self.tokenizer.eod)
-            out[key] = np.asarray(ids, dtype=self.dtype)
-        return None, out, nbytes
+        return values
+
+    def encode(self, line: bytes) -> tuple[str | None, dict[str, np.ndarray] | None, int]:
+        """One line: ``(skip reason or None, {key: token ids}, number of input bytes)``."""
+        checked = self.check_line(line)
+        if isinstance(checked, tuple):
+            return checked[0], None, len(line)
+        return None, {k: np.asarray(self._ids(v), dtype=self.dtype)
+                      for k, v in checked.items()}, len(line)
+
+    def _ids(self, text: str) -> list[int]:
+        ids = self.tokenizer.tokenize(text)
+        if self.append_eod:
+            ids.append(self.tokenizer.eod)
+        return ids
+
+    def encode_blob(self, blob: bytes) -> BlobResult:
+        """All lines of a blob: token ids concatenated per key, plus the skipped lines."""
+        lines = split_lines(blob)
+        skips = []
+        ids: dict[str, list[list[int]]] = {k: [] for k in self.json_keys}
+        for i, line in enumerate(lines):
+            checked = self.check_line(line)
+            if isinstance(checked, tuple):
+                skips.append((i, checked[0], checked[1]))
+                continue
+            for key, text in checked.items():
+                ids[key].append(self._ids(text))
+        tokens = {}
+        for key, docs in ids.items():
+            lengths = np.fromiter(map(len, docs), dtype=np.int32, count=len(docs))
+            flat = np.fromiter(itertools.chain.from_iterable(docs), dtype=self.dtype,
+                               count=int(lengths.sum(dtype=np.int64)))
+            tokens[key] = (flat, lengths)
+        return BlobResult(len(lines), len(blob), skips, tokens)
 
 
 _WORKER: Encoder | None = None
@@ -128,14 +213,299 @@ def _init_worker(json_keys, tokenizer_type, tokenizer_model, append_eod) -> None
     _WORKER = Encoder(json_keys, build_tokenizer(tokenizer_type, tokenizer_model), append_eod)
 
 
-def _encode_in_worker(line: bytes):
+def _encode_blob_in_worker(blob: bytes) -> BlobResult:
     assert _WORKER is not None
-    return _WORKER.encode(line)
+    return _WORKER.encode_blob(blob)
+
+
+def bounded_imap(pool, fn, tasks, max_in_flight: int):
+    """Ordered ``(meta, fn(arg))`` for ``(meta, arg)`` in ``tasks``, at most ``max_in_flight`` queued.
+
+    Unlike ``Pool.imap`` (whose feeder thread drains the whole input iterator into memory), the
+    next task is read only when a slot is free, so memory is bounded for inputs of any size.
+    ``arg=None`` yields ``(meta, None)`` in order without calling ``fn``; ``pool=None`` runs
+    ``fn`` in this process.
+    """
+    if pool is None:
+        for meta, arg in tasks:
+            yield meta, (None if arg is None else fn(arg))
+        return
+    pending: deque = deque()
+    for meta, arg in tasks:
+        pending.append((meta, None if arg is None else pool.apply_async(fn, (arg,))))
+        while len(pending) >= max_in_flight:
+            meta0, res = pending.popleft()
+            yield meta0, (None if res is None else res.get())
+    while pending:
+        meta0, res = pending.popleft()
+        yield meta0, (None if res is None else res.get())
+
+
+# ---------------------------------------------------------------------------------------------
+# one partition: read pieces, encode, write builders
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    """Everything a partition needs (picklable, sent to partition processes)."""
+
+    json_keys: list
+    tokenizer_type: str
+    tokenizer_model: str | None
+    append_eod: bool
+    strict: bool
+    log_interval: int
+    max_skip_reports: int
+    workers: int
+
+
+@dataclass
+class Stats:
+    """Counters of a run or a partition."""
+
+    lines: int = 0
+    docs: int = 0
+    bytes: int = 0
+    raw_done: int = 0
+    tokens: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)
+
+    def to_dict(self) -> dict:
+        return {"lines": self.lines, "docs": self.docs, "bytes": self.bytes,
+                "raw_done": self.raw_done, "tokens": dict(self.tokens),
+                "skipped": dict(self.skipped)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Stats":
+        return cls(d["lines"], d["docs"], d["bytes"], d["raw_done"], Counter(d["tokens"]),
+                   Counter(d["skipped"]))
+
+    def add(self, other: "Stats") -> None:
+        self.lines += other.lines
+        self.docs += other.docs
+        self.bytes += other.bytes
+        self.raw_done += other.raw_done
+        self.tokens.update(other.tokens)
+        self.skipped.update(other.skipped)
+
+
+class Reporter:
+    """Prints progress and skipped lines (in this process)."""
+
+    def __init__(self, job: Job, raw_total: int, start: float):
+        self.job, self.raw_total, self.start = job, raw_total, start
+        self.reported = 0
+
+    def bad_line(self, text: str) -> None:
+        if self.reported < self.job.max_skip_reports:
+            print(f"warning: {text} (skipped)", file=sys.stderr)
+        elif self.reported == self.job.max_skip_reports:
+            print("warning: further bad lines are counted but not shown "
+                  "(see the summary; --max-skip-reports)", file=sys.stderr)
+        self.reported += 1
+
+    def progress(self, stats: Stats) -> None:
+        print(progress_line(stats, self.raw_total, time.perf_counter() - self.start),
+              file=sys.stderr, flush=True)
+
+
+class QueueReporter:
+    """Sends progress and skipped lines of a partition process to the parent."""
+
+    def __init__(self, queue, index: int):
+        self.queue, self.index = queue, index
+
+    def bad_line(self, text: str) -> None:
+        self.queue.put(("bad", self.index, text))
+
+    def progress(self, stats: Stats) -> None:
+        self.queue.put(("progress", self.index, stats.to_dict()))
+
+
+def progress_line(stats: Stats, raw_total: int, elapsed: float) -> str:
+    """``processed N lines (...) | P% of X MB | docs/s | MB/s | tokens/s | ETA``."""
+    elapsed = max(elapsed, 1e-9)
+    tokens = sum(stats.tokens.values())
+    parts = [f"processed {stats.lines:,} lines ({stats.docs:,} documents, "
+             f"{sum(stats.skipped.values()):,} skipped, {tokens:,} tokens)"]
+    if raw_total > 0:
+        frac = min(stats.raw_done / raw_total, 1.0)
+        parts.append(f"{100 * frac:5.1f}% of {raw_total / 1e6:,.1f} MB input")
+    parts += [f"{stats.lines / elapsed:,.0f} docs/s", f"{stats.bytes / elapsed / 1e6:.2f} MB/s",
+              f"{tokens / elapsed:,.0f} tokens/s"]
+    if raw_total > 0 and 0 < stats.raw_done < raw_total:
+        eta = elapsed * (raw_total - stats.raw_done) / stats.raw_done
+        parts.append(f"ETA {int(eta) // 3600}:{int(eta) % 3600 // 60:02d}:{int(eta) % 60:02d}")
+    return " | ".join(parts)
+
+
+def process_pieces(pieces: list[Piece], job: Job, builders: dict, reporter,
+                   encoder: Encoder | None = None) -> Stats:
+    """Read ``pieces`` in order, tokenize with ``job.workers`` processes, append to ``builders``.
+
+    Raises:
+        InputError: under ``--strict``, at the first bad line or unreadable file.
+    """
+    stats = Stats()
+
+    def tasks():
+        raw_base = 0  # on-disk bytes of the pieces before the current one
+        for piece in pieces:
+            reader = BlobReader(piece, BLOB_BYTES)
+            try:
+                for first, blob in reader:
+                    yield (piece, first, raw_base + reader.raw_done), blob
+            except CorruptInputError as e:
+                yield ("corrupt", e, raw_base + reader.raw_total), None
+            raw_base += reader.raw_total
+
+    pool = None
+    try:
+        if job.workers > 1:
+            pool = Pool(job.workers, initializer=_init_worker,
+                        initargs=(job.json_keys, job.tokenizer_type, job.tokenizer_model,
+                                  job.append_eod))
+            fn = _encode_blob_in_worker
+        else:
+            if encoder is None:
+                encoder = Encoder(job.json_keys,
+                                  build_tokenizer(job.tokenizer_type, job.tokenizer_model),
+                                  job.append_eod)
+            fn = encoder.encode_blob
+        next_report = job.log_interval
+        for meta, result in bounded_imap(pool, fn, tasks(), max(2, 3 * job.workers)):
+            stats.raw_done = meta[2]  # input read up to the end of this blob
+            if meta[0] == "corrupt":
+                e = meta[1]
+                if job.strict:
+                    raise InputError(str(e))
+                stats.skipped[CORRUPT] += 1
+                reporter.bad_line(str(e))
+                continue
+            piece, first, _ = meta
+            stats.lines += result.num_lines
+            stats.bytes += result.num_bytes
+            for i, reason, message in result.skips:
+                where = f"{piece.path}:{first + i}"
+                if job.strict:
+                    raise InputError(f"{where}: {message}; fix or drop the line, or leave out "
+                                     f"--strict to skip and count bad lines")
+                stats.skipped[reason] += 1
+                reporter.bad_line(f"{where}: {message}")
+            for key, (flat, lengths) in result.tokens.items():
+                builders[key].add_documents(flat, lengths)
+                stats.tokens[key] += int(flat.size)
+            stats.docs += result.num_lines - len(result.skips)
+            if job.log_interval > 0 and stats.lines >= next_report:
+                reporter.progress(stats)
+                next_report = (stats.lines // job.log_interval + 1) * job.log_interval
+        if pool is not None:
+            pool.close()
+            pool.join()
+            pool = None
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    return stats
 
 
 def output_prefix_for(output_prefix: str, key: str) -> str:
     """Megatron-LM's output naming: ``{output_prefix}_{key}_document``."""
     return f"{output_prefix}_{key}_document"
+
+
+def _partition_main(index: int, pieces: list[Piece], shard: str, job: Job, dtype, queue) -> None:
+    """Body of one ``--partitions`` process: writes ``{shard}_{key}_document`` and reports."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # run the cleanup (pool, temporary files)
+    builders = {}
+    try:
+        for key in job.json_keys:
+            builders[key] = IndexedDatasetBuilder(output_prefix_for(shard, key), dtype)
+        stats = process_pieces(pieces, job, builders, QueueReporter(queue, index))
+        for builder in builders.values():
+            builder.finalize()
+        queue.put(("done", index, stats.to_dict()))
+    except BaseException as e:  # report everything; the parent turns it into one line
+        for builder in builders.values():
+            builder.abort()
+        if isinstance(e, SystemExit):
+            # terminated by the parent, which no longer reads the queue: exiting must not wait
+            # for the queue's feeder thread to flush (that would hang both processes)
+            queue.cancel_join_thread()
+            raise
+        message = str(e) if isinstance(e, (InputError, ValueError)) else f"{type(e).__name__}: {e}"
+        queue.put(("error", index, message))
+        sys.exit(1)
+
+
+def run_partitions(plan: list[list[Piece]], job: Job, dtype, outputs: dict, reporter: Reporter,
+                   out_dir: str) -> Stats:
+    """Process each part of ``plan`` in its own process, then merge the shards in order."""
+    ctx = get_context()
+    queue = ctx.Queue()
+    tmpdir = tempfile.mkdtemp(prefix=".preprocess_partitions.", dir=out_dir)
+    procs = []
+    try:
+        shards = [os.path.join(tmpdir, f"part{k:05d}") for k in range(len(plan))]
+        for k, pieces in enumerate(plan):
+            proc = ctx.Process(target=_partition_main,
+                               args=(k, pieces, shards[k], job, dtype, queue))
+            proc.start()
+            procs.append(proc)
+        latest = {k: Stats() for k in range(len(plan))}
+        done: dict[int, Stats] = {}
+        next_report = job.log_interval
+        while len(done) < len(plan):
+            try:
+                kind, k, payload = queue.get(timeout=0.2)
+            except queue_module.Empty:  # check for partitions that died silently
+                for k, proc in enumerate(procs):
+                    if k not in done and not proc.is_alive() and proc.exitcode not in (0, None):
+                        raise InputError(f"partition {k} exited with code {proc.exitcode} "
+                                         f"(out of memory?)") from None
+                continue
+            if kind == "error":
+                raise InputError(payload)
+            if kind == "bad":
+                reporter.bad_line(payload)
+            elif kind in ("progress", "done"):
+                latest[k] = Stats.from_dict(payload)
+                if kind == "done":
+                    done[k] = latest[k]
+                total = Stats()
+                for s in latest.values():
+                    total.add(s)
+                if kind == "progress" and job.log_interval > 0 and total.lines >= next_report:
+                    reporter.progress(total)
+                    next_report = (total.lines // job.log_interval + 1) * job.log_interval
+        for proc in procs:
+            proc.join()
+        print(f"merging {len(plan)} partitions", file=sys.stderr)
+        for key, prefix in outputs.items():
+            with IndexedDatasetBuilder(prefix, dtype) as builder:
+                for shard in shards:
+                    builder.add_index(output_prefix_for(shard, key))
+        total = Stats()
+        for s in done.values():
+            total.add(s)
+        return total
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():  # stuck in its own teardown: do not wait for ever
+                proc.kill()
+                proc.join()
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def _fail(message: str) -> int:
@@ -144,17 +514,39 @@ def _fail(message: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the tool; returns the exit status (0 ok, 2 usage/input error)."""
+    """Run the tool; returns the exit status (0 ok, 2 usage or input error).
+
+    SIGTERM (a cluster job being cancelled) stops it like Ctrl-C: workers are stopped and the
+    temporary files removed.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return _run(argv)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        return _run(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str] | None) -> int:
     args = get_parser().parse_args(argv)
-    if not os.path.isfile(args.input):
-        return _fail(f"--input {args.input!r} not found; give an existing .jsonl or .jsonl.gz file")
     if args.workers < 1:
         return _fail(f"--workers must be at least 1, got {args.workers}")
+    if args.partitions < 1:
+        return _fail(f"--partitions must be at least 1, got {args.partitions}")
+    if args.partitions > 1 and args.workers % args.partitions:
+        return _fail(f"--workers {args.workers} is not a multiple of --partitions "
+                     f"{args.partitions}; each partition gets --workers / --partitions workers")
+    if args.max_skip_reports < 0:
+        return _fail(f"--max-skip-reports must be >= 0, got {args.max_skip_reports}")
     if len(set(args.json_keys)) != len(args.json_keys):
         return _fail(f"--json-keys has duplicates: {args.json_keys}")
     try:
+        files = expand_inputs(args.input)
+        check_decoders(files)
         tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
-    except ValueError as e:
+        plan = plan_partitions(files, args.partitions)
+    except (ValueError, OSError) as e:
         return _fail(str(e))
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
     try:
@@ -163,66 +555,47 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"cannot create output directory {out_dir!r}: {e.strerror}")
     encoder = Encoder(args.json_keys, tokenizer, args.append_eod)
     dtype = encoder.dtype
-    print(f"tokenizer {tokenizer.name}: vocab {tokenizer.vocab_size}, eod {tokenizer.eod}, "
-          f"dtype {np.dtype(dtype).name}; {args.workers} worker(s)", file=sys.stderr)
+    raw_total = sum(os.path.getsize(f) for f in files)
+    job = Job(list(args.json_keys), args.tokenizer_type, args.tokenizer_model, args.append_eod,
+              args.strict, args.log_interval, args.max_skip_reports,
+              max(1, args.workers // len(plan)) if len(plan) > 1 else args.workers)
+    print(f"input: {len(files)} file(s), {raw_total / 1e6:,.1f} MB on disk; tokenizer "
+          f"{tokenizer.name}: vocab {tokenizer.vocab_size}, eod {tokenizer.eod}, dtype "
+          f"{np.dtype(dtype).name}; {len(plan)} partition(s) x {job.workers} worker(s)",
+          file=sys.stderr)
 
-    builders: dict[str, IndexedDatasetBuilder] = {}
-    skipped: Counter = Counter()
-    tokens = Counter()
-    docs = lines = total_bytes = 0
+    outputs = {k: output_prefix_for(args.output_prefix, k) for k in args.json_keys}
     start = time.perf_counter()
-    pool = None
+    reporter = Reporter(job, raw_total, start)
+    builders: dict[str, IndexedDatasetBuilder] = {}
     try:
-        for key in args.json_keys:
-            builders[key] = IndexedDatasetBuilder(output_prefix_for(args.output_prefix, key),
-                                                  dtype)
-        with open_input(args.input) as fin:
-            if args.workers > 1:
-                pool = Pool(args.workers, initializer=_init_worker,
-                            initargs=(args.json_keys, args.tokenizer_type, args.tokenizer_model,
-                                      args.append_eod))
-                results = pool.imap(_encode_in_worker, fin, _CHUNKSIZE)
-            else:
-                results = map(encoder.encode, fin)
-            for reason, out, nbytes in results:
-                lines += 1
-                total_bytes += nbytes
-                if reason is not None:
-                    skipped[reason] += 1
-                else:
-                    docs += 1
-                    for key, ids in out.items():
-                        builders[key].add_document(ids)
-                        tokens[key] += len(ids)
-                if args.log_interval > 0 and lines % args.log_interval == 0:
-                    elapsed = max(time.perf_counter() - start, 1e-9)
-                    print(f"processed {lines} lines ({docs} documents) | "
-                          f"{lines / elapsed:.0f} docs/s | "
-                          f"{total_bytes / elapsed / 1e6:.2f} MB/s", file=sys.stderr)
-        if pool is not None:
-            pool.close()
-            pool.join()
-            pool = None
-        for builder in builders.values():
-            builder.finalize()
-    except BaseException:
-        for builder in builders.values():
-            builder.abort()
-        raise
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        if len(plan) == 1:
+            try:
+                for key, prefix in outputs.items():
+                    builders[key] = IndexedDatasetBuilder(prefix, dtype)
+                stats = process_pieces(plan[0], job, builders, reporter, encoder)
+                for builder in builders.values():
+                    builder.finalize()
+            except BaseException:
+                for builder in builders.values():
+                    builder.abort()
+                raise
+        else:
+            stats = run_partitions(plan, job, dtype, outputs, reporter, out_dir)
+    except (InputError, ValueError) as e:
+        return _fail(str(e))
 
     elapsed = max(time.perf_counter() - start, 1e-9)
-    skip_text = ", ".join(f"{r}: {skipped[r]}" for r in SKIP_REASONS if skipped[r]) or "none"
+    tokens = sum(stats.tokens.values())
+    skip_text = ", ".join(f"{r}: {stats.skipped[r]}" for r in SKIP_REASONS
+                          if stats.skipped[r]) or "none"
     per_key = ("" if len(args.json_keys) == 1 else
-               " (" + ", ".join(f"{k}: {tokens[k]}" for k in args.json_keys) + ")")
-    outputs = ", ".join(output_prefix_for(args.output_prefix, k) + ".{bin,idx}"
-                        for k in args.json_keys)
-    print(f"done: {docs} documents, {sum(tokens.values())} tokens{per_key}, skipped "
-          f"{sum(skipped.values())} ({skip_text}) in {elapsed:.2f} s "
-          f"({lines / elapsed:.0f} docs/s, {total_bytes / elapsed / 1e6:.2f} MB/s) -> {outputs}")
+               " (" + ", ".join(f"{k}: {stats.tokens[k]}" for k in args.json_keys) + ")")
+    out_text = ", ".join(p + ".{bin,idx}" for p in outputs.values())
+    print(f"done: {stats.docs} documents, {tokens} tokens{per_key}, skipped "
+          f"{sum(stats.skipped.values())} ({skip_text}) in {elapsed:.2f} s "
+          f"({stats.lines / elapsed:.0f} docs/s, {stats.bytes / elapsed / 1e6:.2f} MB/s, "
+          f"{tokens / elapsed:.0f} tokens/s) -> {out_text}")
     return 0
 
 

@@ -7,13 +7,19 @@ Training (from the repository root)::
         --vocab-size 4096 --output-prefix examples/data/kjv_sp4k
 
 writes ``kjv_sp4k.model`` and ``kjv_sp4k.vocab`` (atomically: each is written under a temporary
-name in the same directory, then renamed; ``.vocab`` first, ``.model`` last). The options are LLaMA's: BPE, byte fallback (every UTF-8 byte
-has a piece, so no text is ever ``<unk>``), digits split into single pieces, ``<unk>``=0,
-``<s>``=1, ``</s>``=2, no pad piece, identity normalization, whitespace kept as is.
+name in the same directory, then renamed; ``.vocab`` first, ``.model`` last). The options are
+LLaMA's: BPE (or ``--model-type unigram``), byte fallback (every UTF-8 byte has a piece, so no
+text is ever ``<unk>``), digits split into single pieces, ``<unk>``=0, ``<s>``=1, ``</s>``=2, no
+pad piece, identity normalization, whitespace kept as is.
+
+``--input`` takes files (``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst``), directories of shards and
+glob patterns, like ``tools/preprocess_data.py``.
 
 Documents are cut into training "sentences" at sentence ends (``.``, ``!``, ``?``, ``;``, ``:``
 followed by whitespace) and newlines, and packed up to ``--max-sentence-length`` bytes, because
-SentencePiece silently drops longer lines. ``--max-sentences`` keeps a seeded uniform sample.
+SentencePiece silently drops longer lines. ``--max-sentences`` keeps a seeded uniform sample,
+drawn with a reservoir while the input streams by, so a corpus of hundreds of GB needs only the
+sample's memory (reading it all still takes its time: point ``--input`` at a few shards).
 
 Determinism: the sample is drawn here with a seeded RNG and SentencePiece's own RNG is seeded,
 so the same inputs and flags give a byte-identical model. BPE pieces and scores do not depend on
@@ -29,7 +35,6 @@ Inspecting an existing model (e.g. LLaMA's or Mistral's ``tokenizer.model``)::
 from __future__ import annotations
 
 import argparse
-import gzip
 import io
 import json
 import os
@@ -43,6 +48,12 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
+from megatron_qsparse.data.corpus import (  # noqa: E402
+    CorruptInputError,
+    check_decoders,
+    expand_inputs,
+    iter_lines,
+)
 from megatron_qsparse.data.indexed_dataset import apply_default_permissions  # noqa: E402
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\n+")
@@ -51,11 +62,12 @@ _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\n+")
 def get_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     p = argparse.ArgumentParser(
-        description="Train a LLaMA-style SentencePiece tokenizer on .jsonl(.gz) files, or "
+        description="Train a LLaMA-style SentencePiece tokenizer on .jsonl(.gz/.zst) files, or "
                     "inspect a model with --check.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--input", nargs="+", default=None,
-                   help="JSON-lines training file(s), one document per line (.jsonl or .jsonl.gz).")
+                   help="JSON-lines training files (one document per line; .jsonl, .jsonl.gz, "
+                        ".jsonl.zst), directories of shards or glob patterns.")
     p.add_argument("--json-key", default="text", help="Key holding the document text.")
     p.add_argument("--vocab-size", type=int, default=32000,
                    help="Vocabulary size, including the 3 special and 256 byte-fallback pieces.")
@@ -64,7 +76,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-prefix", default=None,
                    help="Writes PREFIX.model and PREFIX.vocab.")
     p.add_argument("--max-sentences", type=int, default=2_000_000,
-                   help="Train on a seeded random sample of at most this many sentences (0: all).")
+                   help="Train on a seeded uniform sample (reservoir, streamed) of at most this "
+                        "many sentences (0: all).")
     p.add_argument("--max-sentence-length", type=int, default=4192,
                    help="Longest training sentence in bytes; longer text is cut at whitespace.")
     p.add_argument("--character-coverage", type=float, default=0.99995,
@@ -121,27 +134,42 @@ def document_sentences(text: str, limit: int):
         yield " ".join(packed)
 
 
-def read_sentences(paths: list[str], json_key: str, limit: int) -> tuple[list[str], int, int]:
-    """All training sentences of the inputs, with (documents used, lines skipped)."""
-    sentences, docs, skipped = [], 0, 0
-    for path in paths:
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                    text = obj[json_key]
-                except (ValueError, KeyError, TypeError):
-                    skipped += 1
-                    continue
-                if not isinstance(text, str) or not text.strip():
-                    skipped += 1
-                    continue
-                docs += 1
-                sentences.extend(document_sentences(text, limit))
-    return sentences, docs, skipped
+def sample_sentences(paths: list[str], json_key: str, limit: int, max_sentences: int,
+                     seed: int) -> tuple[list[str], int, int, int]:
+    """A seeded uniform sample of at most ``max_sentences`` training sentences (0: all).
+
+    The inputs are streamed and sampled with a reservoir, so memory is bounded by the sample, not
+    by the corpus. Kept sentences stay in corpus order; when the corpus has no more than
+    ``max_sentences`` sentences, all are kept.
+
+    Returns:
+        ``(sentences, documents used, lines skipped, sentences seen)``.
+    """
+    rng = random.Random(seed)
+    reservoir: list[tuple[int, str]] = []
+    docs = skipped = seen = 0
+    for _path, _line, raw in iter_lines(paths):
+        if not raw.strip():
+            continue
+        try:
+            text = json.loads(raw.decode("utf-8", errors="replace"))[json_key]
+        except (ValueError, KeyError, TypeError, IndexError):
+            skipped += 1
+            continue
+        if not isinstance(text, str) or not text.strip():
+            skipped += 1
+            continue
+        docs += 1
+        for sentence in document_sentences(text, limit):
+            if not max_sentences or len(reservoir) < max_sentences:
+                reservoir.append((seen, sentence))
+            else:
+                j = rng.randrange(seen + 1)
+                if j < max_sentences:
+                    reservoir[j] = (seen, sentence)
+            seen += 1
+    reservoir.sort(key=lambda item: item[0])
+    return [sentence for _, sentence in reservoir], docs, skipped, seen
 
 
 def llama_trainer_options(args: argparse.Namespace) -> dict:
@@ -192,27 +220,30 @@ def train(args: argparse.Namespace) -> int:
     """Train and atomically write ``PREFIX.model`` / ``PREFIX.vocab``."""
     import sentencepiece as spm
 
-    for path in args.input:
-        if not os.path.isfile(path):
-            print(f"error: --input {path!r} not found", file=sys.stderr)
-            return 2
+    try:
+        paths = expand_inputs(args.input)
+        check_decoders(paths)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.vocab_size < 259 + 1:
         print(f"error: --vocab-size {args.vocab_size} is too small: 3 special + 256 byte pieces "
               f"are always present; use at least 260", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    sentences, docs, skipped = read_sentences(args.input, args.json_key,
-                                              args.max_sentence_length)
+    try:
+        sentences, docs, skipped, seen = sample_sentences(
+            paths, args.json_key, args.max_sentence_length, args.max_sentences, args.seed)
+    except CorruptInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not sentences:
         print(f"error: no usable text under key {args.json_key!r} in {args.input}",
               file=sys.stderr)
         return 2
-    if args.max_sentences and len(sentences) > args.max_sentences:
-        rng = random.Random(args.seed)
-        keep = sorted(rng.sample(range(len(sentences)), args.max_sentences))
-        sentences = [sentences[i] for i in keep]
-    print(f"training {args.model_type} vocab {args.vocab_size} on {len(sentences)} sentences "
-          f"from {docs} documents ({skipped} lines skipped)", file=sys.stderr)
+    print(f"training {args.model_type} vocab {args.vocab_size} on {len(sentences)} of {seen} "
+          f"sentences from {docs} documents in {len(paths)} file(s) ({skipped} lines skipped)",
+          file=sys.stderr)
 
     out_prefix = os.path.abspath(args.output_prefix)
     os.makedirs(os.path.dirname(out_prefix), exist_ok=True)

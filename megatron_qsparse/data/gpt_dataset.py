@@ -10,7 +10,8 @@ Megatron-LM semantics, vectorised with numpy (no compiled helpers):
   the stream is the window ``stream[j * seq_length : (j + 1) * seq_length + 1]``: consecutive
   samples share one token (the last label of one is the first input of the next) and samples
   cross document boundaries. The samples are then visited in a shuffled order.
-- :class:`BlendedDataset` interleaves several datasets by weight, greedily.
+- :class:`~.blended_dataset.BlendedDataset` interleaves several datasets by weight, greedily
+  (re-exported here).
 
 The three index arrays (document, sample, shuffle) are cached as ``.npy`` files keyed by a hash of
 every parameter and of the ``.idx`` file's path, size and mtime, so a second run (or other ranks)
@@ -25,19 +26,23 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from megatron_qsparse.data.indexed_dataset import IndexedDataset, apply_default_permissions
+from megatron_qsparse.data.blended_dataset import BlendedDataset, blending_indices
+from megatron_qsparse.data.cache import CACHE_VERSION as _CACHE_VERSION
+from megatron_qsparse.data.cache import save_npy_atomic as _save_npy_atomic
+from megatron_qsparse.data.cache import save_text_atomic as _save_text_atomic
+from megatron_qsparse.data.indexed_dataset import IndexedDataset
 
 logger = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "valid", "test")
-_CACHE_VERSION = 1
+__all__ = ["GPTDataset", "BlendedDataset", "blending_indices", "build_train_valid_test_datasets",
+           "parse_data_path", "parse_split", "split_document_ranges", "SPLIT_NAMES"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,6 +71,12 @@ def parse_data_path(data_path: Sequence[str]) -> tuple[list[float], list[str]]:
         raise ValueError("--data-path is empty; pass a dataset prefix (e.g. data/corpus_text_document)")
     if _as_float(items[0]) is None:  # prefixes only
         numeric = [p for p in items if _as_float(p) is not None]
+        numeric_at = [k for k, p in enumerate(items) if _as_float(p) is not None]
+        if numeric and len(items) % 2 == 0 and all(k % 2 == 0 for k in numeric_at):
+            # 'W1 P1 W2 P2 ...' whose first weight(s) are not numbers, e.g. '0.3a a 0.7 b'
+            bad = next(k for k in range(0, len(items), 2) if _as_float(items[k]) is None)
+            raise ValueError(f"--data-path weight {items[bad]!r} (entry {bad + 1}) is not a "
+                             f"number; use 'W1 P1 W2 P2 ...' with finite numbers as weights")
         if numeric:
             raise ValueError(f"--data-path mixes prefixes with the number {numeric[0]!r}; use "
                              f"either 'P1 P2 ...' or 'W1 P1 W2 P2 ...' (weights before every prefix)")
@@ -136,43 +147,6 @@ def split_document_ranges(split: Sequence[float], num_documents: int) -> list[in
     for k in range(1, len(bounds)):  # keep monotone after clipping
         bounds[k] = max(bounds[k], bounds[k - 1])
     return bounds
-
-
-# ---------------------------------------------------------------------------------------------
-# cache helpers
-# ---------------------------------------------------------------------------------------------
-def _save_npy_atomic(path: str, array: np.ndarray) -> None:
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=directory)
-    try:
-        apply_default_permissions(fd)
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _save_text_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=directory)
-    try:
-        apply_default_permissions(fd)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _smallest_int_dtype(max_value: int) -> type:
@@ -334,6 +308,11 @@ class GPTDataset(torch.utils.data.Dataset):
                            self.name, paths["dir"], e)
 
     @property
+    def cache_key(self) -> dict:
+        """Everything the indices depend on (the cache is keyed by its hash)."""
+        return dict(self._cache_key)
+
+    @property
     def cache_files(self) -> list[str]:
         """Paths of the cached index files (which may not exist if the cache was not writable)."""
         return [self._cache_paths[k] for k in ("document", "sample", "shuffle", "description")]
@@ -367,103 +346,6 @@ class GPTDataset(torch.utils.data.Dataset):
     def __repr__(self) -> str:
         return (f"GPTDataset({self.indexed.prefix!r}, name={self.name!r}, samples="
                 f"{self.num_samples}, seq_length={self.seq_length}, epochs={self.num_epochs})")
-
-
-def blending_indices(weights: Sequence[float], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Megatron's greedy blend: which dataset, and which of its samples, each blended sample uses.
-
-    At step ``i`` the dataset whose count lags its target ``weight * (i + 1)`` the most is chosen
-    (ties to the lowest index), so after any prefix of ``n`` samples every dataset has within one
-    sample of ``weight * n``.
-
-    Returns:
-        ``(dataset_index int16/int32 [size], dataset_sample_index int64 [size])``.
-    """
-    w = [float(x) for x in weights]
-    total = sum(w)
-    w = [x / total for x in w]
-    k = len(w)
-    counts = [0] * k
-    choice = [0] * size
-    if k == 1:
-        pass
-    elif k == 2:
-        w0, w1 = w
-        c0 = c1 = 0
-        for i in range(size):
-            t = i + 1
-            if w0 * t - c0 >= w1 * t - c1:
-                c0 += 1
-            else:
-                choice[i] = 1
-                c1 += 1
-    else:
-        order = range(1, k)
-        for i in range(size):
-            t = i + 1
-            best, best_err = 0, w[0] * t - counts[0]
-            for d in order:
-                err = w[d] * t - counts[d]
-                if err > best_err:
-                    best, best_err = d, err
-            choice[i] = best
-            counts[best] += 1
-    dataset_index = np.asarray(choice, dtype=np.int16 if k < 2 ** 15 else np.int32)
-    dataset_sample_index = np.zeros(size, dtype=np.int64)
-    for d in range(k):
-        mask = dataset_index == d
-        dataset_sample_index[mask] = np.arange(int(mask.sum()), dtype=np.int64)
-    return dataset_index, dataset_sample_index
-
-
-class BlendedDataset(torch.utils.data.Dataset):
-    """Interleaves datasets by weight (Megatron's greedy blending); deterministic.
-
-    Args:
-        datasets: the constituent datasets; dataset ``d`` must hold at least as many samples as
-            the blend takes from it (``ceil(weight * size * 1.005)`` is always enough).
-        weights: relative weights (normalised here).
-        size: number of blended samples.
-    """
-
-    def __init__(self, datasets: Sequence[torch.utils.data.Dataset], weights: Sequence[float],
-                 size: int):
-        super().__init__()
-        if not datasets or len(datasets) != len(weights):
-            raise ValueError(f"BlendedDataset needs one weight per dataset, got "
-                             f"{len(datasets)} datasets and {len(weights)} weights")
-        if any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise ValueError(f"blend weights must be >= 0 with a positive sum, got {list(weights)}")
-        if size <= 0:
-            raise ValueError(f"blend size must be positive, got {size}")
-        self.datasets = list(datasets)
-        total = float(sum(weights))
-        self.weights = [float(w) / total for w in weights]
-        self.size = int(size)
-        start = time.perf_counter()
-        self.dataset_index, self.dataset_sample_index = blending_indices(self.weights, self.size)
-        counts = np.bincount(self.dataset_index, minlength=len(self.datasets))
-        for d, (ds, n) in enumerate(zip(self.datasets, counts)):
-            if n > len(ds):
-                raise ValueError(f"blend takes {n} samples from dataset {d} ({ds!r}) which has "
-                                 f"only {len(ds)}; build it with ceil(weight * size * 1.005) "
-                                 f"samples")
-        logger.info("blended %d samples from %d datasets (counts %s) in %.2f s", self.size,
-                    len(self.datasets), counts.tolist(), time.perf_counter() - start)
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, idx: int):
-        i = int(idx)
-        if i < 0:
-            i += self.size
-        if not 0 <= i < self.size:
-            raise IndexError(f"sample {idx} out of range for {self.size} samples")
-        return self.datasets[int(self.dataset_index[i])][int(self.dataset_sample_index[i])]
-
-    def __repr__(self) -> str:
-        return f"BlendedDataset(size={self.size}, weights={[round(w, 4) for w in self.weights]})"
 
 
 def build_train_valid_test_datasets(
@@ -514,5 +396,6 @@ def build_train_valid_test_datasets(
             doc_ids = np.arange(bounds[p][s], bounds[p][s + 1], dtype=np.int64)
             parts.append(GPTDataset(indexed[p], doc_ids, size, seq_length, seed,
                                     cache_dir=cache_dir, name=name))
-        result.append(BlendedDataset(parts, [w for w, _ in active], n) if blend else parts[0])
+        result.append(BlendedDataset(parts, [w for w, _ in active], n, cache_dir=cache_dir)
+                      if blend else parts[0])
     return result[0], result[1], result[2]

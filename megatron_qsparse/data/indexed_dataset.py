@@ -52,8 +52,12 @@ _CODE_OF = {np.dtype(t): code for code, t in DTYPE_CODES.items()}
 
 
 def best_token_dtype(vocab_size: int | None) -> type:
-    """Smallest dtype Megatron uses for token ids of a vocabulary: uint16 up to 65535, else int32."""
-    if vocab_size is not None and vocab_size <= 65535:
+    """Token dtype Megatron-LM picks for a vocabulary (``DType.optimal_dtype``).
+
+    uint16 when ``vocab_size < 65500``, int32 otherwise (Megatron keeps a margin below 65536), so a
+    dataset written here has the same bytes as Megatron-LM's ``preprocess_data.py`` output.
+    """
+    if vocab_size is not None and vocab_size < 65500:
         return np.uint16
     return np.int32
 
@@ -92,12 +96,19 @@ def _fsync(f) -> None:
 
 
 class IndexedDatasetBuilder:
-    """Writes a Megatron-compatible ``PREFIX.bin``/``PREFIX.idx`` pair.
+    """Writes a Megatron-compatible ``PREFIX.bin``/``PREFIX.idx`` pair, in bounded memory.
 
-    Add sequences with :meth:`add_document` (one sequence per document, the GPT case) or with
-    :meth:`add_item` followed by :meth:`end_document` (several sequences per document); append
-    another finished dataset with :meth:`add_index`; then call :meth:`finalize`. Nothing appears
-    under the final names before :meth:`finalize`; :meth:`abort` removes the temporary file.
+    Add sequences with :meth:`add_document` (one sequence per document, the GPT case; or one
+    document of several sequences with ``lengths``, Megatron-LM's signature), with
+    :meth:`add_documents` (many single-sequence documents at once, the fast path of
+    ``tools/preprocess_data.py``), or with :meth:`add_item` followed by :meth:`end_document`;
+    append another finished dataset with :meth:`add_index`; then call :meth:`finalize`.
+
+    Tokens stream to a temporary ``.bin``; sequence lengths and document boundaries stream to two
+    temporary side files, and :meth:`finalize` assembles the ``.idx`` from them chunk by chunk, so
+    memory stays bounded however large the dataset (Megatron-LM keeps them in Python lists).
+    Nothing appears under the final names before :meth:`finalize`; :meth:`abort` removes every
+    temporary file.
 
     Used as a context manager the builder finalizes on a clean exit and aborts on an exception::
 
@@ -110,27 +121,37 @@ class IndexedDatasetBuilder:
         dtype: token dtype, one of :data:`DTYPE_CODES` (see :func:`best_token_dtype`).
     """
 
-    _FLUSH_EVERY = 1 << 20
+    _FLUSH_EVERY = 1 << 16  # buffered lengths / boundaries before a write to the side files
+    _CHUNK = 1 << 22  # entries per chunk when assembling the index or appending another one
 
     def __init__(self, prefix: str, dtype=np.int32):
         self.prefix = str(prefix)
         self.dtype = np.dtype(dtype)
         self._code = _dtype_code(self.dtype)
-        directory = os.path.dirname(os.path.abspath(self.prefix))
-        if not os.path.isdir(directory):
-            raise ValueError(f"output directory {directory!r} does not exist; create it first")
-        base = os.path.basename(self.prefix)
-        fd, self._tmp_bin = tempfile.mkstemp(prefix=f".{base}.bin.", suffix=".tmp", dir=directory)
-        apply_default_permissions(fd)
-        self._bin = os.fdopen(fd, "wb")
-        # Recent lengths / document boundaries are python lists; they are moved into numpy chunks
-        # (_extra_*) every _FLUSH_EVERY sequences and on add_index, to bound memory.
-        self._lengths: list[int] = []
-        self._document_indices: list[int] = [0]
-        self._extra_lengths: list[np.ndarray] = []
-        self._extra_doc_indices: list[np.ndarray] = []
-        self._num_sequences = 0
+        self._dir = os.path.dirname(os.path.abspath(self.prefix))
+        if not os.path.isdir(self._dir):
+            raise ValueError(f"output directory {self._dir!r} does not exist; create it first")
         self._done = False
+        self._tmp: dict[str, str] = {}
+        self._files = {}
+        try:
+            for part in ("bin", "lengths", "documents"):
+                fd, path = tempfile.mkstemp(prefix=f".{os.path.basename(self.prefix)}.{part}.",
+                                            suffix=".tmp", dir=self._dir)
+                self._tmp[part] = path
+                if part == "bin":
+                    apply_default_permissions(fd)
+                self._files[part] = os.fdopen(fd, "wb")
+        except BaseException:
+            self.abort()
+            raise
+        self._bin = self._files["bin"]
+        self._len_buf: list[int] = []
+        self._doc_buf: list[int] = [0]  # the document index starts at 0
+        self._num_sequences = 0
+        self._num_doc_entries = 1
+        self._last_boundary = 0  # last value appended to the document index
+        self._num_tokens = 0
 
     # ------------------------------------------------------------------ adding data
     def _as_tokens(self, tokens) -> np.ndarray:
@@ -151,33 +172,95 @@ class IndexedDatasetBuilder:
         if self._done:
             raise RuntimeError(f"builder for {self.prefix!r} is already finalized or aborted")
 
+    def _flush_buffers(self) -> None:
+        if self._len_buf:
+            self._files["lengths"].write(np.asarray(self._len_buf, dtype="<i4").tobytes())
+            self._len_buf = []
+        if self._doc_buf:
+            self._files["documents"].write(np.asarray(self._doc_buf, dtype="<i8").tobytes())
+            self._doc_buf = []
+
+    def _write_tokens(self, arr: np.ndarray) -> None:
+        self._bin.write(arr.tobytes(order="C"))
+        self._num_tokens += int(arr.size)
+
     def add_item(self, tokens: Sequence[int] | np.ndarray) -> None:
         """Append one sequence to the current document (close it with :meth:`end_document`)."""
         self._check_open()
         arr = self._as_tokens(tokens)
         if arr.size > np.iinfo(np.int32).max:
             raise ValueError(f"sequence of {arr.size} tokens exceeds the int32 length field")
-        self._bin.write(arr.tobytes(order="C"))
-        self._lengths.append(int(arr.size))
+        self._write_tokens(arr)
+        self._len_buf.append(int(arr.size))
         self._num_sequences += 1
-        if len(self._lengths) >= self._FLUSH_EVERY:
-            self._flush_small_lists()
+        if len(self._len_buf) >= self._FLUSH_EVERY:
+            self._flush_buffers()
 
     def end_document(self) -> None:
         """Close the current document (all sequences added since the previous one)."""
         self._check_open()
-        self._document_indices.append(self._num_sequences)
+        self._doc_buf.append(self._num_sequences)
+        self._num_doc_entries += 1
+        self._last_boundary = self._num_sequences
+        if len(self._doc_buf) >= self._FLUSH_EVERY:
+            self._flush_buffers()
 
-    def add_document(self, tokens: Sequence[int] | np.ndarray) -> None:
-        """Append a document made of exactly one sequence."""
-        self.add_item(tokens)
+    def add_document(self, tokens: Sequence[int] | np.ndarray,
+                     lengths: Sequence[int] | None = None) -> None:
+        """Append one document.
+
+        Args:
+            tokens: the document's token ids.
+            lengths: ``None`` (the document is one sequence), or the lengths of the sequences it
+                is made of, summing to ``len(tokens)`` (Megatron-LM's ``add_document``).
+        """
+        if lengths is None:
+            self.add_item(tokens)
+        else:
+            arr = self._as_tokens(tokens)
+            sizes = [int(n) for n in lengths]
+            if sum(sizes) != arr.size or any(n < 0 for n in sizes):
+                raise ValueError(f"lengths {sizes} do not split a document of {arr.size} tokens")
+            start = 0
+            for n in sizes:
+                self.add_item(arr[start:start + n])
+                start += n
         self.end_document()
+
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append ``len(lengths)`` documents of one sequence each, given back to back in ``tokens``.
+
+        Same result as ``add_document`` on each ``tokens[start:start + n]`` in turn, in one write.
+        """
+        self._check_open()
+        arr = self._as_tokens(np.asarray(tokens).reshape(-1))
+        sizes = np.asarray(lengths, dtype=np.int64).reshape(-1)
+        if sizes.size == 0:
+            if arr.size:
+                raise ValueError(f"{arr.size} tokens given with no lengths")
+            return
+        if sizes.min() < 0 or sizes.max() > np.iinfo(np.int32).max:
+            raise ValueError("document lengths must be in [0, 2**31 - 1]")
+        if int(sizes.sum()) != arr.size:
+            raise ValueError(f"lengths sum to {int(sizes.sum())}, but {arr.size} tokens were given")
+        if self._last_boundary != self._num_sequences:
+            self.end_document()  # close an open add_item document first
+        self._flush_buffers()
+        self._write_tokens(arr)
+        n = sizes.size
+        self._files["lengths"].write(sizes.astype("<i4").tobytes())
+        self._files["documents"].write(
+            np.arange(self._num_sequences + 1, self._num_sequences + n + 1, dtype="<i8").tobytes())
+        self._num_sequences += n
+        self._num_doc_entries += n
+        self._last_boundary = self._num_sequences
 
     def add_index(self, other_prefix: str) -> None:
         """Append every sequence and document of the finished dataset ``other_prefix``.
 
-        Used to merge shards produced in parallel. The dtypes must match. Any sequences added
-        since the last :meth:`end_document` are closed into a document first.
+        Used to merge shards (``tools/merge_datasets.py``, ``preprocess_data.py --partitions``).
+        The dtypes must match. Any sequences added since the last :meth:`end_document` are closed
+        into a document first. Memory use is bounded (the index is copied in chunks).
         """
         self._check_open()
         other = IndexedDataset(other_prefix)
@@ -185,31 +268,49 @@ class IndexedDatasetBuilder:
             raise ValueError(f"cannot merge {other_prefix!r} (dtype {other.dtype.name}) into "
                              f"{self.prefix!r} (dtype {self.dtype.name}); re-run "
                              f"tools/preprocess_data.py with the same tokenizer")
-        if self._document_indices[-1] != self._num_sequences:
+        if other.has_sequence_modes:
+            raise ValueError(f"{index_file_path(other_prefix)} is a multimodal dataset (it has "
+                             f"sequence modes), which this builder cannot merge")
+        if self._last_boundary != self._num_sequences:
             self.end_document()
-        self._flush_small_lists()
+        self._flush_buffers()
         offset = self._num_sequences
-        self._extra_lengths.append(np.asarray(other.sequence_lengths, dtype=np.int32).copy())
-        self._extra_doc_indices.append(
-            np.asarray(other.document_indices[1:], dtype=np.int64) + offset)
+        lengths, docs = other.sequence_lengths, other.document_indices
+        for k in range(0, len(lengths), self._CHUNK):
+            self._files["lengths"].write(
+                np.asarray(lengths[k:k + self._CHUNK]).astype("<i4").tobytes())
+        for k in range(1, len(docs), self._CHUNK):
+            part = np.asarray(docs[k:k + self._CHUNK], dtype=np.int64) + offset
+            self._files["documents"].write(part.astype("<i8").tobytes())
         self._num_sequences += len(other)
-        self._document_indices = [self._num_sequences]
+        self._num_doc_entries += len(docs) - 1
+        self._last_boundary = self._num_sequences
+        self._num_tokens += other.num_tokens
+        del other, lengths, docs
         with open(data_file_path(other_prefix), "rb") as src:
             shutil.copyfileobj(src, self._bin, length=16 << 20)
-        del other
-
-    def _flush_small_lists(self) -> None:
-        # Move the python lists accumulated so far into the numpy chunks (order is preserved).
-        if self._lengths:
-            self._extra_lengths.append(np.asarray(self._lengths, dtype=np.int32))
-            self._lengths = []
-        if len(self._document_indices) > 1 or not self._extra_doc_indices:
-            first = not self._extra_doc_indices
-            docs = np.asarray(self._document_indices, dtype=np.int64)
-            self._extra_doc_indices.append(docs if first else docs[1:])
-            self._document_indices = [self._document_indices[-1]]
 
     # ------------------------------------------------------------------ finishing
+    def _write_index(self, f) -> None:
+        """Header, lengths, pointers and document indices, streamed from the side files."""
+        f.write(_HEADER.pack(_MAGIC, _VERSION, self._code, self._num_sequences,
+                             self._num_doc_entries))
+        with open(self._tmp["lengths"], "rb") as src:
+            shutil.copyfileobj(src, f, length=16 << 20)
+        itemsize = self.dtype.itemsize
+        carry = 0
+        with open(self._tmp["lengths"], "rb") as src:
+            while True:
+                lengths = np.fromfile(src, dtype="<i4", count=self._CHUNK)
+                if lengths.size == 0:
+                    break
+                sizes = lengths.astype(np.int64) * itemsize
+                pointers = np.cumsum(sizes) - sizes + carry
+                carry = int(pointers[-1] + sizes[-1])
+                f.write(pointers.astype("<i8", copy=False).tobytes())
+        with open(self._tmp["documents"], "rb") as src:
+            shutil.copyfileobj(src, f, length=16 << 20)
+
     def finalize(self, index_path: str | None = None) -> None:
         """Write the index and atomically move ``.bin`` then ``.idx`` into place.
 
@@ -221,52 +322,58 @@ class IndexedDatasetBuilder:
         idx_path = index_file_path(self.prefix)
         if index_path is not None and os.path.abspath(index_path) != os.path.abspath(idx_path):
             raise ValueError(f"index_path {index_path!r} must be {idx_path!r}")
-        if self._document_indices[-1] != self._num_sequences:
-            self.end_document()  # Megatron closes a trailing open document the same way
-        self._flush_small_lists()
-        lengths = (np.concatenate(self._extra_lengths) if self._extra_lengths
-                   else np.zeros(0, np.int32))
-        docs = np.concatenate(self._extra_doc_indices)
-        pointers = np.zeros(len(lengths), dtype=np.int64)
-        if len(lengths) > 1:
-            np.cumsum(lengths[:-1].astype(np.int64) * self.dtype.itemsize, out=pointers[1:])
-        bin_tmp, idx_tmp = self._tmp_bin, None
+        if self._last_boundary != self._num_sequences:
+            self.end_document()  # close a trailing add_item document
+        idx_tmp = None
         try:
-            _fsync(self._bin)
-            self._bin.close()
-            directory = os.path.dirname(os.path.abspath(self.prefix))
+            self._flush_buffers()
+            for f in self._files.values():
+                _fsync(f)
+                f.close()
             fd, idx_tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.prefix)}.idx.",
-                                           suffix=".tmp", dir=directory)
+                                           suffix=".tmp", dir=self._dir)
             apply_default_permissions(fd)
             with os.fdopen(fd, "wb") as f:
-                f.write(_HEADER.pack(_MAGIC, _VERSION, self._code, len(lengths), len(docs)))
-                f.write(lengths.astype("<i4", copy=False).tobytes(order="C"))
-                f.write(pointers.astype("<i8", copy=False).tobytes(order="C"))
-                f.write(docs.astype("<i8", copy=False).tobytes(order="C"))
+                self._write_index(f)
                 _fsync(f)
             # Remove a previous index first so that an interruption between the two renames
             # leaves "missing .idx" rather than a new .bin paired with an old .idx.
             if os.path.exists(idx_path):
                 os.remove(idx_path)
-            os.replace(bin_tmp, data_file_path(self.prefix))
-            bin_tmp = None
+            os.replace(self._tmp["bin"], data_file_path(self.prefix))
+            del self._tmp["bin"]
             os.replace(idx_tmp, idx_path)
             idx_tmp = None
         finally:
             self._done = True
-            for leftover in (bin_tmp, idx_tmp):
-                if leftover is not None and os.path.exists(leftover):
-                    os.remove(leftover)
+            self._remove_temporaries(idx_tmp)
         logger.info("wrote %s.{bin,idx}: %d sequences, %d documents, %d tokens (%s)", self.prefix,
-                    len(lengths), len(docs) - 1, int(lengths.sum(dtype=np.int64)), self.dtype.name)
+                    self._num_sequences, self._num_doc_entries - 1, self._num_tokens,
+                    self.dtype.name)
+
+    def _remove_temporaries(self, *extra: str | None) -> None:
+        for f in self._files.values():
+            if not f.closed:
+                f.close()
+        for path in list(self._tmp.values()) + list(extra):
+            if path is not None and os.path.exists(path):
+                os.remove(path)
+        self._tmp = {}
 
     def abort(self) -> None:
         """Discard everything written so far; no file is left behind. Safe to call twice."""
-        if not self._bin.closed:
-            self._bin.close()
-        if os.path.exists(self._tmp_bin):
-            os.remove(self._tmp_bin)
         self._done = True
+        self._remove_temporaries()
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences added so far."""
+        return self._num_sequences
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens added so far."""
+        return self._num_tokens
 
     def __enter__(self) -> "IndexedDatasetBuilder":
         return self
@@ -328,6 +435,7 @@ class IndexedDataset:
             raise ValueError(f"{idx_path}: empty document index (must start with 0); the file "
                              f"is corrupt, re-run tools/preprocess_data.py")
 
+        self._has_modes = num_seq > 0 and idx_size == expected + num_seq
         self._idx = np.memmap(idx_path, dtype=np.uint8, mode="r")
         off = _HEADER.size
         self._lengths = np.frombuffer(self._idx, dtype="<i4", count=num_seq, offset=off)
@@ -412,6 +520,11 @@ class IndexedDataset:
     def document_indices(self) -> np.ndarray:
         """int64 array of length documents + 1: document ``d`` is sequences ``[doc[d], doc[d+1])``."""
         return self._doc_idx
+
+    @property
+    def has_sequence_modes(self) -> bool:
+        """Whether the index carries Megatron's multimodal int8 sequence modes (ignored here)."""
+        return self._has_modes
 
     @property
     def num_tokens(self) -> int:

@@ -13,6 +13,7 @@ from megatron_qsparse.data.indexed_dataset import (
     IndexedDatasetBuilder,
     best_token_dtype,
 )
+from tests.unit.megatron_format import megatron_bytes, read_dataset
 
 
 def _write(prefix, docs, dtype):
@@ -27,9 +28,12 @@ def _files(directory):
     return sorted(os.listdir(directory))
 
 
-@pytest.mark.parametrize("dtype,vocab", [(np.uint16, 65535), (np.int32, 65536)])
+@pytest.mark.parametrize("dtype,vocab", [(np.uint16, 65499), (np.int32, 65500)])
 def test_round_trip(tmp_path, dtype, vocab):
+    # Megatron-LM's DType.optimal_dtype: uint16 below 65500, int32 from there on
     assert best_token_dtype(vocab) is dtype
+    assert best_token_dtype(4096) is np.uint16 and best_token_dtype(65535) is np.int32
+    assert best_token_dtype(128256) is np.int32 and best_token_dtype(None) is np.int32
     rng = np.random.default_rng(0)
     docs = [rng.integers(0, vocab, size=n) for n in (5, 1, 0, 17, 3)]
     docs[1] = [vocab - 1]  # python list input, max id
@@ -195,3 +199,106 @@ def test_bin_size_mismatch(tmp_path, good):
     _write(tmp_path / "other", [[1, 2, 3, 4, 5, 6, 7]], np.uint16)
     os.replace(str(tmp_path / "other.bin"), bin_path)
     _expect_error(good, "re-run tools/preprocess_data.py")
+
+
+# ----------------------------------------------------------------------------- vs the specification
+def _random_documents(rng, vocab, count, max_sequences=1):
+    return [[rng.integers(0, vocab, size=int(rng.integers(0, 40))).tolist()
+             for _ in range(int(rng.integers(1, max_sequences + 1)))] for _ in range(count)]
+
+
+@pytest.mark.parametrize("dtype,code,vocab", [(np.uint16, 8, 65499), (np.int32, 4, 200_000)])
+def test_bytes_equal_megatron_builder_and_spec_reader(tmp_path, dtype, code, vocab):
+    """Our files are byte-identical to what Megatron-LM's builder writes (built here from the
+    spec), and a reader written from the spec sees the same sequences as ours."""
+    rng = np.random.default_rng(1)
+    docs = _random_documents(rng, vocab, 60, max_sequences=3)
+    docs[5] = [[]]  # an empty sequence
+    docs[6] = [[vocab - 1, 0]]
+    expected_idx, expected_bin = megatron_bytes(docs, code)
+    prefix = tmp_path / "spec"
+    with IndexedDatasetBuilder(str(prefix), dtype) as builder:
+        for doc in docs:
+            if len(doc) == 1:
+                builder.add_document(doc[0])
+            else:  # Megatron's add_document(tokens, lengths)
+                builder.add_document(sum(doc, []), lengths=[len(s) for s in doc])
+    assert (tmp_path / "spec.idx").read_bytes() == expected_idx
+    assert (tmp_path / "spec.bin").read_bytes() == expected_bin
+    index, sequences = read_dataset(str(prefix))
+    assert index["version"] == 1 and index["code"] == code
+    assert sequences == [seq for doc in docs for seq in doc]
+    ours = IndexedDataset(str(prefix))
+    assert [ours[i].tolist() for i in range(len(ours))] == sequences
+    assert ours.sequence_lengths.tolist() == index["lengths"]
+    assert ours.sequence_pointers.tolist() == index["pointers"]
+    assert ours.document_indices.tolist() == index["documents"]
+
+
+def test_spec_written_files_are_read_by_us(tmp_path):
+    """The other direction: a pair written by the spec writer (as Megatron-LM would) reads back."""
+    rng = np.random.default_rng(2)
+    for code, dtype in ((8, np.uint16), (4, np.int32), (1, np.uint8), (5, np.int64)):
+        docs = _random_documents(rng, 100, 25, max_sequences=2)
+        idx, bin_ = megatron_bytes(docs, code)
+        (tmp_path / f"m{code}.idx").write_bytes(idx)
+        (tmp_path / f"m{code}.bin").write_bytes(bin_)
+        ds = IndexedDataset(str(tmp_path / f"m{code}"))
+        assert ds.dtype == np.dtype(dtype) and not ds.has_sequence_modes
+        assert [ds[i].tolist() for i in range(len(ds))] == [s for d in docs for s in d]
+        assert len(ds.document_indices) == len(docs) + 1
+
+
+def test_bulk_and_streamed_writes_are_identical(tmp_path, monkeypatch):
+    """add_documents, add_index and tiny flush/chunk sizes (side files assembled chunk by chunk)
+    give the same bytes as the simple path."""
+    rng = np.random.default_rng(3)
+    docs = [d[0] for d in _random_documents(rng, 60000, 200)]
+    expected_idx, expected_bin = megatron_bytes([[d] for d in docs], 8)
+    monkeypatch.setattr(IndexedDatasetBuilder, "_FLUSH_EVERY", 3)
+    monkeypatch.setattr(IndexedDatasetBuilder, "_CHUNK", 7)
+    with IndexedDatasetBuilder(str(tmp_path / "one"), np.uint16) as b:
+        for d in docs:
+            b.add_document(d)
+    with IndexedDatasetBuilder(str(tmp_path / "bulk"), np.uint16) as b:
+        for k in range(0, 200, 30):
+            part = docs[k:k + 30]
+            b.add_documents(np.concatenate([np.asarray(d, np.uint16) for d in part]),
+                            np.array([len(d) for d in part]))
+        b.add_documents(np.zeros(0, np.uint16), np.zeros(0, np.int32))  # no-op
+    with IndexedDatasetBuilder(str(tmp_path / "s1"), np.uint16) as b:
+        for d in docs[:77]:
+            b.add_document(d)
+    with IndexedDatasetBuilder(str(tmp_path / "merged"), np.uint16) as b:
+        b.add_index(str(tmp_path / "s1"))
+        for d in docs[77:150]:
+            b.add_document(d)
+        with IndexedDatasetBuilder(str(tmp_path / "s2"), np.uint16) as b2:
+            for d in docs[150:]:
+                b2.add_document(d)
+        b.add_index(str(tmp_path / "s2"))
+        assert b.num_sequences == 200 and b.num_tokens == sum(map(len, docs))
+    for name in ("one", "bulk", "merged"):
+        assert (tmp_path / f"{name}.idx").read_bytes() == expected_idx, name
+        assert (tmp_path / f"{name}.bin").read_bytes() == expected_bin, name
+    assert not [f for f in _files(tmp_path) if f.startswith(".")]  # no side files left
+    with pytest.raises(ValueError, match="lengths sum to 3, but 2 tokens"):
+        with IndexedDatasetBuilder(str(tmp_path / "bad"), np.uint16) as b:
+            b.add_documents(np.array([1, 2]), np.array([1, 2]))
+    with pytest.raises(ValueError, match="do not split a document"):
+        with IndexedDatasetBuilder(str(tmp_path / "bad"), np.uint16) as b:
+            b.add_document([1, 2, 3], lengths=[1, 1])
+    assert not IndexedDataset.exists(str(tmp_path / "bad"))
+    assert not [f for f in _files(tmp_path) if f.startswith(".")]
+
+
+def test_multimodal_index_is_read_but_not_merged(tmp_path):
+    idx, bin_ = megatron_bytes([[[1, 2]], [[3]]], 8)
+    (tmp_path / "mm.idx").write_bytes(idx + bytes([0, 1]))  # int8 sequence modes
+    (tmp_path / "mm.bin").write_bytes(bin_)
+    ds = IndexedDataset(str(tmp_path / "mm"))
+    assert ds.has_sequence_modes and ds[1].tolist() == [3]
+    with pytest.raises(ValueError, match="multimodal"):
+        with IndexedDatasetBuilder(str(tmp_path / "out"), np.uint16) as b:
+            b.add_index(str(tmp_path / "mm"))
+    assert _files(tmp_path) == ["mm.bin", "mm.idx"]

@@ -1,4 +1,4 @@
-"""tools/preprocess_data.py end to end: bad lines, workers, read-back, .jsonl.gz, errors."""
+"""tools/preprocess_data.py end to end: Megatron bytes, bad input, shards, partitions, progress."""
 
 import gzip
 import json
@@ -7,9 +7,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from megatron_qsparse.data.indexed_dataset import IndexedDataset
 from megatron_qsparse.data.tokenizer import build_tokenizer
+from tests.unit.megatron_format import megatron_bytes, read_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(REPO, "tools", "preprocess_data.py")
@@ -102,3 +104,232 @@ def test_preprocess_errors(tmp_path):
     for flag in ("--input", "--output-prefix", "--json-keys", "--tokenizer-type",
                  "--tokenizer-model", "--append-eod", "--workers", "--log-interval"):
         assert flag in r.stdout
+
+
+# ----------------------------------------------------------------------------- format, bad input
+def _main(argv):
+    sys.path.insert(0, REPO)
+    try:
+        from tools.preprocess_data import main
+    finally:
+        sys.path.remove(REPO)
+    return main(argv)
+
+
+def _sp_args(src, out, *extra):
+    return ["--input", *([src] if isinstance(src, str) else src), "--output-prefix", str(out),
+            "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", MODEL,
+            "--append-eod", "--log-interval", "0", *extra]
+
+
+def test_output_is_megatron_bytes_and_reads_back_by_spec(tmp_path):
+    """Round trip of known token ids; files equal what Megatron-LM's builder writes for them,
+    and a reader written from the format's specification reads them back."""
+    good, lines = corpus_lines()
+    src = tmp_path / "corpus.jsonl"
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert _main(_sp_args(str(src), tmp_path / "out", "--workers", "2")) == 0
+    tok = build_tokenizer("SentencePieceTokenizer", MODEL)
+    known = [tok.tokenize(t) + [tok.eod] for t in good]
+    expected_idx, expected_bin = megatron_bytes([[ids] for ids in known], 8)  # 8 = uint16
+    prefix = str(tmp_path / "out_text_document")
+    assert open(prefix + ".idx", "rb").read() == expected_idx
+    assert open(prefix + ".bin", "rb").read() == expected_bin
+    index, sequences = read_dataset(prefix)
+    assert sequences == known and index["documents"] == list(range(len(good) + 1))
+    assert [x.tolist() for x in IndexedDataset(prefix)[:]] == known
+
+
+BAD_LINES = {  # line number (1-based) -> (raw bytes, expected message start)
+    2: (b'{"text": "fine", broken', "invalid JSON (Expecting property name"),
+    4: (b'{"title": "no text"}', "missing key 'text' (keys: title)"),
+    5: (b'{"text": ""}', "empty text under 'text'"),
+    7: (b'{"text": "caf\xe9"}', "invalid UTF-8 (byte 0xe9 at column 14)"),
+    8: (b'{"text": null}', "non-string value under 'text' (NoneType)"),
+    9: (b"   ", "blank line"),
+    10: (b'"just a string"', "not a JSON object (a str)"),
+}
+
+
+def _bad_corpus(path, n=12):
+    rows = []
+    for i in range(1, n + 1):
+        rows.append(BAD_LINES[i][0] if i in BAD_LINES
+                    else json.dumps({"text": f"Good document number {i}."}).encode())
+    path.write_bytes(b"\n".join(rows) + b"\n")
+    return n - len(BAD_LINES)
+
+
+def test_bad_lines_are_reported_with_file_and_line_and_counted(tmp_path, capsys):
+    src = tmp_path / "bad.jsonl"
+    n_good = _bad_corpus(src)
+    assert _main(_sp_args(str(src), tmp_path / "o")) == 0
+    out, err = capsys.readouterr()
+    for line, (_, message) in BAD_LINES.items():
+        assert f"warning: {src}:{line}: {message}" in err, (line, err)
+    summary = out.strip().splitlines()[-1]
+    assert summary.startswith(f"done: {n_good} documents,")
+    assert (f"skipped {len(BAD_LINES)} (blank line: 1, invalid UTF-8: 1, invalid JSON: 1, "
+            f"not a JSON object: 1, missing key: 1, non-string value: 1, empty text: 1)") in summary
+    assert len(IndexedDataset(str(tmp_path / "o_text_document"))) == n_good
+    # only the first few bad lines are shown; all are counted
+    assert _main(_sp_args(str(src), tmp_path / "o2", "--max-skip-reports", "2")) == 0
+    out, err = capsys.readouterr()
+    assert err.count("warning: ") == 3 and "further bad lines are counted but not shown" in err
+    assert f"skipped {len(BAD_LINES)} (" in out
+
+
+def test_strict_stops_at_the_first_bad_line(tmp_path, capsys):
+    src = tmp_path / "bad.jsonl"
+    _bad_corpus(src)
+    out_dir = tmp_path / "out"
+    assert _main(_sp_args(str(src), out_dir / "o", "--strict", "--workers", "2")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {src}:2: invalid JSON (Expecting property name")
+    assert "--strict" in err[-1]
+    assert os.listdir(out_dir) == []  # nothing written, no temporary files left
+
+
+def test_compressed_shards_directories_and_globs(tmp_path):
+    zstandard = pytest.importorskip("zstandard")
+    with open(MODEL.replace("kjv_sp4k.model", "kjv_sample.jsonl"), "rb") as f:
+        lines = [next(f) for _ in range(90)]
+    whole = tmp_path / "whole.jsonl"
+    whole.write_bytes(b"".join(lines))
+    shards = tmp_path / "shards"
+    (shards / "part_b").mkdir(parents=True)
+    (shards / "part_a.jsonl").write_bytes(b"".join(lines[:30]))
+    with gzip.open(shards / "part_b" / "x.jsonl.gz", "wb") as f:
+        f.write(b"".join(lines[30:60]))
+    (shards / "part_c.jsonl.zst").write_bytes(
+        zstandard.ZstdCompressor().compress(b"".join(lines[60:])))
+    (shards / "README.txt").write_text("ignored")
+    assert _main(_sp_args(str(whole), tmp_path / "ref")) == 0
+    ref = [(tmp_path / f"ref_text_document{e}").read_bytes() for e in (".bin", ".idx")]
+    for name, inputs in [("dir", [str(shards)]),
+                         ("glob", [str(shards / "part_[a]*"), str(shards / "**" / "*.gz"),
+                                   str(shards / "*.zst")])]:
+        assert _main(_sp_args(inputs, tmp_path / name)) == 0, name
+        got = [(tmp_path / f"{name}_text_document{e}").read_bytes() for e in (".bin", ".idx")]
+        assert got == ref, name
+
+
+def _partition_corpus(tmp_path):
+    """Two plain files and a gzip file, with bad lines at known places."""
+    with open(MODEL.replace("kjv_sp4k.model", "kjv_sample.jsonl"), "rb") as f:
+        lines = [next(f) for _ in range(150)]
+    lines[17] = b"{oops\n"
+    lines[120] = b'{"text": 5}\n'
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_bytes(b"".join(lines[:100]))
+    with gzip.open(tmp_path / "in" / "b.jsonl.gz", "wb") as f:
+        f.write(b"".join(lines[100:110]))
+    (tmp_path / "in" / "c.jsonl").write_bytes(b"".join(lines[110:]))
+    return str(tmp_path / "in")
+
+
+def test_partitions_give_the_same_output(tmp_path):
+    src = _partition_corpus(tmp_path)
+    runs = {}
+    for parts, workers in ((1, 1), (2, 2), (3, 3), (2, 4)):
+        out = tmp_path / f"p{parts}w{workers}"
+        r = run_tool(*_sp_args(src, out, "--partitions", str(parts), "--workers", str(workers),
+                               "--log-interval", "20"))
+        assert r.returncode == 0, r.stderr
+        runs[(parts, workers)] = ([(tmp_path / f"p{parts}w{workers}_text_document{e}").read_bytes()
+                                   for e in (".bin", ".idx")], r)
+        # bad lines are reported with their line numbers in their own file, whatever the part
+        assert f"{src}/a.jsonl:18: invalid JSON" in r.stderr
+        assert f"{src}/c.jsonl:11: non-string value" in r.stderr
+        assert "skipped 2 (invalid JSON: 1, non-string value: 1)" in r.stdout
+        assert "done: 148 documents" in r.stdout
+        assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]  # shards removed
+    assert all(files == runs[(1, 1)][0] for files, _ in runs.values())
+    assert "merging 3 partitions" in runs[(3, 3)][1].stderr
+    strict = run_tool(*_sp_args(src, tmp_path / "strict", "--partitions", "2", "--workers", "2",
+                                "--strict"))
+    assert strict.returncode == 2
+    assert strict.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("strict") or f.startswith(".")]
+
+
+def test_progress_line(tmp_path):
+    good, lines = corpus_lines()
+    src = tmp_path / "c.jsonl"
+    src.write_text("\n".join(lines * 20) + "\n", encoding="utf-8")
+    sys.path.insert(0, REPO)
+    try:
+        import tools.preprocess_data as tool
+    finally:
+        sys.path.remove(REPO)
+    r = run_tool(*_sp_args(str(src), tmp_path / "o", "--log-interval", "100"))
+    assert r.returncode == 0, r.stderr
+    progress = [x for x in r.stderr.splitlines() if x.startswith("processed ")]
+    assert progress, r.stderr
+    for field in ("lines (", "documents", "skipped", "% of", "MB input", "docs/s", "MB/s",
+                  "tokens/s"):
+        assert field in progress[-1], field
+    stats = tool.Stats(lines=50, docs=40, bytes=2_000_000, raw_done=250, tokens={"text": 9000})
+    line = tool.progress_line(stats, raw_total=1000, elapsed=2.0)
+    assert "25.0% of 0.0 MB input" in line and "25 docs/s" in line and "1.00 MB/s" in line
+    assert "4,500 tokens/s" in line and "ETA 0:00:06" in line
+
+
+def _square(x):
+    return x * x
+
+
+def test_bounded_imap_keeps_order_and_bounds_memory():
+    from multiprocessing import Pool
+
+    sys.path.insert(0, REPO)
+    try:
+        from tools.preprocess_data import bounded_imap
+    finally:
+        sys.path.remove(REPO)
+    pulled = []
+
+    def tasks():
+        for i in range(200):
+            pulled.append(i)
+            yield i, (None if i % 17 == 0 else i)
+
+    with Pool(2) as pool:
+        got = []
+        for meta, result in bounded_imap(pool, _square, tasks(), max_in_flight=4):
+            assert len(pulled) - len(got) <= 4  # never more than 4 tasks read ahead
+            got.append((meta, result))
+    assert got == [(i, None if i % 17 == 0 else i * i) for i in range(200)]
+    assert list(bounded_imap(None, _square, ((i, i) for i in range(3)), 4)) == [(0, 0), (1, 1),
+                                                                                 (2, 4)]
+
+
+def test_truncated_compressed_input(tmp_path, capsys):
+    with open(MODEL.replace("kjv_sp4k.model", "kjv_sample.jsonl"), "rb") as f:
+        data = f.read()
+    packed = gzip.compress(data)
+    src = tmp_path / "t.jsonl.gz"
+    src.write_bytes(packed[:len(packed) // 2])
+    assert _main(_sp_args(str(src), tmp_path / "o")) == 0
+    out, err = capsys.readouterr()
+    assert f"warning: {src}: truncated or corrupt compressed stream" in err
+    assert "unreadable compressed file tail: 1" in out
+    n = len(IndexedDataset(str(tmp_path / "o_text_document")))
+    assert 0 < n < 1189
+    assert _main(_sp_args(str(src), tmp_path / "s", "--strict")) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: {src}: truncated or corrupt") and "after line 514" in last
+    assert not os.path.exists(tmp_path / "s_text_document.bin")
+
+
+def test_cli_checks(tmp_path, capsys):
+    src = tmp_path / "c.jsonl"
+    src.write_text(json.dumps({"text": "hi"}) + "\n")
+    assert _main(_sp_args(str(src), tmp_path / "x", "--workers", "3", "--partitions", "2")) == 2
+    assert "not a multiple of --partitions" in capsys.readouterr().err
+    assert _main(_sp_args(str(tmp_path / "nothing" / "*.jsonl"), tmp_path / "x")) == 2
+    assert "the pattern matches no files" in capsys.readouterr().err
+    r = run_tool("--help")
+    for flag in ("--partitions", "--strict", "--keep-sequential-samples", "--max-skip-reports"):
+        assert flag in r.stdout
+    assert not [f for f in os.listdir(tmp_path) if f != "c.jsonl"]

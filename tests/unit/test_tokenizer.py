@@ -117,3 +117,49 @@ def test_train_tokenizer_deterministic_and_check(tmp_path):
     assert "vocab_size 4096" in r.stdout and "unk 0" in r.stdout and "pad -1" in r.stdout
     r = _run_tool("--check", str(tmp_path / "nope.model"))
     assert r.returncode == 2 and r.stderr.startswith("error: ")
+
+
+def test_train_tokenizer_sample_of_sharded_compressed_corpus(tmp_path):
+    """Directories of .gz/.zst shards; a seeded reservoir sample; BPE and unigram."""
+    import gzip
+
+    zstandard = pytest.importorskip("zstandard")
+    with open(MODEL.replace("kjv_sp4k.model", "kjv_sample.jsonl"), "rb") as f:
+        lines = [next(f) for _ in range(60)]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with gzip.open(shards / "a.jsonl.gz", "wb") as f:
+        f.write(b"".join(lines[:30]))
+    (shards / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b"".join(lines[30:])))
+    models = []
+    for name, kind in (("u1", "unigram"), ("u2", "unigram"), ("b1", "bpe")):
+        r = _run_tool("--input", str(shards), "--vocab-size", "320", "--model-type", kind,
+                      "--max-sentences", "40", "--output-prefix", str(tmp_path / name))
+        assert r.returncode == 0, r.stderr
+        assert "on 40 of " in r.stderr and "in 2 file(s)" in r.stderr
+        models.append((tmp_path / f"{name}.model").read_bytes())
+        tok = SentencePieceTokenizer(str(tmp_path / f"{name}.model"))
+        assert tok.vocab_size == 320 and tok.detokenize(tok.tokenize(STRINGS[4])) == STRINGS[4]
+        assert len([p for p in map(tok.id_to_piece, tok.tokenize("2024")) if p != "▁"]) == 4
+    assert models[0] == models[1] and models[0] != models[2]
+    r = _run_tool("--input", str(tmp_path / "none*.jsonl"), "--output-prefix", str(tmp_path / "x"))
+    assert r.returncode == 2 and "the pattern matches no files" in r.stderr
+
+
+def test_reservoir_sample_is_seeded_ordered_and_bounded(tmp_path):
+    sys.path.insert(0, REPO)
+    try:
+        from tools.train_tokenizer import sample_sentences
+    finally:
+        sys.path.remove(REPO)
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"text": f"Sentence {i}."}) + "\n" for i in range(1000)))
+    a = sample_sentences([str(src)], "text", 100, 50, seed=1)
+    b = sample_sentences([str(src)], "text", 100, 50, seed=1)
+    c = sample_sentences([str(src)], "text", 100, 50, seed=2)
+    assert a == b and a[0] != c[0] and a[1:] == (1000, 0, 1000)
+    numbers = [int(s.split()[1][:-1]) for s in a[0]]
+    assert len(numbers) == 50 and numbers == sorted(numbers)  # corpus order kept
+    assert max(numbers) > 500  # drawn from the whole corpus, not its start
+    everything = sample_sentences([str(src)], "text", 100, 0, seed=1)[0]
+    assert len(everything) == 1000
