@@ -130,3 +130,13 @@ def test_corrupt_checkpoint_file_is_refused_safely(kjv_small, tmp_path):
     assert proc.returncode == 2
     assert "cannot read" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "pwned").exists()
+
+
+def test_exit_duration_saves_and_stops(kjv_small, tmp_path):
+    ckpt, summary = tmp_path / "ckpt", tmp_path / "s.json"
+    proc = pretrain(kjv_small, *RUN, "--train-iters", "1000", "--exit-duration-in-mins", "0.0001",
+                    "--save", str(ckpt), "--summary-json", str(summary))
+    assert "--exit-duration-in-mins 0.0001 reached" in proc.stdout + proc.stderr
+    done = json.loads(summary.read_text())["iterations"]
+    assert 1 <= done < 1000
+    assert (ckpt / "latest").read_text().strip() == f"iter_{done:07d}"

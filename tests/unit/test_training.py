@@ -251,3 +251,14 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(byte_dataset, tmp_path
     assert (it, consumed) == (2, 4)
     for name, p in fresh.model.named_parameters():
         assert torch.equal(p.detach(), good[name]), name
+
+
+def test_loss_spike_detector():
+    from megatron_qsparse.training.loop import _SpikeDetector
+
+    det = _SpikeDetector(factor=2.0, warmup=3)
+    flags = [det(v) for v in (4.0, 4.0, 4.0, 9.0, 4.1, 12.0, 4.0)]
+    assert flags == [False, False, False, True, False, True, False]
+    assert det.count == 2 and 3.9 < det.ema < 4.2  # spikes do not pull the average up
+    off = _SpikeDetector(factor=0.0)
+    assert not any(off(v) for v in (1.0, 1.0, 100.0) * 10)
