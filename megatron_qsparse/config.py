@@ -338,9 +338,24 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
                               "distributed_timeout_minutes"))
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     if tp > 1:
-        raise _err("parallel", "tensor_model_parallel_size",
-                   f"tensor parallelism ({tp}) is not available in this release",
-                   "use 1 and scale with data parallelism")
+        for name, value in (("num_attention_heads", m.num_attention_heads),
+                            ("num_query_groups", m.resolved_query_groups()),
+                            ("ffn_hidden_size", m.resolved_ffn_hidden_size())):
+            if value % tp:
+                raise _err("model", name, f"{value} is not divisible by "
+                           f"--tensor-model-parallel-size {tp}",
+                           f"use a multiple of {tp} or a tensor-parallel size that divides it")
+        if q.mode == "block":
+            n_keep, m_group = q.block_nm()
+            widths = {"attention output": m.num_attention_heads * m.resolved_kv_channels() // tp,
+                      "FFN down": m.resolved_ffn_hidden_size() // tp}
+            for what, width in widths.items():
+                if width % m_group:
+                    raise _err("qsparse", "block",
+                               f"the {what} projection's input is split into slices of {width} "
+                               f"features under --tensor-model-parallel-size {tp}, not "
+                               f"divisible by M={m_group}",
+                               "pick an M that divides every slice or a smaller TP size")
     if pp > 1:
         raise _err("parallel", "pipeline_model_parallel_size",
                    f"pipeline parallelism ({pp}) is not available in this release",

@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron_qsparse.config import ModelConfig, QSparseConfig
 from megatron_qsparse.model.transformer import TransformerBlock, build_norm
+from megatron_qsparse.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_qsparse.parallel.layers import (ColumnParallelLinear, RowParallelLinear,
-                                              VocabParallelEmbedding)
+                                              VocabParallelEmbedding, full_numel,
+                                              parallel_lm_logits)
+from megatron_qsparse.parallel.mappings import gather_from_tensor_parallel
+from megatron_qsparse.parallel.state import ParallelState, get_parallel_state
 
 logger = logging.getLogger(__name__)
 
@@ -29,40 +32,50 @@ class GPTModel(nn.Module):
     weights 1, biases 0.
 
     ``vocab_size`` is the padded vocabulary (the caller pads it).
+
+    ``parallel`` (default: the current :class:`~megatron_qsparse.parallel.state.ParallelState`)
+    decides the tensor-parallel shards every layer holds; the code below is the same for any TP
+    size. Under TP the vocabulary is split too: the loss is the vocab-parallel cross entropy, and
+    logits are all-gathered only when asked for (``labels=None``).
     """
 
-    def __init__(self, model_cfg: ModelConfig, qsparse_cfg: QSparseConfig, vocab_size: int):
+    def __init__(self, model_cfg: ModelConfig, qsparse_cfg: QSparseConfig, vocab_size: int,
+                 parallel: ParallelState | None = None):
         super().__init__()
         self.config, self.qsparse_config, self.vocab_size = model_cfg, qsparse_cfg, vocab_size
+        self.parallel = parallel if parallel is not None else get_parallel_state()
         std = model_cfg.init_method_std
-        self.embedding = VocabParallelEmbedding(vocab_size, model_cfg.hidden_size, std)
-        self.layers = nn.ModuleList(TransformerBlock(model_cfg, qsparse_cfg, i)
+        self.embedding = VocabParallelEmbedding(vocab_size, model_cfg.hidden_size, std,
+                                                parallel=self.parallel)
+        self.layers = nn.ModuleList(TransformerBlock(model_cfg, qsparse_cfg, i, self.parallel)
                                     for i in range(model_cfg.num_layers))
         self.final_norm = build_norm(model_cfg)
         self.output_layer = None
         if model_cfg.untie_embeddings_and_output_weights:
             self.output_layer = ColumnParallelLinear(model_cfg.hidden_size, vocab_size, bias=False,
-                                                     sparsifier=None, init_method_std=std)
+                                                     sparsifier=None, init_method_std=std,
+                                                     parallel=self.parallel)
         logger.debug("GPTModel: %d parameters", count_parameters(self))
 
     def output_weight(self) -> torch.Tensor:
-        """The LM head matrix ``[vocab, hidden]`` (the embedding when tied)."""
+        """The LM head matrix ``[vocab, hidden]`` (the embedding when tied; this rank's vocabulary
+        rows under TP)."""
         return self.embedding.weight if self.output_layer is None else self.output_layer.weight
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[b, s, V]`` when ``labels`` is None, else the fp32 per-token loss ``[b, s]``.
 
-        The cross entropy is computed in fp32; label ``-100`` gives a loss of 0 at that position.
+        The cross entropy is computed in fp32 (fp64 for an fp64 model); label ``-100`` gives a
+        loss of 0 at that position.
         """
         h = self.embedding(tokens)
         for layer in self.layers:
             h = layer(h)
         h = self.final_norm(h)
-        logits = F.linear(h, self.output_weight())
+        logits = parallel_lm_logits(h, self.output_weight(), self.parallel)  # [b, s, V/tp]
         if labels is None:
-            return logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
-        return loss.view(labels.shape)
+            return gather_from_tensor_parallel(logits, self.parallel)
+        return vocab_parallel_cross_entropy(logits, labels, self.parallel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,8 +83,9 @@ class GPTModel(nn.Module):
 
 
 def count_parameters(model: nn.Module, non_embedding: bool = False) -> int:
-    """Number of parameters (shared ones once). ``non_embedding`` leaves out the input embedding
-    and the LM head (Kaplan's N, as in the Q-Sparse scaling law)."""
+    """Number of parameters (shared ones once) of the full model, also when ``model`` holds
+    tensor-parallel shards. ``non_embedding`` leaves out the input embedding and the LM head
+    (Kaplan's N, as in the Q-Sparse scaling law)."""
     skip = set()
     if non_embedding:
         for m in model.modules():
@@ -79,7 +93,7 @@ def count_parameters(model: nn.Module, non_embedding: bool = False) -> int:
                 skip.add(id(m.embedding.weight))
                 if m.output_layer is not None:
                     skip.update(id(p) for p in m.output_layer.parameters())
-    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+    return sum(full_numel(p) for p in model.parameters() if id(p) not in skip)
 
 
 def _density_of(density: dict | float | None, kind: str, layer: int | None = None) -> float:
@@ -110,14 +124,14 @@ def activated_parameters(model: nn.Module, density: dict | float | None) -> floa
     for m in model.modules():
         if isinstance(m, (ColumnParallelLinear, RowParallelLinear)) and m.sparsifier is not None:
             rho = _density_of(density, m.sparsifier.kind, m.sparsifier.layer)
-            total += rho * m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+            total += rho * full_numel(m.weight) + (full_numel(m.bias) if m.bias is not None else 0)
             counted.update(id(p) for p in m.parameters())
     for m in model.modules():
         if isinstance(m, GPTModel):
             counted.add(id(m.embedding.weight))
             if m.output_layer is not None:
                 counted.update(id(p) for p in m.output_layer.parameters())
-    total += sum(p.numel() for p in model.parameters() if id(p) not in counted)
+    total += sum(full_numel(p) for p in model.parameters() if id(p) not in counted)
     return total
 
 

@@ -12,10 +12,16 @@ Fused weight layouts (the Hugging Face importer depends on them):
 
 Rotary embeddings use the HF/LLaMA ``rotate_half`` convention (feature ``i`` paired with
 ``i + hd/2``), so HF q/k weights load without permutation.
+
+Tensor parallelism is a property of the layers and of the ``parallel`` state they are built with:
+under TP = t each rank runs this same code on ``nq/t`` query heads, ``nkv/t`` key/value groups
+and ``ffn/t`` FFN features (the fused weights hold this rank's part of each of ``[q; k; v]`` and
+``[gate; up]``); dropout on those split activations draws from the per-TP-rank RNG.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -24,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_qsparse.config import ModelConfig, QSparseConfig
-from megatron_qsparse.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron_qsparse.parallel.layers import ColumnParallelLinear, RowParallelLinear, divide
+from megatron_qsparse.parallel.state import ParallelState, get_parallel_state
 from megatron_qsparse.sparsity.activations import ACTIVATIONS
 from megatron_qsparse.sparsity.topk import build_sparsifier
 
@@ -113,22 +120,32 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    """Causal self-attention with RoPE and grouped-query attention (``nkv`` key/value heads)."""
+    """Causal self-attention with RoPE and grouped-query attention (``nkv`` key/value heads).
 
-    def __init__(self, cfg: ModelConfig, qcfg: QSparseConfig, layer: int):
+    ``nq`` and ``nkv`` are this TP rank's head and group counts (all of them at TP = 1).
+    """
+
+    def __init__(self, cfg: ModelConfig, qcfg: QSparseConfig, layer: int,
+                 parallel: ParallelState | None = None):
         super().__init__()
-        self.nq, self.nkv = cfg.num_attention_heads, cfg.resolved_query_groups()
+        self.parallel = parallel if parallel is not None else get_parallel_state()
+        tp = self.parallel.tp_size
+        nq, nkv = cfg.num_attention_heads, cfg.resolved_query_groups()
+        self.nq = divide(nq, tp, "--num-attention-heads")
+        self.nkv = divide(nkv, tp, "--num-query-groups")
         self.hd = cfg.resolved_kv_channels()
         self.dropout = cfg.attention_dropout
         std = cfg.init_method_std
         self.qkv = ColumnParallelLinear(
-            cfg.hidden_size, (self.nq + 2 * self.nkv) * self.hd, bias=cfg.add_bias_linear,
+            cfg.hidden_size, (nq + 2 * nkv) * self.hd, bias=cfg.add_bias_linear,
             sparsifier=build_sparsifier(qcfg, "qkv", layer), init_method_std=std,
-            bitnet=qcfg.bitnet)
+            bitnet=qcfg.bitnet, parallel=self.parallel,
+            output_sizes=(nq * self.hd, nkv * self.hd, nkv * self.hd))
         self.o = RowParallelLinear(
-            self.nq * self.hd, cfg.hidden_size, bias=cfg.add_bias_linear,
+            nq * self.hd, cfg.hidden_size, bias=cfg.add_bias_linear,
             sparsifier=build_sparsifier(qcfg, "o", layer),
-            init_method_std=std / math.sqrt(2.0 * cfg.num_layers), bitnet=qcfg.bitnet)
+            init_method_std=std / math.sqrt(2.0 * cfg.num_layers), bitnet=qcfg.bitnet,
+            parallel=self.parallel)
         self.rotary = RotaryEmbedding(self.hd, cfg.max_position_embeddings or cfg.seq_length,
                                       cfg.rotary_base)
 
@@ -141,28 +158,36 @@ class Attention(nn.Module):
         v = v.view(b, s, self.nkv, self.hd).transpose(1, 2)
         cos, sin = self.rotary(s, x.device)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.nkv != self.nq)
+        dropout = self.dropout if self.training else 0.0
+        with self.parallel.fork_rng() if dropout else contextlib.nullcontext():
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
+                                               enable_gqa=self.nkv != self.nq)
         return self.o(y.transpose(1, 2).reshape(b, s, self.nq * self.hd))
 
 
 class MLP(nn.Module):
-    """Gated FFN: fused ``[gate; up]`` projection, activation by ``ffn_type``, down projection."""
+    """Gated FFN: fused ``[gate; up]`` projection, activation by ``ffn_type``, down projection.
 
-    def __init__(self, cfg: ModelConfig, qcfg: QSparseConfig, layer: int):
+    ``ffn`` is this TP rank's share of the FFN width (all of it at TP = 1).
+    """
+
+    def __init__(self, cfg: ModelConfig, qcfg: QSparseConfig, layer: int,
+                 parallel: ParallelState | None = None):
         super().__init__()
-        self.ffn = cfg.resolved_ffn_hidden_size()
+        parallel = parallel if parallel is not None else get_parallel_state()
+        ffn = cfg.resolved_ffn_hidden_size()
+        self.ffn = divide(ffn, parallel.tp_size, "--ffn-hidden-size")
         self.act = ACTIVATIONS[cfg.ffn_type]
         self.gate_up = ColumnParallelLinear(
-            cfg.hidden_size, 2 * self.ffn, bias=cfg.add_bias_linear,
+            cfg.hidden_size, 2 * ffn, bias=cfg.add_bias_linear,
             sparsifier=build_sparsifier(qcfg, "gate_up", layer),
-            init_method_std=cfg.init_method_std, bitnet=qcfg.bitnet)
+            init_method_std=cfg.init_method_std, bitnet=qcfg.bitnet, parallel=parallel,
+            output_sizes=(ffn, ffn))
         self.down = RowParallelLinear(
-            self.ffn, cfg.hidden_size, bias=cfg.add_bias_linear,
+            ffn, cfg.hidden_size, bias=cfg.add_bias_linear,
             sparsifier=build_sparsifier(qcfg, "down", layer),
             init_method_std=cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers),
-            bitnet=qcfg.bitnet)
+            bitnet=qcfg.bitnet, parallel=parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -175,13 +200,14 @@ class TransformerBlock(nn.Module):
     ``layer`` is the 0-based block index; it names the block's density statistics.
     """
 
-    def __init__(self, cfg: ModelConfig, qcfg: QSparseConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, qcfg: QSparseConfig, layer: int,
+                 parallel: ParallelState | None = None):
         super().__init__()
         self.layer = layer
         self.input_norm = build_norm(cfg)
-        self.attention = Attention(cfg, qcfg, layer)
+        self.attention = Attention(cfg, qcfg, layer, parallel)
         self.post_attention_norm = build_norm(cfg)
-        self.mlp = MLP(cfg, qcfg, layer)
+        self.mlp = MLP(cfg, qcfg, layer, parallel)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from megatron_qsparse.config import Config, ConfigError
+from megatron_qsparse.parallel.state import get_parallel_state
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ def rng_state() -> dict:
         "numpy_has_gauss": int(has_gauss), "numpy_cached_gaussian": float(cached),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        # the per-TP-rank dropout RNG (empty at TP = 1)
+        "model_parallel": get_parallel_state().rng.get_states(),
     }
 
 
@@ -85,6 +88,8 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+    if state.get("model_parallel"):
+        get_parallel_state().rng.set_states(state["model_parallel"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ import torch
 from megatron_qsparse.config import grad_accumulation_steps
 from megatron_qsparse.data.sampler import build_pretraining_data_loader
 from megatron_qsparse.model.gpt import activated_parameters, count_parameters, flops_per_token
+from megatron_qsparse.parallel.state import get_parallel_state
+from megatron_qsparse.parallel.utils import grad_norm, sum_squares_over_tp
 from megatron_qsparse.sparsity import (collect_density, recording, reset_density, set_recording,
                                        set_sparsity_scale)
 from megatron_qsparse.training import checkpointing
@@ -51,26 +53,37 @@ def _all_reduce(values: list[float], state: TrainingState, op=None) -> list[floa
 
 
 def _dp_mean(value: float, state: TrainingState) -> float:
-    return _all_reduce([value], state)[0] / state.world_size if state.world_size > 1 else value
+    """Mean over the data-parallel ranks (the TP/PP ranks of one DP rank hold the same value)."""
+    parallel = state.parallel
+    if parallel is None:  # no topology: every rank is a data-parallel rank
+        return _all_reduce([value], state)[0] / state.world_size if state.world_size > 1 else value
+    if parallel.dp_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(t, group=parallel.dp_group)
+    return t.item() / parallel.dp_size
 
 
 def _grad_norm(model: torch.nn.Module) -> float:
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return 0.0
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()).item()
+    """Gradient norm of the full model (tensor-parallel shards summed over the TP group)."""
+    return grad_norm(model.parameters(), get_parallel_state())
 
 
 def projection_grad_norms(model: torch.nn.Module) -> dict[str, float]:
     """Gradient L2 norm of every projection weight, ``layer<i>/<kind>`` (the paper's STE
     diagnostic: without STE the lower layers' norms collapse). Empty when the gradients live only
     in ZeRO-2/3 partitions."""
-    out = {}
+    norms = {}
     for name, p in model.named_parameters():
         m = _PROJ_RE.search(name)
         if m and p.grad is not None:
-            out[f"layer{int(m.group(1))}/{m.group(2)}"] = p.grad.detach().float().norm().item()
-    return out
+            norms[f"layer{int(m.group(1))}/{m.group(2)}"] = p.grad.detach().float().norm()
+    parallel = get_parallel_state()
+    if parallel.tp_size == 1 or not norms:
+        return {k: v.item() for k, v in norms.items()}
+    # under TP each weight is a shard: add the squares over the TP group
+    total = sum_squares_over_tp(torch.stack(list(norms.values())).double().square(), parallel)
+    return {k: math.sqrt(v) for k, v in zip(norms, total.tolist())}
 
 
 def sparsity_scale(state: TrainingState, iteration: int) -> float:

@@ -17,6 +17,7 @@ import torch
 
 from megatron_qsparse.config import (Config, ConfigError, data_parallel_size,
                                      grad_accumulation_steps, padded_vocab_size, validate)
+from megatron_qsparse.parallel.state import initialize_model_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -252,12 +253,15 @@ class TrainingState:
     dp_rank: int
     iteration: int = 0
     consumed_samples: int = 0
+    parallel: Any = None  # the ParallelState (groups of TP/PP/DP); None = single process
 
 
-def build_model(cfg: Config, vocab_size: int) -> torch.nn.Module:
+def build_model(cfg: Config, vocab_size: int, parallel=None) -> torch.nn.Module:
+    """The GPT model; under tensor parallelism this rank's shards (``parallel``: the
+    :class:`~megatron_qsparse.parallel.state.ParallelState`, default the current one)."""
     from megatron_qsparse.model.gpt import GPTModel
 
-    return GPTModel(cfg.model, cfg.qsparse, vocab_size)
+    return GPTModel(cfg.model, cfg.qsparse, vocab_size, parallel=parallel)
 
 
 def setup(cfg: Config) -> TrainingState:
@@ -273,9 +277,12 @@ def setup(cfg: Config) -> TrainingState:
     validate(cfg, world_size=world_size)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
-    dp_size = data_parallel_size(cfg, world_size)
-    dp_rank = rank // (cfg.parallel.tensor_model_parallel_size *
-                       cfg.parallel.pipeline_model_parallel_size)
+    # TP/PP/DP groups from one topology; data-parallel rank and size come from it (all TP ranks
+    # of one data-parallel rank read the same micro-batches).
+    parallel = initialize_model_parallel(cfg.parallel.tensor_model_parallel_size,
+                                         cfg.parallel.pipeline_model_parallel_size)
+    dp_size, dp_rank = parallel.dp_size, parallel.dp_rank
+    assert dp_size == data_parallel_size(cfg, world_size)
 
     tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
     if cfg.model.vocab_size is None:
@@ -309,18 +316,21 @@ def setup(cfg: Config) -> TrainingState:
         raise ConfigError(f"--split: {cfg.data.split!r} leaves no training documents; "
                           "give the train split a positive share")
 
-    set_seed(cfg.train.seed)
-    model = build_model(cfg, vocab).to(device())
+    set_seed(cfg.train.seed)  # the same on every rank: TP shards are cut from identical draws
+    model = build_model(cfg, vocab, parallel).to(device())
     optimizer = GuardedAdamW(
         param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
         betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps)
     scheduler = LRScheduler(optimizer, cfg)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world_size))
-    # Seed the dropout/data RNG per data-parallel rank after init (init must match everywhere).
+        config=deepspeed_config(cfg, world_size), mpu=parallel.mpu())
+    # Seed the dropout/data RNG per data-parallel rank after init (init must match everywhere);
+    # TP ranks share it (replicated activations drop the same elements) and get their own
+    # model-parallel RNG for dropout on their attention heads.
     set_seed(cfg.train.seed + 100 * dp_rank)
+    parallel.seed(cfg.train.seed + 100 * dp_rank)
     return TrainingState(cfg=cfg, engine=engine, model=model, optimizer=optimizer,
                          scheduler=scheduler, tokenizer=tokenizer, train_ds=train_ds,
                          valid_ds=valid_ds, test_ds=test_ds, world_size=world_size, rank=rank,
-                         dp_size=dp_size, dp_rank=dp_rank)
+                         dp_size=dp_size, dp_rank=dp_rank, parallel=parallel)

@@ -1,0 +1,39 @@
+"""Norms of tensor-parallel parameters for logging: each full tensor counted once."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from megatron_qsparse.parallel.mappings import all_reduce
+from megatron_qsparse.parallel.state import ParallelState
+
+
+def sum_squares_over_tp(values: torch.Tensor, state: ParallelState) -> torch.Tensor:
+    """Sum a vector of per-shard squared norms over the TP group (in place; no-op at TP = 1)."""
+    return all_reduce(values, state)
+
+
+def grad_norm(params: Iterable[torch.nn.Parameter], state: ParallelState) -> float:
+    """L2 norm of the gradients of the *full* model: TP shards summed over the TP group, replicated
+    parameters counted once (on TP rank 0). Every TP rank must call it; all get the same value."""
+    params = [p for p in params if p.grad is not None]
+    if state.tp_size == 1:
+        if not params:
+            return 0.0
+        norms = torch._foreach_norm([p.grad for p in params])
+        return torch.linalg.vector_norm(torch.stack(norms).float()).item()
+    sharded, replicated = [], []
+    for p in params:
+        if p.grad is None:
+            continue
+        (sharded if getattr(p, "partition_count", 1) > 1 else replicated).append(p.grad)
+    total = torch.zeros(1, dtype=torch.float64)
+    for grads, count_here in ((sharded, True), (replicated, state.tp_rank == 0)):
+        if grads and count_here:
+            norms = torch.stack(torch._foreach_norm(grads)).double()
+            total += norms.square().sum().cpu()
+    dev_total = total.to(sharded[0].device if sharded else "cpu")
+    all_reduce(dev_total, state)
+    return float(dev_total.sqrt())
