@@ -24,3 +24,15 @@ def kjv_small(tmp_path_factory) -> str:
              str(out / "kjv"), "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
              str(TOKENIZER), "--append-eod", "--workers", "1"])
     return str(out / "kjv_text_document")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _build_sparsify_kernels():
+    """Build (or load) the compiled CPU kernels once, before any timed multi-process test.
+
+    The first use compiles them (~30 s on a fresh machine); doing it here keeps that out of the
+    per-test timeouts of the distributed and end-to-end tests, which then load the cached build.
+    """
+    from megatron_qsparse.sparsity import kernels
+
+    kernels.available()

@@ -1,8 +1,10 @@
 """Density bookkeeping: how many input features every sparse projection actually kept.
 
 Each :class:`~megatron_qsparse.sparsity.topk.Sparsifier` owns a :class:`DensityStats` (attribute
-``density_stats``) that adds up ``count_nonzero`` of its outputs while recording is on. Counts stay
-on the device (no host sync in the forward pass); :func:`collect_density` reads them out.
+``density_stats``) that adds up ``count_nonzero`` of its outputs while recording is on (the compiled
+CPU kernels hand over the count they computed while writing the output, so recording costs nothing
+there). Counts stay on the device (no host sync in the forward pass); :func:`collect_density` reads
+them out.
 
 Recording is on by default; turn it off for evaluation with ``with recording(model, False): ...``.
 """
@@ -35,6 +37,12 @@ class DensityStats:
         with torch.no_grad():
             self.nonzero = self.nonzero + torch.count_nonzero(y)
         self.total += y.numel()
+
+    def add(self, nonzero: torch.Tensor | int, total: int) -> None:
+        """Add an already computed ``nonzero`` count out of ``total`` entries."""
+        if self.enabled:
+            self.nonzero = self.nonzero + nonzero
+            self.total += total
 
     def density(self) -> float | None:
         """Fraction of nonzero entries recorded, or None if nothing was recorded."""

@@ -1,4 +1,8 @@
-"""Top-K / block / ReLU sparsifiers, STE, rescale, int8 fake quant, density stats."""
+"""Top-K / block / ReLU sparsifiers, STE, rescale, int8 fake quant, density stats.
+
+Every test runs twice: with the compiled CPU kernels (when they build here) and on the pure-PyTorch
+path; tests/unit/test_sparsify_kernel.py compares the two directly.
+"""
 
 import math
 
@@ -7,8 +11,15 @@ import torch
 
 from megatron_qsparse.config import QSparseConfig
 from megatron_qsparse.sparsity import (Sparsifier, apply_mask, block_mask, build_sparsifier,
-                                       collect_density, keep_count, quantize_int8, recording,
-                                       reset_density, set_sparsity_scale, topk_mask)
+                                       collect_density, keep_count, kernels, quantize_int8,
+                                       recording, reset_density, set_sparsity_scale, topk_mask)
+
+
+@pytest.fixture(autouse=True, params=["kernel", "pytorch"])
+def sparsify_path(request):
+    """Run the test with the compiled kernels switched on (if available), then off."""
+    with kernels.use_kernels(request.param == "kernel"):
+        yield request.param
 
 
 def reference_mask(x: torch.Tensor, k: int) -> torch.Tensor:
