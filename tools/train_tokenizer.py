@@ -41,7 +41,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 import time
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +53,7 @@ from megatron_qsparse.data.corpus import (  # noqa: E402
     expand_inputs,
     iter_lines,
 )
-from megatron_qsparse.data.indexed_dataset import apply_default_permissions  # noqa: E402
+from megatron_qsparse.atomic import write_bytes as _write_atomic  # noqa: E402
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\n+")
 
@@ -197,23 +196,6 @@ def llama_trainer_options(args: argparse.Namespace) -> dict:
         vocabulary_output_piece_score=True,
         minloglevel=2,
     )
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=os.path.dirname(path))
-    try:
-        apply_default_permissions(fd)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def train(args: argparse.Namespace) -> int:

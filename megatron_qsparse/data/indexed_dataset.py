@@ -31,6 +31,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from megatron_qsparse.atomic import apply_default_permissions  # noqa: F401 (re-exported)
+
 logger = logging.getLogger(__name__)
 
 _MAGIC = b"MMIDIDX\x00\x00"
@@ -78,16 +80,6 @@ def _dtype_code(dtype) -> int:
     except (KeyError, TypeError):
         names = ", ".join(np.dtype(t).name for t in DTYPE_CODES.values())
         raise ValueError(f"unsupported token dtype {dtype!r}; use one of: {names}") from None
-
-
-def apply_default_permissions(fd: int) -> None:
-    """Give a ``tempfile.mkstemp`` file (mode 0600) the usual ``0666 & ~umask`` permissions.
-
-    Used before renaming a temporary file into place, so shared datasets stay readable.
-    """
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
 
 
 def _fsync(f) -> None:

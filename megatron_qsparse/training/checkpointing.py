@@ -22,11 +22,11 @@ import os
 import random
 import re
 import shutil
-import tempfile
 
 import numpy as np
 import torch
 
+from megatron_qsparse.atomic import write_text as atomic_write_text
 from megatron_qsparse.config import Config, ConfigError
 from megatron_qsparse.parallel.state import get_parallel_state
 
@@ -40,24 +40,6 @@ _TAG_RE = re.compile(r"^iter_(\d{7,})$")
 
 def tag_for(iteration: int) -> str:
     return f"iter_{iteration:07d}"
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
