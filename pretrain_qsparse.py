@@ -66,7 +66,18 @@ def main(argv: list[str] | None = None) -> int:
         print(format_summary(summary), flush=True)
         if cfg.log.summary_json:
             atomic_write_text(cfg.log.summary_json, json.dumps(summary, indent=1))
+    shutdown()
     return 0
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly: every rank waits for the others, then tears down its
+    communication threads before the interpreter exits (avoids aborts at exit under gloo)."""
+    import torch
+
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
