@@ -68,6 +68,17 @@ class ModelConfig:
         128, "Pad the vocabulary to a multiple of this (times the tensor-parallel size).")
     vocab_size: int | None = arg(
         None, "Vocabulary size before padding; default: taken from the tokenizer.")
+    recompute_granularity: str | None = arg(
+        None, "Activation recomputation in the backward pass: full (every transformer block) "
+        "or selective (the attention core only).", choices=("full", "selective"))
+    recompute_activations: bool = arg(
+        False, "Shorthand for --recompute-granularity selective (Megatron-LM's flag).")
+
+    def resolved_recompute(self) -> str | None:
+        """``full``, ``selective`` or None (no recomputation)."""
+        if self.recompute_granularity is not None:
+            return self.recompute_granularity
+        return "selective" if self.recompute_activations else None
 
     def resolved_ffn_hidden_size(self) -> int:
         if self.ffn_hidden_size is not None:
@@ -129,7 +140,12 @@ class ParallelConfig:
     """Parallel layout and the DeepSpeed engine."""
 
     tensor_model_parallel_size: int = arg(1, "Tensor-parallel degree.")
-    pipeline_model_parallel_size: int = arg(1, "Pipeline-parallel degree.")
+    pipeline_model_parallel_size: int = arg(1, "Pipeline-parallel degree (DeepSpeed's pipeline "
+                                            "engine; ZeRO stage 0 or 1).")
+    pipeline_partition_method: str = arg(
+        "uniform", "How transformer blocks are split over pipeline stages: uniform (equal block "
+        "counts) or parameters (balanced parameter counts, embedding and head included).",
+        choices=("uniform", "parameters"))
     zero_stage: int = arg(0, "DeepSpeed ZeRO stage (0-3).", choices=(0, 1, 2, 3))
     deepspeed: bool = arg(False, "Accepted for Megatron-DeepSpeed compatibility; DeepSpeed is "
                           "always the engine.")
@@ -182,7 +198,8 @@ class TrainConfig:
     bf16: bool = arg(False, "Train in bfloat16 mixed precision.")
     seed: int = arg(1234, "Random seed for initialisation, data order and dropout.")
     eval_interval: int = arg(1000, "Evaluate on the validation split every this many iterations.")
-    eval_iters: int = arg(10, "Micro-batches per evaluation.")
+    eval_iters: int = arg(10, "Global batches per evaluation (the same samples under any "
+                          "parallel layout).")
     save: str | None = arg(None, "Directory to save checkpoints to.")
     load: str | None = arg(None, "Directory to resume from (its 'latest' checkpoint).")
     save_interval: int | None = arg(None, "Save a checkpoint every this many iterations.")
@@ -333,6 +350,11 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         raise _err("qsparse", "rescale", f"rescaling applies to top-K only, mode is {q.mode!r}",
                    "use --qsparse-mode topk or --qsparse-rescale none")
 
+    if m.recompute_activations and m.recompute_granularity not in (None, "selective"):
+        raise _err("model", "recompute_activations",
+                   f"asks for selective recomputation but --recompute-granularity is "
+                   f"{m.recompute_granularity}", "pass only one of the two flags")
+
     # ---- parallel
     _positive("parallel", p, ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                               "distributed_timeout_minutes"))
@@ -357,9 +379,15 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
                                f"divisible by M={m_group}",
                                "pick an M that divides every slice or a smaller TP size")
     if pp > 1:
-        raise _err("parallel", "pipeline_model_parallel_size",
-                   f"pipeline parallelism ({pp}) is not available in this release",
-                   "use 1 and scale with data parallelism")
+        if pp > m.num_layers:
+            raise _err("parallel", "pipeline_model_parallel_size",
+                       f"{pp} stages for {m.num_layers} transformer blocks",
+                       "use at most one stage per block")
+        if p.zero_stage > 1:
+            raise _err("parallel", "zero_stage",
+                       f"ZeRO-{p.zero_stage} partitions gradients, which DeepSpeed's pipeline "
+                       "engine does not support", "use --zero-stage 0 or 1 with "
+                       "--pipeline-model-parallel-size > 1")
     if world_size is not None and world_size % (tp * pp):
         raise _err("parallel", "tensor_model_parallel_size",
                    f"world size {world_size} is not divisible by TP x PP = {tp * pp}",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 
 import torch
@@ -14,6 +16,7 @@ from megatron_qsparse.parallel.layers import (ColumnParallelLinear, RowParallelL
                                               VocabParallelEmbedding, full_numel,
                                               parallel_lm_logits)
 from megatron_qsparse.parallel.mappings import gather_from_tensor_parallel
+from megatron_qsparse.parallel.random import checkpoint
 from megatron_qsparse.parallel.state import ParallelState, get_parallel_state
 
 logger = logging.getLogger(__name__)
@@ -37,24 +40,38 @@ class GPTModel(nn.Module):
     decides the tensor-parallel shards every layer holds; the code below is the same for any TP
     size. Under TP the vocabulary is split too: the loss is the vocab-parallel cross entropy, and
     logits are all-gathered only when asked for (``labels=None``).
+
+    ``init_seed``: when given, piece ``i`` of the layer sequence (0 the embedding, ``1..L`` the
+    blocks, ``L+1`` the final norm, ``L+2`` the untied head) is initialised from
+    ``torch.manual_seed(init_seed + i)``, exactly as DeepSpeed's pipeline module seeds its layers
+    (:func:`build_pipeline_model`), so any pipeline split starts from the same weights. Without
+    it the pieces draw one after another from the current generator.
     """
 
     def __init__(self, model_cfg: ModelConfig, qsparse_cfg: QSparseConfig, vocab_size: int,
-                 parallel: ParallelState | None = None):
+                 parallel: ParallelState | None = None, init_seed: int | None = None):
         super().__init__()
         self.config, self.qsparse_config, self.vocab_size = model_cfg, qsparse_cfg, vocab_size
         self.parallel = parallel if parallel is not None else get_parallel_state()
+        self.recompute_blocks = model_cfg.resolved_recompute() == "full"
         std = model_cfg.init_method_std
-        self.embedding = VocabParallelEmbedding(vocab_size, model_cfg.hidden_size, std,
-                                                parallel=self.parallel)
-        self.layers = nn.ModuleList(TransformerBlock(model_cfg, qsparse_cfg, i, self.parallel)
-                                    for i in range(model_cfg.num_layers))
+        L = model_cfg.num_layers
+        with _seeded(init_seed, 0):
+            self.embedding = VocabParallelEmbedding(vocab_size, model_cfg.hidden_size, std,
+                                                    parallel=self.parallel)
+        layers = []
+        for i in range(L):
+            with _seeded(init_seed, 1 + i):
+                layers.append(TransformerBlock(model_cfg, qsparse_cfg, i, self.parallel))
+        self.layers = nn.ModuleList(layers)
         self.final_norm = build_norm(model_cfg)
         self.output_layer = None
         if model_cfg.untie_embeddings_and_output_weights:
-            self.output_layer = ColumnParallelLinear(model_cfg.hidden_size, vocab_size, bias=False,
-                                                     sparsifier=None, init_method_std=std,
-                                                     parallel=self.parallel)
+            with _seeded(init_seed, L + 2):
+                self.output_layer = ColumnParallelLinear(
+                    model_cfg.hidden_size, vocab_size, bias=False, sparsifier=None,
+                    init_method_std=std, parallel=self.parallel)
+            self.output_layer.is_lm_head = True
         logger.debug("GPTModel: %d parameters", count_parameters(self))
 
     def output_weight(self) -> torch.Tensor:
@@ -69,8 +86,9 @@ class GPTModel(nn.Module):
         loss of 0 at that position.
         """
         h = self.embedding(tokens)
+        recompute = self.recompute_blocks and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            h = layer(h)
+            h = checkpoint(layer, h, state=self.parallel) if recompute else layer(h)
         h = self.final_norm(h)
         logits = parallel_lm_logits(h, self.output_weight(), self.parallel)  # [b, s, V/tp]
         if labels is None:
@@ -78,22 +96,58 @@ class GPTModel(nn.Module):
         return vocab_parallel_cross_entropy(logits, labels, self.parallel)
 
 
+def _seeded(seed: int | None, offset: int) -> contextlib.AbstractContextManager:
+    """Draw from ``torch.manual_seed(seed + offset)`` inside the block (the caller's generator is
+    restored after); a no-op when ``seed`` is None."""
+    if seed is None:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def ctx():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + offset)
+            yield
+    return ctx()
+
+
 # ---------------------------------------------------------------------------------------------
 # accounting
 
 
+def _lm_params(model: nn.Module) -> set[int]:
+    """ids of the input embedding's and the LM head's parameters."""
+    ids = set()
+    for m in model.modules():
+        if isinstance(m, VocabParallelEmbedding) or getattr(m, "is_lm_head", False):
+            ids.update(id(p) for p in m.parameters())
+    return ids
+
+
+def _over_stages(model: nn.Module, value: float) -> float:
+    """Sum ``value`` over the pipeline stages when ``model`` is one stage of a pipeline (every
+    stage must call this), else ``value``."""
+    parallel = getattr(model, "pipeline_state", None)
+    if parallel is None or parallel.pp_size == 1:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    torch.distributed.all_reduce(t, group=parallel.pp_group)
+    return t.item()
+
+
+def _unique(model: nn.Module):
+    """Parameters, each once: a pipeline stage's copy of a tied weight that another stage owns
+    (the embedding on the last stage) is left out."""
+    return [p for p in model.parameters() if not getattr(p, "pipeline_duplicate", False)]
+
+
 def count_parameters(model: nn.Module, non_embedding: bool = False) -> int:
     """Number of parameters (shared ones once) of the full model, also when ``model`` holds
-    tensor-parallel shards. ``non_embedding`` leaves out the input embedding and the LM head
-    (Kaplan's N, as in the Q-Sparse scaling law)."""
-    skip = set()
-    if non_embedding:
-        for m in model.modules():
-            if isinstance(m, GPTModel):
-                skip.add(id(m.embedding.weight))
-                if m.output_layer is not None:
-                    skip.update(id(p) for p in m.output_layer.parameters())
-    return sum(full_numel(p) for p in model.parameters() if id(p) not in skip)
+    tensor-parallel shards or is one stage of a pipeline (then every stage must call this).
+    ``non_embedding`` leaves out the input embedding and the LM head (Kaplan's N, as in the
+    Q-Sparse scaling law)."""
+    skip = _lm_params(model) if non_embedding else set()
+    local = sum(full_numel(p) for p in _unique(model) if id(p) not in skip)
+    return int(_over_stages(model, local))
 
 
 def _density_of(density: dict | float | None, kind: str, layer: int | None = None) -> float:
@@ -120,19 +174,14 @@ def activated_parameters(model: nn.Module, density: dict | float | None) -> floa
     projection, or None; a projection with no entry counts as dense.
     """
     total = 0.0
-    counted = set()
+    counted = _lm_params(model)
     for m in model.modules():
         if isinstance(m, (ColumnParallelLinear, RowParallelLinear)) and m.sparsifier is not None:
             rho = _density_of(density, m.sparsifier.kind, m.sparsifier.layer)
             total += rho * full_numel(m.weight) + (full_numel(m.bias) if m.bias is not None else 0)
             counted.update(id(p) for p in m.parameters())
-    for m in model.modules():
-        if isinstance(m, GPTModel):
-            counted.add(id(m.embedding.weight))
-            if m.output_layer is not None:
-                counted.update(id(p) for p in m.output_layer.parameters())
-    total += sum(full_numel(p) for p in model.parameters() if id(p) not in counted)
-    return total
+    total += sum(full_numel(p) for p in _unique(model) if id(p) not in counted)
+    return _over_stages(model, total)
 
 
 def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -171,5 +220,96 @@ def describe(model_cfg: ModelConfig, vocab: int) -> str:
             f"{flops_per_token(model_cfg, vocab, model_cfg.seq_length) / 1e9:.2f} GFLOP/token")
 
 
-__all__ = ["GPTModel", "count_parameters", "activated_parameters", "flops_per_token",
+# ---------------------------------------------------------------------------------------------
+# the pipeline form: a sequence of layer specs for DeepSpeed's pipeline engine
+
+PIPE_EMBED_KEY = "embed"
+
+
+def _tied_lm_head(embedding: VocabParallelEmbedding, h: torch.Tensor) -> torch.Tensor:
+    """The LM head of a tied model: the (last stage's copy of the) input embedding, transposed."""
+    return parallel_lm_logits(h, embedding.weight, embedding.parallel)
+
+
+def _pipe_loss(parallel: ParallelState, logits: torch.Tensor, labels: torch.Tensor
+               ) -> torch.Tensor:
+    """Mean token loss of a micro-batch, as :class:`GPTModel` (per-token loss, then mean)."""
+    return vocab_parallel_cross_entropy(logits, labels, parallel).float().mean()
+
+
+def pipeline_specs(model_cfg: ModelConfig, qsparse_cfg: QSparseConfig, vocab_size: int,
+                   parallel: ParallelState) -> list:
+    """The layer sequence of :class:`GPTModel` as DeepSpeed layer specs.
+
+    Index 0 the embedding, ``1..L`` the blocks, ``L+1`` the final norm, ``L+2`` the LM head: a
+    :class:`~deepspeed.pipe.TiedLayerSpec` sharing the embedding (its gradient is all-reduced
+    between the first and last stage) or, untied, its own column-parallel matrix. Checkpoints
+    hold one file per index (``layer_XX-model_YY-model_states.pt``), whatever the stage count.
+    """
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    std = model_cfg.init_method_std
+    h = model_cfg.hidden_size
+    embed = (VocabParallelEmbedding, vocab_size, h, std)
+    tied = not model_cfg.untie_embeddings_and_output_weights
+    specs = [TiedLayerSpec(PIPE_EMBED_KEY, *embed, parallel=parallel, tied_weight_attr="weight")
+             if tied else LayerSpec(*embed, parallel=parallel)]
+    specs += [LayerSpec(TransformerBlock, model_cfg, qsparse_cfg, i, parallel)
+              for i in range(model_cfg.num_layers)]
+    specs.append(LayerSpec(type(build_norm(model_cfg)), h, model_cfg.norm_epsilon))
+    if tied:
+        specs.append(TiedLayerSpec(PIPE_EMBED_KEY, *embed, parallel=parallel,
+                                   forward_fn=_tied_lm_head, tied_weight_attr="weight"))
+    else:
+        specs.append(LayerSpec(ColumnParallelLinear, h, vocab_size, bias=False, sparsifier=None,
+                               init_method_std=std, parallel=parallel))
+    return specs
+
+
+def pipeline_layer_names(model_cfg: ModelConfig) -> dict[int, str]:
+    """Spec index -> the :class:`GPTModel` prefix of its parameters (checkpoint conversion)."""
+    L = model_cfg.num_layers
+    names = {0: "embedding.", L + 1: "final_norm."}
+    names.update({1 + i: f"layers.{i}." for i in range(L)})
+    if model_cfg.untie_embeddings_and_output_weights:
+        names[L + 2] = "output_layer."
+    return names
+
+
+def build_pipeline_model(model_cfg: ModelConfig, qsparse_cfg: QSparseConfig, vocab_size: int,
+                         parallel: ParallelState, *, init_seed: int,
+                         partition_method: str = "uniform"):
+    """This rank's stage of the model as a ``deepspeed.pipe.PipelineModule``.
+
+    Stages follow ``parallel.topology``; ``partition_method`` ``uniform`` gives every stage the same
+    number of transformer blocks (the first also holds the embedding, the last the norm and the
+    head), ``parameters`` balances parameter counts. Layer ``i`` is initialised from
+    ``init_seed + i`` (as :class:`GPTModel` with the same ``init_seed``). Full recomputation
+    (``--recompute-granularity full``) checkpoints every block.
+    """
+    from deepspeed.pipe import PipelineModule
+
+    full = model_cfg.resolved_recompute() == "full"
+    method = "type:TransformerBlock" if partition_method == "uniform" else partition_method
+    module = PipelineModule(
+        layers=pipeline_specs(model_cfg, qsparse_cfg, vocab_size, parallel),
+        topology=parallel.topology, loss_fn=functools.partial(_pipe_loss, parallel),
+        seed_layers=True, base_seed=init_seed, seed_fn=torch.manual_seed,
+        partition_method=method, activation_checkpoint_interval=1 if full else 0,
+        activation_checkpoint_func=functools.partial(checkpoint, state=parallel),
+        checkpointable_layers=["TransformerBlock"])
+    module.config, module.qsparse_config, module.vocab_size = model_cfg, qsparse_cfg, vocab_size
+    module.pipeline_state = parallel
+    last = len(module._layer_specs) - 1
+    for idx, fn in enumerate(module.forward_funcs):
+        if idx + module._local_start == last and isinstance(fn, ColumnParallelLinear):
+            fn.is_lm_head = True
+    if parallel.pp_rank > 0:  # the first stage owns the tied embedding
+        for tied in module.tied_modules.values():
+            for p in tied.parameters():
+                p.pipeline_duplicate = True
+    return module
+
+
+__all__ = ["GPTModel", "build_pipeline_model", "pipeline_specs", "pipeline_layer_names", "count_parameters", "activated_parameters", "flops_per_token",
            "projection_shapes", "describe"]

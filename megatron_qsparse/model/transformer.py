@@ -31,6 +31,7 @@ from torch import nn
 
 from megatron_qsparse.config import ModelConfig, QSparseConfig
 from megatron_qsparse.parallel.layers import ColumnParallelLinear, RowParallelLinear, divide
+from megatron_qsparse.parallel.random import checkpoint
 from megatron_qsparse.parallel.state import ParallelState, get_parallel_state
 from megatron_qsparse.sparsity.activations import ACTIVATIONS
 from megatron_qsparse.sparsity.topk import build_sparsifier
@@ -135,6 +136,7 @@ class Attention(nn.Module):
         self.nkv = divide(nkv, tp, "--num-query-groups")
         self.hd = cfg.resolved_kv_channels()
         self.dropout = cfg.attention_dropout
+        self.recompute_core = cfg.resolved_recompute() == "selective"
         std = cfg.init_method_std
         self.qkv = ColumnParallelLinear(
             cfg.hidden_size, (nq + 2 * nkv) * self.hd, bias=cfg.add_bias_linear,
@@ -158,11 +160,20 @@ class Attention(nn.Module):
         v = v.view(b, s, self.nkv, self.hd).transpose(1, 2)
         cos, sin = self.rotary(s, x.device)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.recompute_core and self.training and torch.is_grad_enabled():
+            y = checkpoint(self._core, q, k, v, state=self.parallel)
+        else:
+            y = self._core(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(b, s, self.nq * self.hd))
+
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal scaled-dot-product attention over this rank's heads (the part selective
+        recomputation recomputes: its ``s x s`` probabilities are the largest activation)."""
         dropout = self.dropout if self.training else 0.0
         with self.parallel.fork_rng() if dropout else contextlib.nullcontext():
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
-                                               enable_gqa=self.nkv != self.nq)
-        return self.o(y.transpose(1, 2).reshape(b, s, self.nq * self.hd))
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
+                                                  enable_gqa=self.nkv != self.nq)
 
 
 class MLP(nn.Module):

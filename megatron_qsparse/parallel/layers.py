@@ -63,8 +63,10 @@ def set_partition(param: torch.Tensor, dim: int, sizes: tuple[int, ...], count: 
 
 
 def full_numel(p: torch.Tensor) -> int:
-    """Number of elements of the full (unsharded) tensor ``p`` is a TP shard of."""
-    return p.numel() * getattr(p, "partition_count", 1)
+    """Number of elements of the full (unsharded) tensor ``p`` is a TP shard of (also under
+    ZeRO-3, where ``p`` itself is an empty placeholder and DeepSpeed keeps the size in
+    ``ds_numel``)."""
+    return getattr(p, "ds_numel", p.numel()) * getattr(p, "partition_count", 1)
 
 
 def _init_sharded(param: nn.Parameter, std: float, full_shape: tuple[int, ...], dim: int,

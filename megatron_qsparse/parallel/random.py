@@ -72,3 +72,25 @@ class RNGStatesTracker:
             if prev_cuda is not None:
                 st["cuda"] = torch.cuda.get_rng_state()
                 torch.cuda.set_rng_state(prev_cuda)
+
+
+def checkpoint(fn, *args, state) -> torch.Tensor:
+    """``fn(*args)`` without keeping its activations: they are recomputed in the backward pass
+    (``torch.utils.checkpoint``, non-reentrant). The default generator is replayed by torch; the
+    tracker's model-parallel state (``state``: the :class:`ParallelState`) is put back to what it
+    was in the forward pass for the recomputation, so dropout draws the same masks twice."""
+    from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+    saved = state.rng.get_states()
+
+    @contextlib.contextmanager
+    def replay() -> Iterator[None]:
+        current = state.rng.get_states()
+        state.rng.set_states(saved)
+        try:
+            yield
+        finally:
+            state.rng.set_states(current)
+
+    return torch_checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True,
+                            context_fn=lambda: (contextlib.nullcontext(), replay()))

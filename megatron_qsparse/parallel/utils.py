@@ -17,16 +17,12 @@ def sum_squares_over_tp(values: torch.Tensor, state: ParallelState) -> torch.Ten
 
 def grad_norm(params: Iterable[torch.nn.Parameter], state: ParallelState) -> float:
     """L2 norm of the gradients of the *full* model: TP shards summed over the TP group, replicated
-    parameters counted once (on TP rank 0). Every TP rank must call it; all get the same value."""
-    params = [p for p in params if p.grad is not None]
-    if state.tp_size == 1:
-        if not params:
-            return 0.0
-        norms = torch._foreach_norm([p.grad for p in params])
-        return torch.linalg.vector_norm(torch.stack(norms).float()).item()
+    parameters counted once (on TP rank 0), the stages of a pipeline summed over the PP group, and
+    a stage's copy of a tied weight another stage owns (``pipeline_duplicate``) left out. Every
+    TP and PP rank must call it; all get the same value (inf or nan if a gradient has one)."""
     sharded, replicated = [], []
     for p in params:
-        if p.grad is None:
+        if p.grad is None or getattr(p, "pipeline_duplicate", False):
             continue
         (sharded if getattr(p, "partition_count", 1) > 1 else replicated).append(p.grad)
     total = torch.zeros(1, dtype=torch.float64)
@@ -34,6 +30,10 @@ def grad_norm(params: Iterable[torch.nn.Parameter], state: ParallelState) -> flo
         if grads and count_here:
             norms = torch.stack(torch._foreach_norm(grads)).double()
             total += norms.square().sum().cpu()
-    dev_total = total.to(sharded[0].device if sharded else "cpu")
-    all_reduce(dev_total, state)
-    return float(dev_total.sqrt())
+    device = (sharded or replicated or [total])[0].device
+    total = total.to(device)
+    if state.tp_size > 1:
+        all_reduce(total, state)
+    if state.pp_size > 1:
+        torch.distributed.all_reduce(total, group=state.pp_group)
+    return float(total.sqrt())

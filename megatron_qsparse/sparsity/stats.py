@@ -80,21 +80,26 @@ def reset_density(model: nn.Module) -> None:
         st.reset()
 
 
-def collect_density(model: nn.Module) -> dict[str, float]:
+def collect_density(model: nn.Module, group=None) -> dict[str, float]:
     """Measured density since the last reset: ``{"kind/<kind>": d, "layer<i>/<kind>": d}``.
 
     Per-kind values pool the counts of all layers (token-weighted); layers are numbered from 0.
-    Sparsifiers that recorded nothing (recording off) are left out.
+    Sparsifiers that recorded nothing (recording off) are left out. ``group``: a process group
+    whose members hold different layers (the stages of a pipeline); their counts are gathered so
+    every member returns the density of the whole model (all members must call this).
     """
+    counts = {(kind, layer): (float(st.nonzero), st.total)
+              for kind, layer, st in _stats(model) if st.total}
+    if group is not None and torch.distributed.get_world_size(group) > 1:
+        gathered = [None] * torch.distributed.get_world_size(group)
+        torch.distributed.all_gather_object(gathered, counts, group=group)
+        counts = {k: v for part in gathered for k, v in part.items()}
     per_kind: dict[str, list] = {}
     out: dict[str, float] = {}
-    for kind, layer, st in _stats(model):
-        if not st.total:
-            continue
-        nz = float(st.nonzero)
-        out[f"layer{layer}/{kind}"] = nz / st.total
+    for (kind, layer), (nz, total) in counts.items():
+        out[f"layer{layer}/{kind}"] = nz / total
         acc = per_kind.setdefault(kind, [0.0, 0])
         acc[0] += nz
-        acc[1] += st.total
+        acc[1] += total
     kinds = {f"kind/{k}": nz / tot for k, (nz, tot) in per_kind.items()}
     return {**kinds, **out}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import signal
 import time
 
@@ -13,18 +12,16 @@ import torch
 from megatron_qsparse.config import grad_accumulation_steps
 from megatron_qsparse.data.sampler import build_pretraining_data_loader
 from megatron_qsparse.model.gpt import activated_parameters, count_parameters, flops_per_token
+from megatron_qsparse.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_qsparse.parallel.state import get_parallel_state
-from megatron_qsparse.parallel.utils import grad_norm, sum_squares_over_tp
+from megatron_qsparse.parallel.utils import sum_squares_over_tp
 from megatron_qsparse.sparsity import (collect_density, recording, reset_density, set_recording,
                                        set_sparsity_scale)
 from megatron_qsparse.training import checkpointing
 from megatron_qsparse.training.logging import Writer, console_line, memory_stats
-from megatron_qsparse.training.setup import TrainingState, device
+from megatron_qsparse.training.setup import TrainingState, device, optimizer_clips
 
 logger = logging.getLogger(__name__)
-
-_PROJ_RE = re.compile(r"layers\.(\d+)\.(?:attention|mlp)\.(qkv|o|gate_up|down)\.weight$")
-
 
 class TrainingStopped(RuntimeError):
     """The run cannot go on (e.g. gradients stayed non-finite); the message says why."""
@@ -34,6 +31,13 @@ def get_batch(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Split ``seq_length + 1`` tokens into inputs and next-token labels."""
     tokens = batch["tokens"].to(device(), non_blocking=True)
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def _pairs(data_iter):
+    """``(inputs, labels)`` micro-batches, the form DeepSpeed's pipeline engine reads (its first
+    stage takes the inputs, its last the labels)."""
+    for batch in data_iter:
+        yield get_batch(batch)
 
 
 def _iterate(loader):
@@ -64,26 +68,34 @@ def _dp_mean(value: float, state: TrainingState) -> float:
     return t.item() / parallel.dp_size
 
 
-def _grad_norm(model: torch.nn.Module) -> float:
-    """Gradient norm of the full model (tensor-parallel shards summed over the TP group)."""
-    return grad_norm(model.parameters(), get_parallel_state())
+def _over_pipeline(values: dict, state_parallel) -> dict:
+    """Merge per-stage dicts (disjoint keys) over the pipeline stages (every stage calls this)."""
+    if state_parallel is None or state_parallel.pp_size == 1:
+        return values
+    gathered = [None] * state_parallel.pp_size
+    torch.distributed.all_gather_object(gathered, values, group=state_parallel.pp_group)
+    merged = {}
+    for part in gathered:
+        merged.update(part)
+    return merged
 
 
 def projection_grad_norms(model: torch.nn.Module) -> dict[str, float]:
     """Gradient L2 norm of every projection weight, ``layer<i>/<kind>`` (the paper's STE
-    diagnostic: without STE the lower layers' norms collapse). Empty when the gradients live only
-    in ZeRO-2/3 partitions."""
-    norms = {}
-    for name, p in model.named_parameters():
-        m = _PROJ_RE.search(name)
-        if m and p.grad is not None:
-            norms[f"layer{int(m.group(1))}/{m.group(2)}"] = p.grad.detach().float().norm()
+    diagnostic: without STE the lower layers' norms collapse), over all pipeline stages (every
+    stage must call this). Empty when the gradients live only in ZeRO partitions."""
+    squares = {}
+    for m in model.modules():
+        sp = getattr(m, "sparsifier", None)
+        if isinstance(m, (ColumnParallelLinear, RowParallelLinear)) and sp is not None \
+                and m.weight.grad is not None:
+            squares[f"layer{sp.layer}/{sp.kind}"] = m.weight.grad.detach().double().square().sum()
     parallel = get_parallel_state()
-    if parallel.tp_size == 1 or not norms:
-        return {k: v.item() for k, v in norms.items()}
-    # under TP each weight is a shard: add the squares over the TP group
-    total = sum_squares_over_tp(torch.stack(list(norms.values())).double().square(), parallel)
-    return {k: math.sqrt(v) for k, v in zip(norms, total.tolist())}
+    if parallel.tp_size > 1 and squares:  # each weight is a shard: add squares over the TP group
+        total = sum_squares_over_tp(torch.stack(list(squares.values())), parallel)
+        squares = dict(zip(squares, total))
+    norms = {k: math.sqrt(float(v)) for k, v in squares.items()}
+    return _over_pipeline(norms, parallel)
 
 
 def sparsity_scale(state: TrainingState, iteration: int) -> float:
@@ -94,21 +106,33 @@ def sparsity_scale(state: TrainingState, iteration: int) -> float:
 
 @torch.no_grad()
 def evaluate(state: TrainingState, dataset, eval_index: int) -> float | None:
-    """Mean token loss over ``--eval-iters`` micro-batches of ``dataset`` (None without data)."""
+    """Mean token loss over ``--eval-iters`` global batches of ``dataset`` (None without data):
+    the same samples whatever the layout (each data-parallel rank reads its share of every
+    global batch, in micro-batches)."""
     cfg = state.cfg
     if dataset is None or cfg.train.eval_iters == 0:
         return None
-    gbs = cfg.train.micro_batch_size * state.dp_size
+    gas = grad_accumulation_steps(cfg, state.world_size)
+    gbs = cfg.train.micro_batch_size * state.dp_size * gas
+    micro_batches = cfg.train.eval_iters * gas  # per data-parallel rank
     start = (eval_index * cfg.train.eval_iters * gbs) % max(1, len(dataset))
     if start + cfg.train.eval_iters * gbs > len(dataset):
         start = 0
     loader = build_pretraining_data_loader(dataset, start, cfg.train.micro_batch_size,
                                            state.dp_rank, state.dp_size)
+    if state.parallel is not None and state.parallel.pp_size > 1:
+        # the pipeline engine averages over the micro-batches and data-parallel ranks and
+        # broadcasts the loss to every stage
+        with recording(state.model, False):
+            loss = state.engine.eval_batch(_pairs(_iterate(loader)),
+                                           num_micro_batches=micro_batches)
+        state.engine.module.train()
+        return float(loss)
     state.engine.eval()
     total, count = 0.0, 0
     with recording(state.model, False):
         for i, batch in enumerate(_iterate(loader)):
-            if i >= cfg.train.eval_iters:
+            if i >= micro_batches:
                 break
             tokens, labels = get_batch(batch)
             total += state.engine(tokens, labels).float().mean().item()
@@ -172,16 +196,24 @@ def train(state: TrainingState) -> dict:
     run_start = time.time()
 
     data_iter = None
+    pipelined = state.parallel is not None and state.parallel.pp_size > 1
+    proj_norms: dict = {}
+
+    def record_projection_norms(_optimizer) -> None:
+        proj_norms.update(projection_grad_norms(model))
+
     if state.iteration < t.train_iters:
         loader = build_pretraining_data_loader(state.train_ds, state.consumed_samples,
                                                t.micro_batch_size, state.dp_rank,
                                                state.dp_size, cfg.data.num_workers)
         data_iter = _iterate(loader)
+        if pipelined:
+            data_iter = _pairs(data_iter)
     else:
         logger.info("checkpoint is at iteration %d, --train-iters is %d: nothing to train",
                     state.iteration, t.train_iters)
-    # DeepSpeed reports the norm for ZeRO >= 1 and bf16; for fp32 ZeRO-0 we measure it.
-    measure_norm = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
+    # DeepSpeed reports the norm for ZeRO >= 1 and bf16; for fp32 ZeRO-0 our optimizer does.
+    own_norm = optimizer_clips(cfg)
 
     summary: dict = {"train_loss": None, "valid_loss": None, "test_loss": None,
                      "tokens_per_sec": None, "density": {}, "iterations": 0, "first_loss": None,
@@ -206,22 +238,27 @@ def train(state: TrainingState) -> dict:
             # ~7% of a matmul per projection, too much to pay on every step at scale.
             logs_now = (it + 1) % cfg.log.log_interval == 0 or it + 1 == t.train_iters
             set_recording(model, logs_now)
-            loss_sum, grad_norm, proj_norms = 0.0, None, {}
-            for micro in range(gas):
-                tokens, labels = get_batch(next(data_iter))
-                loss = engine(tokens, labels).float().mean()
-                engine.backward(loss)
-                if micro == gas - 1:
-                    if measure_norm:
-                        grad_norm = _grad_norm(model)  # fp32 ZeRO-0: DeepSpeed does not report it
-                    if logs_now:
-                        proj_norms = projection_grad_norms(model)
-                engine.step()
-                loss_sum += loss.item()
+            grad_norm = None
+            proj_norms.clear()
+            if pipelined:
+                # all micro-batches through the stages, then the step; projection norms are read
+                # by the optimizer just before its update (fp32 ZeRO-0 only)
+                optimizer.on_step = record_projection_norms if logs_now else None
+                loss_value = float(engine.train_batch(data_iter=data_iter))
+            else:
+                loss_sum = 0.0
+                for micro in range(gas):
+                    tokens, labels = get_batch(next(data_iter))
+                    loss = engine(tokens, labels).float().mean()
+                    engine.backward(loss)
+                    if micro == gas - 1 and logs_now:
+                        proj_norms.update(projection_grad_norms(model))
+                    engine.step()
+                    loss_sum += loss.item()
+                loss_value = _dp_mean(loss_sum / gas, state)
             it += 1
             state.iteration = it
             state.consumed_samples += gbs
-            loss_value = _dp_mean(loss_sum / gas, state)
             skipped = bool(getattr(optimizer, "overflow", False))
             if skipped:
                 logger.warning("iteration %d: non-finite gradients (loss %s); update skipped "
@@ -232,9 +269,8 @@ def train(state: TrainingState) -> dict:
                         f"gradients (last at iteration {it}); lower --lr, raise --lr-warmup-iters "
                         "or resume from an earlier checkpoint")
             else:
-                if grad_norm is None:
-                    grad_norm = engine.get_global_grad_norm()
-                    grad_norm = float(grad_norm) if grad_norm is not None else None
+                grad_norm = optimizer.grad_norm if own_norm else engine.get_global_grad_norm()
+                grad_norm = float(grad_norm) if grad_norm is not None else None
                 if summary["first_loss"] is None:
                     summary["first_loss"] = loss_value
                 if spikes(loss_value):
@@ -317,7 +353,9 @@ def _log_interval(state, writer, summary, it, interval_loss, interval_ok, interv
                   vocab, spikes) -> None:
     cfg, model = state.cfg, state.model
     mean_loss = interval_loss / interval_ok if interval_ok else float("nan")
-    density = collect_density(model)
+    density = collect_density(model, group=state.parallel.pp_group
+                              if state.parallel is not None and state.parallel.pp_size > 1
+                              else None)
     kinds = {k: v for k, v in density.items() if k.startswith("kind/")}
     shown = density if cfg.log.log_sparsity_per_layer else kinds
     tokens_per_sec = tokens_per_step * interval_steps / elapsed

@@ -88,20 +88,40 @@ class GuardedAdamW(torch.optim.AdamW):
     ``overflow`` tells DeepSpeed's engine that the step was skipped (it then counts it and holds the
     LR schedule); ``skipped_iters`` and ``consecutive_skips`` are kept here for logging and for
     stopping a run that keeps diverging.
+
+    With ``parallel`` (ZeRO stage 0 in fp32, where the optimizer sees the model's own gradients)
+    it also measures the gradient norm of the full model (:func:`~megatron_qsparse.parallel.utils.
+    grad_norm`: TP shards, pipeline stages and tied weights each counted once) into ``grad_norm``
+    and clips to ``clip_grad``. DeepSpeed's own clipping of that case counts the replicated
+    parameters of pipeline stages other than the first as duplicates, so the engine's clipping is
+    turned off then (:func:`deepspeed_config`). ``on_step(optimizer)``, when set, is called with
+    the gradients before clipping and the update (for per-projection gradient norms).
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, clip_grad: float = 0.0, parallel=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.overflow = False
         self.skipped_iters = 0
         self.consecutive_skips = 0
+        self.clip_grad, self.parallel = clip_grad, parallel
+        self.grad_norm: float | None = None
+        self.on_step = None
+
+    def _params(self) -> list:
+        return [p for g in self.param_groups for p in g["params"]]
 
     def _grads_finite(self) -> bool:
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        bad = torch.zeros(1)
-        if grads:
-            norms = torch._foreach_norm(grads)
-            bad = (~torch.isfinite(torch.stack(norms).float())).any().float().reshape(1).cpu()
+        if self.parallel is not None:
+            from megatron_qsparse.parallel.utils import grad_norm
+
+            self.grad_norm = grad_norm(self._params(), self.parallel)
+            bad = torch.tensor([0.0 if math.isfinite(self.grad_norm) else 1.0])
+        else:
+            grads = [p.grad for p in self._params() if p.grad is not None]
+            bad = torch.zeros(1)
+            if grads:
+                norms = torch._foreach_norm(grads)
+                bad = (~torch.isfinite(torch.stack(norms).float())).any().float().reshape(1).cpu()
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         return bad.item() == 0
@@ -112,12 +132,18 @@ class GuardedAdamW(torch.optim.AdamW):
             self.overflow = True
             self.skipped_iters += 1
             self.consecutive_skips += 1
-            for g in self.param_groups:
-                for p in g["params"]:
-                    p.grad = None
+            for p in self._params():
+                p.grad = None
             return None
         self.overflow = False
         self.consecutive_skips = 0
+        if self.on_step is not None:  # before clipping: the norms the model produced
+            self.on_step(self)
+        if self.parallel is not None and self.clip_grad > 0:
+            coef = self.clip_grad / (self.grad_norm + 1e-6)  # as torch's clip_grad_norm_
+            if coef < 1.0:
+                torch._foreach_mul_([p.grad for p in self._params() if p.grad is not None],
+                                    coef)
         return super().step(closure)
 
 
@@ -188,16 +214,27 @@ class LRScheduler:
         self._apply()
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict:
+def optimizer_clips(cfg: Config) -> bool:
+    """True when :class:`GuardedAdamW` measures and clips the gradient norm itself (ZeRO stage 0
+    in fp32: DeepSpeed neither reports the norm there nor counts pipeline stages right)."""
+    return cfg.parallel.zero_stage == 0 and not cfg.train.bf16
+
+
+def deepspeed_config(cfg: Config, world_size: int, local_parameters: int | None = None) -> dict:
     """The DeepSpeed JSON built from our flags, merged over ``--deepspeed-config`` if given.
 
     Our flags win where both speak; each conflict is logged so nothing changes silently.
+    ``local_parameters`` (this rank's parameter count) caps ZeRO's communication buckets where
+    the file does not set them: DeepSpeed allocates its 5e8-element default up front (2-4 GB in
+    fp32), pointless for a model smaller than that.
     """
     t = cfg.train
     ours: dict = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": grad_accumulation_steps(cfg, world_size),
-        "gradient_clipping": t.clip_grad,
+        # fp32 ZeRO-0: our optimizer clips (see GuardedAdamW); otherwise DeepSpeed's ZeRO / bf16
+        # optimizer does
+        "gradient_clipping": 0.0 if optimizer_clips(cfg) else t.clip_grad,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "bf16": {"enabled": t.bf16},
         "zero_allow_untested_optimizer": True,
@@ -205,7 +242,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "wall_clock_breakdown": False,
     }
     if not cfg.parallel.deepspeed_config:
-        return ours
+        return _cap_buckets(ours, local_parameters)
     with open(cfg.parallel.deepspeed_config) as fh:
         try:
             theirs = json.load(fh)
@@ -231,7 +268,20 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     if "optimizer" in merged or "scheduler" in merged:
         raise ConfigError("--deepspeed-config: remove its 'optimizer'/'scheduler' sections; "
                           "set them with --lr, --weight-decay, --lr-decay-style, ... instead")
-    return merged
+    return _cap_buckets(merged, local_parameters)
+
+
+_DS_BUCKET = 500_000_000  # DeepSpeed's default reduce/all-gather bucket (elements)
+
+
+def _cap_buckets(ds: dict, local_parameters: int | None) -> dict:
+    if local_parameters is None or ds["zero_optimization"]["stage"] == 0:
+        return ds
+    zero = ds["zero_optimization"]
+    bucket = int(min(_DS_BUCKET, max(local_parameters, 1_000_000)))
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):
+        zero.setdefault(key, bucket)
+    return ds
 
 
 @dataclass
@@ -258,10 +308,20 @@ class TrainingState:
 
 def build_model(cfg: Config, vocab_size: int, parallel=None) -> torch.nn.Module:
     """The GPT model; under tensor parallelism this rank's shards (``parallel``: the
-    :class:`~megatron_qsparse.parallel.state.ParallelState`, default the current one)."""
-    from megatron_qsparse.model.gpt import GPTModel
+    :class:`~megatron_qsparse.parallel.state.ParallelState`, default the current one), under
+    pipeline parallelism this rank's stage (a ``deepspeed.pipe.PipelineModule``). Layer ``i`` is
+    initialised from ``--seed + i`` whatever the layout, so every layout starts from the same
+    weights."""
+    from megatron_qsparse.model.gpt import GPTModel, build_pipeline_model
+    from megatron_qsparse.parallel.state import get_parallel_state
 
-    return GPTModel(cfg.model, cfg.qsparse, vocab_size, parallel=parallel)
+    parallel = parallel if parallel is not None else get_parallel_state()
+    if parallel.pp_size > 1:
+        return build_pipeline_model(cfg.model, cfg.qsparse, vocab_size, parallel,
+                                    init_seed=cfg.train.seed,
+                                    partition_method=cfg.parallel.pipeline_partition_method)
+    return GPTModel(cfg.model, cfg.qsparse, vocab_size, parallel=parallel,
+                    init_seed=cfg.train.seed)
 
 
 def setup(cfg: Config) -> TrainingState:
@@ -320,11 +380,14 @@ def setup(cfg: Config) -> TrainingState:
     model = build_model(cfg, vocab, parallel).to(device())
     optimizer = GuardedAdamW(
         param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-        betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps)
+        betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps,
+        clip_grad=cfg.train.clip_grad, parallel=parallel if optimizer_clips(cfg) else None)
     scheduler = LRScheduler(optimizer, cfg)
+    # the pipeline engine takes its groups from the module's topology (DeepSpeed refuses an mpu)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world_size), mpu=parallel.mpu())
+        config=deepspeed_config(cfg, world_size, sum(p.numel() for p in model.parameters())),
+        mpu=parallel.mpu() if parallel.pp_size == 1 else None)
     # Seed the dropout/data RNG per data-parallel rank after init (init must match everywhere);
     # TP ranks share it (replicated activations drop the same elements) and get their own
     # model-parallel RNG for dropout on their attention heads.

@@ -168,6 +168,42 @@ def test_sgd_step_lowers_loss(q_kw):
 # ---------------------------------------------------------------- sparsity in the model
 
 
+@pytest.mark.parametrize("granularity", ["full", "selective"])
+def test_recompute_gives_the_same_loss_and_gradients(granularity):
+    """Activation recomputation changes memory, not numerics (dropout included: the replay
+    draws the same masks)."""
+    grads = {}
+    for g in (None, granularity):
+        torch.manual_seed(0)
+        model = GPTModel(tiny(recompute_granularity=g, hidden_dropout=0.1,
+                              attention_dropout=0.1), QSparseConfig(), V)
+        torch.manual_seed(5)
+        loss = model(tokens(), tokens(seed=2)).mean()
+        loss.backward()
+        grads[g] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    (l0, g0), (l1, g1) = grads[None], grads[granularity]
+    assert torch.equal(l0, l1)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-6, atol=1e-8, msg=name)
+
+
+def test_init_seed_seeds_every_piece_independently():
+    """With ``init_seed``, block i's weights do not depend on how many pieces were built before
+    it (what lets every pipeline stage build only its own blocks)."""
+    a = GPTModel(tiny(num_layers=2), QSparseConfig(), V, init_seed=7)
+    b = GPTModel(tiny(num_layers=3), QSparseConfig(), V, init_seed=7)
+    torch.manual_seed(123)
+    c = GPTModel(tiny(num_layers=2), QSparseConfig(), V, init_seed=7)
+    for name, p in a.state_dict().items():
+        assert torch.equal(p, c.state_dict()[name]), name
+        if name.startswith(("embedding", "layers.0", "layers.1")):
+            other = b.state_dict()[name]
+            if name.endswith(("o.weight", "down.weight")):  # std / sqrt(2 L): same draws, scaled
+                other = other * math.sqrt(3 / 2)
+            torch.testing.assert_close(p, other, rtol=1e-6, atol=0, msg=name)
+    assert not torch.equal(a.layers[0].attention.qkv.weight, a.layers[1].attention.qkv.weight)
+
+
 def test_activations():
     g, u = torch.tensor([-1.0, 0.0, 2.0]), torch.tensor([3.0, 4.0, 5.0])
     assert torch.equal(relu2_glu(g, u), torch.tensor([0.0, 0.0, 20.0]))

@@ -91,6 +91,36 @@ def test_guarded_adamw_skips_non_finite_gradients():
     assert (p.detach() < 1).all()
 
 
+def test_guarded_adamw_measures_and_clips_like_torch():
+    """fp32 ZeRO-0: the optimizer measures the full-model norm and clips as
+    torch.nn.utils.clip_grad_norm_ does (DeepSpeed's clipping is off then)."""
+    from megatron_qsparse.parallel.state import ParallelState
+
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    b = [torch.nn.Parameter(t.detach().clone()) for t in a]
+    grads = [torch.randn(4, 3) * 3, torch.randn(5) * 3]
+    for p, g in zip(a, grads):
+        p.grad = g.clone()
+    for p, g in zip(b, grads):
+        p.grad = g.clone()
+    mine = GuardedAdamW(a, lr=0.1, clip_grad=1.0, parallel=ParallelState.single())
+    seen = []
+    mine.on_step = lambda opt: seen.append(float(torch.linalg.vector_norm(
+        torch.cat([p.grad.flatten() for p in a]))))
+    mine.step()
+    ref = torch.optim.AdamW(b, lr=0.1)
+    norm = torch.nn.utils.clip_grad_norm_(b, 1.0)
+    ref.step()
+    assert mine.grad_norm == pytest.approx(float(norm), rel=1e-6)
+    assert seen and seen[0] == pytest.approx(float(norm), rel=1e-6)  # hook sees unclipped grads
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+    assert deepspeed_config(cfg_of("--clip-grad", "0.7"), 1)["gradient_clipping"] == 0.0
+    assert deepspeed_config(cfg_of("--clip-grad", "0.7", "--zero-stage", "1"),
+                            1)["gradient_clipping"] == 0.7
+
+
 def test_scheduler_state_round_trip():
     cfg = cfg_of("--lr", "1.0", "--lr-warmup-iters", "3", "--train-iters", "10")
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -117,6 +147,19 @@ def test_deepspeed_config_from_flags():
     assert ds["gradient_accumulation_steps"] == 4
     assert ds["zero_optimization"]["stage"] == 2 and ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] is True
+
+
+def test_deepspeed_buckets_capped_by_model_size(tmp_path):
+    cfg = cfg_of("--zero-stage", "1")
+    assert deepspeed_config(cfg, 1)["zero_optimization"] == {"stage": 1}
+    zero = deepspeed_config(cfg, 1, local_parameters=3_000_000)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 3_000_000
+    assert deepspeed_config(cfg, 1, 10**10)["zero_optimization"]["reduce_bucket_size"] == 5e8
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 123}}))
+    zero = deepspeed_config(cfg_of("--zero-stage", "2", "--deepspeed-config", str(path)), 1,
+                            3_000_000)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 123 and zero["allgather_bucket_size"] == 3_000_000
 
 
 def test_deepspeed_config_file_merge(tmp_path, caplog):
