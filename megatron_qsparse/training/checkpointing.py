@@ -280,8 +280,40 @@ def resolve_checkpoint(path: str) -> str:
                       f"save directory with a '{LATEST}' file")
 
 
+def _safe_load(path: str, map_location: str):
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"--load: cannot read {path} safely "
+                              f"({str(e).strip().splitlines()[0]})") from None
+
+
+def read_model_state(folder: str, cfg: Config, map_location: str = "cpu") -> dict:
+    """The full model's state dict (:class:`GPTModel` names) from a tensor-parallel-size-1
+    checkpoint folder, whatever its pipeline split: DeepSpeed's ``mp_rank_00`` file, or, for a
+    pipeline checkpoint, its per-layer files (``layer_XX-model_00-model_states.pt``)."""
+    from megatron_qsparse.model.gpt import pipeline_layer_names
+
+    if cfg.parallel.pipeline_model_parallel_size == 1:
+        model_file = os.path.join(folder, "mp_rank_00_model_states.pt")
+        if not os.path.isfile(model_file):
+            raise ConfigError(f"--load: {model_file} is missing; the checkpoint is incomplete")
+        return _safe_load(model_file, map_location)["module"]
+    state = {}
+    for idx, prefix in pipeline_layer_names(cfg.model).items():
+        layer_file = os.path.join(folder, f"layer_{idx:02d}-model_00-model_states.pt")
+        if not os.path.isfile(layer_file):
+            raise ConfigError(f"--load: {layer_file} is missing; the pipeline checkpoint is "
+                              "incomplete")
+        for name, tensor in _safe_load(layer_file, map_location).items():
+            state[prefix + name] = tensor
+    return state
+
+
 def load_model(path: str, map_location: str = "cpu"):
-    """Build the model a checkpoint was trained with and load its weights (tensor-parallel size 1).
+    """Build the model a checkpoint was trained with and load its weights (one process: the
+    checkpoint must have tensor-parallel size 1; any pipeline split is merged).
 
     Returns ``(model, config)``; the model is in eval mode. Reads only JSON and tensors.
     """
@@ -291,21 +323,20 @@ def load_model(path: str, map_location: str = "cpu"):
     with open(os.path.join(folder, META_NAME)) as fh:
         meta = json.load(fh)
     cfg = Config.from_dict(meta["config"])
-    if cfg.parallel.tensor_model_parallel_size != 1 or cfg.parallel.pipeline_model_parallel_size != 1:
-        raise ConfigError(f"--load: {folder} is split for tensor/pipeline parallelism; merge it "
-                          "to one shard first")
-    model_file = os.path.join(folder, "mp_rank_00_model_states.pt")
-    if not os.path.isfile(model_file):
-        raise ConfigError(f"--load: {model_file} is missing; the checkpoint is incomplete")
-    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-        try:
-            state = torch.load(model_file, map_location=map_location, weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise ConfigError(f"--load: cannot read {model_file} safely "
-                              f"({str(e).strip().splitlines()[0]})") from None
+    if cfg.parallel.tensor_model_parallel_size != 1:
+        raise ConfigError(f"--load: {folder} is split for tensor parallelism "
+                          f"({cfg.parallel.tensor_model_parallel_size} ranks); merge it to one "
+                          "shard first")
+    state = read_model_state(folder, cfg, map_location)
     from megatron_qsparse.config import padded_vocab_size
 
     model = GPTModel(cfg.model, cfg.qsparse, padded_vocab_size(cfg.model.vocab_size, cfg))
-    model.load_state_dict(state["module"])
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        hint = (" (ZeRO-3 checkpoints hold partitioned weights: consolidate them with "
+                "DeepSpeed's zero_to_fp32.py first)" if meta.get("zero_stage") == 3 else "")
+        raise ConfigError(f"--load: the weights in {folder} do not fit the model its config "
+                          f"describes{hint}: {str(e).strip().splitlines()[0]}") from None
     model.eval()
     return model, cfg
