@@ -27,6 +27,7 @@ from torch import nn
 from megatron_qsparse.inference.linear import DecodeLinear
 from megatron_qsparse.model.gpt import GPTModel
 from megatron_qsparse.model.transformer import apply_rotary
+from megatron_qsparse.sparsity import set_recording
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class InferenceModel(nn.Module):
             raise ValueError("InferenceModel: tensor-parallel models are not supported; merge the "
                              "checkpoint to tensor-parallel size 1")
         self.model = model.eval()
+        set_recording(model, False)  # no density bookkeeping per token
         self.sparse_kernel = sparse_kernel and not _is_dense(model)
         if self.sparse_kernel:
             for layer in model.layers:
@@ -80,10 +82,11 @@ class InferenceModel(nn.Module):
         self.num_layers = cfg.num_layers
 
     def decode_paths(self) -> dict[str, int]:
-        """How many projections take each decode path (see ``DecodeLinear.path``)."""
+        """How many projections take each decode path (see ``DecodeLinear.path``); ``dense`` for
+        a dense model, ``reference`` (the training layers) with ``sparse_kernel=False``."""
         paths = Counter(m.path() for m in self.model.modules() if isinstance(m, DecodeLinear))
         if not paths:
-            paths["dense"] = 4 * self.num_layers
+            paths["dense" if _is_dense(self.model) else "reference"] = 4 * self.num_layers
         return dict(paths)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
