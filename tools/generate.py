@@ -57,7 +57,8 @@ def _tokenizer(cfg, override: str | None):
     if path and not os.path.isfile(path) and not override and os.path.isfile(os.path.join(ROOT, path)):
         path = os.path.join(ROOT, path)
     if path and not os.path.isfile(path):
-        raise ConfigError(f"--tokenizer-model: {path} (from the checkpoint) is not a file; pass "
+        where = "" if override else " (the checkpoint's)"
+        raise ConfigError(f"--tokenizer-model: {path}{where} is not a file; pass "
                           "--tokenizer-model PATH")
     try:
         return build_tokenizer(cfg.data.tokenizer_type, path)
@@ -87,7 +88,8 @@ def run(args) -> int:
     q = cfg.qsparse
     mode = "dense" if q.mode == "none" else q.mode + (f" S={q.ratio}" if q.mode == "topk" else "")
     paths = ", ".join(f"{n} {p}" for p, n in sorted(model.decode_paths().items()))
-    print(args.prompt + tok.detokenize(out.tokens))
+    text = tok.detokenize(prompt + out.tokens) if args.prompt else tok.detokenize(out.tokens)
+    print(text)
     print(f"--- {len(out.tokens)} tokens; prompt {out.prompt_tokens} tokens in "
           f"{out.prefill_seconds * 1e3:.1f} ms; decode {out.decode_tokens_per_second:.1f} tokens/s; "
           f"{mode}{' + BitNet b1.58' if q.bitnet else ''}; projections: {paths}"

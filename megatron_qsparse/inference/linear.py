@@ -11,7 +11,8 @@ ReLU, L2 rescale) and holds the weight once, input-major (``wt = W.T``, ``[in, o
   runs fused — selection and product in one compiled call; every other mode runs the sparsifier,
   then the product over its nonzero entries. BitNet b1.58 reads 2-bit packed ternary rows.
 * **prefill** (several tokens) and any input the kernels do not take (not CPU, fp64, kernels
-  unavailable): the reference, ``F.linear(sparsify(x), W)`` — the training forward.
+  unavailable): the reference, ``F.linear(sparsify(x), W)`` — the training forward, computed on
+  the input-major copy (one weight copy in memory; the GEMM may sum in another order).
 
 Both give the training layer's output up to fp32 summation order (``tests/unit/test_decode_kernels.py``).
 """
