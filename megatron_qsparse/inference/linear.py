@@ -7,7 +7,8 @@ ones training would keep: same K per kind, per-projection ratios, int8 quantized
 ReLU, L2 rescale) and holds the weight once, input-major (``wt = W.T``, ``[in, out]``):
 
 * **decode** (one token): the sparse GEMV of :mod:`~megatron_qsparse.inference.cpu_kernels`
-  reads only the rows of ``wt`` of the kept inputs. Plain Top-K (no int8, no rescale, no BitNet)
+  (on CUDA: :mod:`~megatron_qsparse.inference.triton_kernels`, when Triton is installed; BitNet
+  on CUDA uses the reference) reads only the rows of ``wt`` of the kept inputs. Plain Top-K (no int8, no rescale, no BitNet)
   runs fused — selection and product in one compiled call; every other mode runs the sparsifier,
   then the product over its nonzero entries. BitNet b1.58 reads 2-bit packed ternary rows.
 * **prefill** (several tokens) and any input the kernels do not take (not CPU, fp64, kernels
@@ -30,7 +31,18 @@ from megatron_qsparse.sparsity.bitnet import absmean, int8_activation, ternary_w
 
 logger = logging.getLogger(__name__)
 
-_EPS = 1e-5  # BitNet's ternarization epsilon (sparsity.bitnet)
+_TRITON: list = []
+
+
+def _triton_kernels():
+    """:mod:`.triton_kernels` when CUDA and Triton are present, else None (imported once)."""
+    if not _TRITON:
+        try:
+            from megatron_qsparse.inference import triton_kernels
+        except ImportError:
+            triton_kernels = None
+        _TRITON.append(triton_kernels)
+    return _TRITON[0]
 
 
 class DecodeLinear(nn.Module):
@@ -97,6 +109,14 @@ class DecodeLinear(nn.Module):
         return F.linear(xs, wt.t(), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.sparse_kernel and not self.bitnet and x.numel() == self.in_features:
+            tk = _triton_kernels()
+            if tk is not None:
+                if self.fused_k is not None:
+                    y = tk.gemv_topk(x, self.wt, self.fused_k, self.bias)
+                else:
+                    y = tk.gemv_nonzero(self._sparse_input(x), self.wt, self.bias)
+                return y.to(x.dtype)
         if (not self.sparse_kernel or x.numel() != self.in_features or x.device.type != "cpu"
                 or x.dtype == torch.float64 or not cpu_kernels.available()):
             return self.reference(x)

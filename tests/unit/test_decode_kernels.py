@@ -177,3 +177,26 @@ def test_triton_gemv_matches_dense_reference(d, n, dtype):
         y = triton_kernels.gemv_topk(x, wt, k)
         xs = x.float() * topk_mask(x, k)
         assert_close_to(y.cpu(), xs.cpu(), wt.float().cpu())
+
+
+def test_semi_structured_guard_and_pattern():
+    from megatron_qsparse.inference import semi_structured
+
+    assert semi_structured.applies((2, 4)) and semi_structured.applies((1, 2))
+    assert not semi_structured.applies((3, 4)) and not semi_structured.applies(None)
+    if not torch.cuda.is_available():
+        assert semi_structured.unavailable_reason() == "no CUDA device"
+        with pytest.raises(RuntimeError, match="unavailable: no CUDA device"):
+            semi_structured.block24_linear(torch.zeros(4, 64), torch.zeros(8, 64))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available()
+                    or torch.cuda.get_device_capability()[0] < 8, reason="needs an Ampere+ GPU")
+def test_block24_linear_matches_dense():
+    from megatron_qsparse.inference import semi_structured
+
+    sp = build_sparsifier(QSparseConfig(mode="block", block="2:4"), "qkv", 0)
+    xs = sp(data((100, 192), 1)).half().cuda()
+    w = data((96, 192), 2).half().cuda()
+    y = semi_structured.block24_linear(xs, w)
+    assert torch.allclose(y.float(), (xs.float() @ w.float().t()), rtol=1e-2, atol=1e-1)
