@@ -8,6 +8,11 @@ for one build (an OS file lock, so a build killed half-way never blocks the next
 ahead of time, e.g. before launching many ranks with a timeout:
 ``python -c "from megatron_qsparse.sparsity import kernels; print(kernels.available())"``.
 
+The loader is generic: :func:`compile_extension` builds any C++ source with the same flags, cache
+and lock, and :class:`LazyExtension` wraps it as a build-on-first-use extension with one warning
+and a fallback (the sparse decode GEMV of ``inference/cpu_kernels.py`` uses it; the Top-K threshold
+search is shared with it through ``csrc/topk_select.h``).
+
 Environment (``use_kernels(False)`` also switches them off inside a ``with`` block):
 
 * ``MEGATRON_QSPARSE_KERNELS=0`` never build or use the kernels (the PyTorch path runs).

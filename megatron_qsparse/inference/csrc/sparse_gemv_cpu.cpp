@@ -11,7 +11,8 @@
 //   gemv_nonzero  any sparsifier: the kept set is the nonzero entries of an already sparse x;
 //   gemv_ternary  BitNet b1.58: 2-bit packed ternary weights (4 per byte), times alpha.
 //
-// Work split: threads take blocks of outputs from a shared counter (no reduction between threads);
+// Work split: threads take blocks of outputs from a shared counter (no reduction between threads;
+// see Pool below for why not OpenMP);
 // inside a block, runs of up to kChunk outputs are accumulated in an L1-resident buffer over the kept
 // rows, four rows at a time (four weight streams in flight, a quarter of the accumulator traffic).
 // The inner loops are compiled three times (AVX-512, AVX2+FMA, baseline x86-64) and picked at
@@ -23,6 +24,12 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <unistd.h>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -54,13 +61,16 @@ template <> inline float wload<uint16_t>(const uint16_t* p, int64_t c) {
   return bf16_to_float(p[c]);
 }
 
-// acc[0:len) = sum_r val[r] * w[idx[r]·ld + c0 + (0:len)]
+// acc[0:len) = sum_r val[r] * w[idx[r]·ld + c0 + (0:len)]. Rows go four at a time; while one
+// group is summed, the next group's segments are prefetched line by line (into L2), so the
+// memory system always has the next rows in flight when the current ones are done.
 template <typename WT>
 inline __attribute__((always_inline)) void dense_block(const float* __restrict val,
                                                        const int64_t* __restrict idx, int64_t nk,
                                                        const WT* __restrict w, int64_t ld,
                                                        int64_t c0, int64_t len,
                                                        float* __restrict acc) {
+  constexpr int64_t kLine = 64 / sizeof(WT);  // weights per cache line
   for (int64_t c = 0; c < len; ++c) acc[c] = 0.f;
   int64_t r = 0;
   for (; r + 4 <= nk; r += 4) {
@@ -68,8 +78,22 @@ inline __attribute__((always_inline)) void dense_block(const float* __restrict v
     const WT* __restrict p1 = w + idx[r + 1] * ld + c0;
     const WT* __restrict p2 = w + idx[r + 2] * ld + c0;
     const WT* __restrict p3 = w + idx[r + 3] * ld + c0;
+    const int64_t nx = r + 8 <= nk ? r + 4 : r;  // the next group (itself at the end: harmless)
+    const WT* q0 = w + idx[nx] * ld + c0;
+    const WT* q1 = w + idx[nx + 1] * ld + c0;
+    const WT* q2 = w + idx[nx + 2] * ld + c0;
+    const WT* q3 = w + idx[nx + 3] * ld + c0;
     const float v0 = val[r], v1 = val[r + 1], v2 = val[r + 2], v3 = val[r + 3];
-    for (int64_t c = 0; c < len; ++c)
+    int64_t c = 0;
+    for (; c + kLine <= len; c += kLine) {
+      __builtin_prefetch(q0 + c, 0, 1);
+      __builtin_prefetch(q1 + c, 0, 1);
+      __builtin_prefetch(q2 + c, 0, 1);
+      __builtin_prefetch(q3 + c, 0, 1);
+      for (int64_t j = c; j < c + kLine; ++j)
+        acc[j] += (v0 * wload(p0, j) + v1 * wload(p1, j)) + (v2 * wload(p2, j) + v3 * wload(p3, j));
+    }
+    for (; c < len; ++c)
       acc[c] += (v0 * wload(p0, c) + v1 * wload(p1, c)) + (v2 * wload(p2, c) + v3 * wload(p3, c));
   }
   for (; r < nk; ++r) {
@@ -168,28 +192,111 @@ void run_ternary(const float* val, const int64_t* idx, int64_t nk, const uint8_t
   }
 }
 
-// Output blocks are handed out dynamically: each thread takes the next block from a shared
-// counter, so a thread that the OS preempts (a loaded machine) delays only the block it holds, not
-// a fixed half of the outputs. A block is `block` units of `unit` outputs; tiny products run on
-// the calling thread.
+// Threads. A decode GEMV takes 0.1-20 ms, so a fork-join region (OpenMP) that waits for every
+// thread is fragile: on a machine where other processes hold the cores, one descheduled thread
+// stalls the whole product for a scheduler time slice (4-12 ms measured). Instead, output blocks
+// are handed out from a shared counter; the calling thread works too, and returns as soon as every
+// block is *done*: a helper that wakes late finds no block left and goes back to sleep without
+// being waited for. Worst case: the caller alone, i.e. single-threaded speed. The helpers are
+// persistent (condition variable), their number follows torch.get_num_threads().
+class Pool {
+ public:
+  static Pool& get() {
+    // Never destroyed: helpers are detached and sleep at exit. A forked child (e.g. a DataLoader
+    // worker) has none of the parent's helpers and maybe a mutex locked at fork time: it starts
+    // its own pool.
+    static Pool* pool = nullptr;
+    static pid_t owner = 0;
+    if (pool == nullptr || owner != getpid()) {
+      pool = new Pool();
+      owner = getpid();
+    }
+    return *pool;
+  }
+
+  // fn(begin, end) over [0, units) in blocks of `block` units, on up to `threads` threads.
+  template <typename Fn>
+  void run(int64_t units, int64_t block, int64_t threads, Fn& fn) {
+    if (threads <= 1 || units <= block) {
+      fn(int64_t(0), units);
+      return;
+    }
+    auto job = std::make_shared<Job>();
+    job->units = units;
+    job->block = block;
+    job->fn = [&fn](int64_t b, int64_t e) { fn(b, e); };
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      ensure_helpers(threads - 1);
+      job_ = job;
+      ++generation_;
+      wanted_ = threads - 1;
+    }
+    cv_.notify_all();
+    job->work();
+    for (int spin = 0; job->done.load(std::memory_order_acquire) < units; ++spin) {
+      if (spin > 256) std::this_thread::yield();
+    }
+    std::lock_guard<std::mutex> lock(mutex_);
+    wanted_ = 0;  // a helper that has not woken yet stays asleep
+    if (job_ == job) job_.reset();
+  }
+
+ private:
+  struct Job {
+    std::atomic<int64_t> next{0}, done{0};
+    int64_t units = 0, block = 1;
+    std::function<void(int64_t, int64_t)> fn;  // only called while the caller waits (see run)
+    void work() {
+      for (int64_t b = next.fetch_add(block); b < units; b = next.fetch_add(block)) {
+        const int64_t e = std::min(units, b + block);
+        fn(b, e);
+        done.fetch_add(e - b, std::memory_order_release);
+      }
+    }
+  };
+
+  void ensure_helpers(int64_t n) {
+    while (static_cast<int64_t>(helpers_) < std::min<int64_t>(n, 63)) {
+      std::thread([this] { loop(); }).detach();
+      ++helpers_;
+    }
+  }
+
+  void loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      std::shared_ptr<Job> job;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        cv_.wait(lock, [&] { return generation_ != seen && wanted_ > 0 && job_; });
+        seen = generation_;
+        --wanted_;
+        job = job_;
+      }
+      job->work();  // a finished job has no block left: returns at once
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::shared_ptr<Job> job_;
+  uint64_t generation_ = 0;
+  int64_t wanted_ = 0;
+  size_t helpers_ = 0;
+};
+
+// Split `units` output units over torch's thread count: ~8 blocks per thread, each of at least
+// 64K multiply-adds; tiny products run on the calling thread.
 template <typename Fn>
 void for_blocks(int64_t units, int64_t macs_per_unit, Fn fn) {
   const int64_t total = units * macs_per_unit;
   const int64_t threads = std::min<int64_t>(at::get_num_threads(),
                                             std::max<int64_t>(1, total >> 16));
-  if (threads <= 1) {
-    fn(int64_t(0), units);
-    return;
-  }
-  // ~8 blocks per thread, each at least 64K multiply-adds
   const int64_t block = std::max<int64_t>(
       std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, macs_per_unit)),
       units / (8 * threads));
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t b = next.fetch_add(block); b < units; b = next.fetch_add(block))
-      fn(b, std::min(units, b + block));
-  });
+  Pool::get().run(units, block, threads, fn);
 }
 
 // y[0:n) = W_kept^T val (+ bias), W input-major [d, n] of type WT.
