@@ -80,10 +80,9 @@ class DecodeLinear(nn.Module):
         bias = layer.bias.detach().clone() if layer.bias is not None else None
         self.register_buffer("bias", bias, persistent=False)
         sp = self.sparsifier
-        self.fused_k = None  # Top-K count when selection and product run fused
-        if (sp is not None and sp.mode == "topk" and not sp.quantize and sp.rescale == "none"
-                and not self.bitnet):
-            self.fused_k = sp.keep(self.in_features)
+        # selection and product run fused for plain Top-K (K read at each call: warm-up scale)
+        self.fused = (sp is not None and sp.mode == "topk" and not sp.quantize
+                      and sp.rescale == "none" and not self.bitnet)
 
     def path(self) -> str:
         """Which decode path this layer takes: ``fused-topk``, ``sparsify+nonzero-gemv``,
@@ -92,7 +91,7 @@ class DecodeLinear(nn.Module):
             return "reference"
         if self.bitnet:
             return "sparsify+ternary-gemv"
-        return "fused-topk" if self.fused_k is not None else "sparsify+nonzero-gemv"
+        return "fused-topk" if self.fused else "sparsify+nonzero-gemv"
 
     def _sparse_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.sparsifier is not None:
@@ -112,16 +111,17 @@ class DecodeLinear(nn.Module):
         if x.is_cuda and self.sparse_kernel and not self.bitnet and x.numel() == self.in_features:
             tk = _triton_kernels()
             if tk is not None:
-                if self.fused_k is not None:
-                    y = tk.gemv_topk(x, self.wt, self.fused_k, self.bias)
+                if self.fused:
+                    y = tk.gemv_topk(x, self.wt, self.sparsifier.keep(self.in_features), self.bias)
                 else:
                     y = tk.gemv_nonzero(self._sparse_input(x), self.wt, self.bias)
                 return y.to(x.dtype)
         if (not self.sparse_kernel or x.numel() != self.in_features or x.device.type != "cpu"
                 or x.dtype == torch.float64 or not cpu_kernels.available()):
             return self.reference(x)
-        if self.fused_k is not None:
-            y = cpu_kernels.gemv_topk(x, self.wt, self.fused_k, self.bias)
+        if self.fused:
+            y = cpu_kernels.gemv_topk(x, self.wt, self.sparsifier.keep(self.in_features),
+                                      self.bias)
         elif self.bitnet:
             y = cpu_kernels.gemv_ternary(self._sparse_input(x), self.packed, self.out_features,
                                          self.alpha, self.bias)
