@@ -122,3 +122,16 @@ def test_stop_and_errors():
     cache = im.new_cache(1, 4)
     with pytest.raises(ValueError, match="KV cache full"):
         im(torch.zeros(1, 5, dtype=torch.long), cache)
+
+
+def test_bf16_decode_weights_stay_close():
+    """``weight_dtype=bfloat16`` halves the decode traffic; logits move by bf16 weight rounding."""
+    model = build(CONFIGS["topk"])
+    tokens = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(tokens)
+    im = InferenceModel(model, weight_dtype=torch.bfloat16)
+    assert all(m.wt.dtype == torch.bfloat16 for m in im.modules() if hasattr(m, "wt"))
+    got = cached_logits(im, tokens, prefill=4)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, full, atol=5e-2, rtol=0)
