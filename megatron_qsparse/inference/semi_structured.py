@@ -48,8 +48,9 @@ def block24_linear(xs: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
     """``xs @ weight.T (+ bias)`` with ``xs [..., d]`` 2:4-sparse along ``d`` on sparse tensor cores.
 
-    ``weight`` is ``[out, d]`` (fp16/bf16, CUDA). Tokens are padded to a multiple of 64 and ``d``
-    to a multiple of 64 with zeros (which keep the pattern); the result is cut back.
+    ``weight`` is ``[out, d]`` (fp16/bf16, CUDA). Tokens, ``d`` and ``out`` are padded to multiples
+    of 64 with zeros (which keep the pattern and meet the kernels' shape rules); the result is cut
+    back.
     """
     reason = unavailable_reason(xs.device)
     if reason:
@@ -59,11 +60,12 @@ def block24_linear(xs: torch.Tensor, weight: torch.Tensor,
     d = xs.shape[-1]
     rows = xs.reshape(-1, d)
     t = rows.shape[0]
-    pad_t, pad_d = (-t) % 64, (-d) % 64
+    out = weight.shape[0]
+    pad_t, pad_d, pad_o = (-t) % 64, (-d) % 64, (-out) % 64
     a = F.pad(rows, (0, pad_d, 0, pad_t))
-    w = F.pad(weight, (0, pad_d)) if pad_d else weight
+    w = F.pad(weight, (0, pad_d, 0, pad_o))
     a_sparse = torch.sparse.to_sparse_semi_structured(a)
-    y = torch.mm(a_sparse, w.t())[:t]
+    y = torch.mm(a_sparse, w.t().contiguous())[:t, :out]
     if bias is not None:
         y = y + bias
     return y.view(*xs.shape[:-1], weight.shape[0])
