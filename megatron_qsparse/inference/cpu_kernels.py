@@ -15,7 +15,8 @@ contiguous) so each kept input's row is one contiguous read; see ``csrc/sparse_g
 Every function takes ``x [..., d]`` (rows are independent; each row is one token) of any float
 dtype and returns fp32 ``[..., out]``. The compiled kernel (built on first use and cached by
 :mod:`megatron_qsparse.sparsity.kernels`, ``MEGATRON_QSPARSE_KERNELS=0`` disables it) is used when
-available; otherwise, or with ``use_kernel=False``, the reference below runs (a dense matmul on the
+available; otherwise, or with ``use_kernel=False`` (or inside ``sparsity.kernels.use_kernels(False)``),
+the reference below runs (a dense matmul on the
 sparsified input: same result up to fp32 summation order). Weights may be fp32 or bf16 (the kernel
 converts bf16 to fp32 as it reads; half the traffic).
 """

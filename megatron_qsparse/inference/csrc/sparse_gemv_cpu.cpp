@@ -12,15 +12,15 @@
 //   gemv_ternary  BitNet b1.58: 2-bit packed ternary weights (4 per byte), times alpha.
 //
 // Work split: threads take blocks of outputs from a shared counter (no reduction between threads;
-// see Pool below for why not OpenMP);
-// inside a block, runs of up to kChunk outputs are accumulated in an L1-resident buffer over the kept
-// rows, four rows at a time (four weight streams in flight, a quarter of the accumulator traffic).
+// see Pool below for why not OpenMP). Inside a block, runs of up to kChunk outputs are accumulated
+// in an L1-resident buffer over the kept rows, four rows at a time (four weight streams in flight,
+// a quarter of the accumulator traffic), prefetching the next four rows.
 // The inner loops are compiled three times (AVX-512, AVX2+FMA, baseline x86-64) and picked at
 // run time, so the cached binary still runs on any x86-64 CPU; the build flags have no -march.
 
 #include <torch/extension.h>
 
-#include <ATen/Parallel.h>
+#include <ATen/Parallel.h>  // at::get_num_threads
 
 #include <algorithm>
 #include <atomic>
