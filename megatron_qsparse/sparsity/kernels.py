@@ -8,6 +8,11 @@ for one build (an OS file lock, so a build killed half-way never blocks the next
 ahead of time, e.g. before launching many ranks with a timeout:
 ``python -c "from megatron_qsparse.sparsity import kernels; print(kernels.available())"``.
 
+The loader is generic: :func:`compile_extension` builds any C++ source with the same flags, cache
+and lock, and :class:`LazyExtension` wraps it as a build-on-first-use extension with one warning
+and a fallback (the sparse decode GEMV of ``inference/cpu_kernels.py`` uses it; the Top-K threshold
+search is shared with it through ``csrc/topk_select.h``).
+
 Environment (``use_kernels(False)`` also switches them off inside a ``with`` block):
 
 * ``MEGATRON_QSPARSE_KERNELS=0`` never build or use the kernels (the PyTorch path runs).
@@ -35,6 +40,7 @@ import sys
 import threading
 from pathlib import Path
 from types import ModuleType
+from typing import Sequence
 
 import torch
 
@@ -66,7 +72,7 @@ def _load() -> ModuleType | None:
         if _tried:
             return _module
         _tried = True
-        if os.environ.get(ENV_ENABLE, "1").strip().lower() in ("0", "false", "no", "off"):
+        if kernels_disabled():
             _error = f"disabled by {ENV_ENABLE}=0"
         else:
             try:
@@ -81,21 +87,77 @@ def _load() -> ModuleType | None:
 
 
 def _compile() -> ModuleType:
+    return compile_extension("megatron_qsparse_cpu", [SOURCE])
+
+
+def compile_extension(prefix: str, sources: Sequence[Path],
+                      include_dirs: Sequence[Path] = ()) -> ModuleType:
+    """Build (or load the cached build of) a C++ extension from ``sources`` (``-O3 -fopenmp``).
+
+    The build lives in ``<cache>/<prefix>_<digest>``, the digest covering the sources, every
+    ``*.h`` beside them or in ``include_dirs``, the flags, the torch and the Python version; an
+    OS file lock makes concurrent first uses wait for one build. Raises if the build fails.
+    """
     from torch.utils.cpp_extension import load
 
-    source = SOURCE.read_bytes()
-    tag = hashlib.sha1(source + " ".join(_CFLAGS).encode() + torch.__version__.encode()
-                       + sys.version.encode()).hexdigest()[:12]
-    name = f"megatron_qsparse_cpu_{tag}"
+    sources = [Path(s) for s in sources]
+    dirs = sorted({s.parent for s in sources} | {Path(d) for d in include_dirs})
+    headers = sorted(h for d in dirs for h in d.glob("*.h"))
+    digest = hashlib.sha1()
+    for f in [*sources, *headers]:
+        digest.update(f.name.encode() + f.read_bytes())
+    digest.update(" ".join(_CFLAGS).encode() + torch.__version__.encode() + sys.version.encode())
+    name = f"{prefix}_{digest.hexdigest()[:12]}"
     build = _build_dir(name)
     build.mkdir(parents=True, exist_ok=True)
     with _build_lock(build):
         if not (build / f"{name}.so").exists():
-            logger.info("building the Q-Sparse CPU kernels in %s (once per machine, ~30-60 s)",
-                        build)
-        return load(name=name, sources=[str(SOURCE)], extra_cflags=_CFLAGS,
-                    extra_ldflags=["-fopenmp"], build_directory=str(build), with_cuda=False,
-                    verbose=False)
+            logger.info("building %s in %s (once per machine, ~30-60 s)", prefix, build)
+        return load(name=name, sources=[str(s) for s in sources], extra_cflags=_CFLAGS,
+                    extra_ldflags=["-fopenmp"], extra_include_paths=[str(d) for d in dirs],
+                    build_directory=str(build), with_cuda=False, verbose=False)
+
+
+def kernels_disabled() -> bool:
+    """Whether ``MEGATRON_QSPARSE_KERNELS`` switches every compiled kernel off."""
+    return os.environ.get(ENV_ENABLE, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+class LazyExtension:
+    """A compiled extension built on first use (:func:`compile_extension`), or the reason not.
+
+    ``get()`` returns the module or None (one warning is logged, naming ``what`` and the
+    fallback); it honours ``MEGATRON_QSPARSE_KERNELS=0``. Thread-safe; tried once per process.
+    """
+
+    def __init__(self, prefix: str, sources: Sequence[Path], include_dirs: Sequence[Path] = (),
+                 what: str = "", fallback: str = "the pure-PyTorch path"):
+        self.prefix, self.sources, self.include_dirs = prefix, list(sources), list(include_dirs)
+        self.what, self.fallback = what or prefix, fallback
+        self.module: ModuleType | None = None
+        self.tried = False
+        self.error: str | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> ModuleType | None:
+        if self.tried:
+            return self.module
+        with self._lock:
+            if self.tried:
+                return self.module
+            if kernels_disabled():
+                self.error = f"disabled by {ENV_ENABLE}=0"
+            else:
+                try:
+                    self.module = compile_extension(self.prefix, self.sources, self.include_dirs)
+                except Exception as e:  # compiler missing, headers missing, read-only cache, ...
+                    lines = str(e).strip().splitlines() or [""]
+                    self.error = f"{type(e).__name__}: {lines[-1]}"
+            if self.module is None:
+                logger.warning("%s unavailable (%s); using %s", self.what, self.error,
+                               self.fallback)
+            self.tried = True
+            return self.module
 
 
 @contextlib.contextmanager

@@ -9,18 +9,13 @@
 //     +-inf also gives a signed zero, where x * 0 is NaN), kept ones are copied;
 //   * the count of nonzero outputs is returned, so density statistics need no extra pass.
 //
-// Top-K selection works on the IEEE bit patterns: with the sign bit cleared, the order of |x|
-// equals the order of the bits read as unsigned integers (NaN sorts above inf). Per row:
-//   1. histogram of the top bits of |x| (2048 bins for fp32/fp64, 1024 for 16-bit types);
-//   2. walk the bins down from the largest to find the bin holding the k-th largest key;
-//   3. gather that bin's keys (typically a few percent of the row) and nth_element them to get
-//      the exact k-th largest key T; if more keys equal T than there is room for, find the index
-//      of the last one we may keep (the lowest-index ones win);
-//   4. one branch-free pass writes y (and the bool mask when asked): keep = |x| > T, or
-//      |x| == T before that index.
+// Top-K selection (topk_select.h) finds each row's exact threshold with a histogram radix select on
+// the bits of |x|; one branch-free pass then writes y (and the bool mask when asked).
 // Rows are independent: at::parallel_for spreads them over torch's intra-op threads.
 
 #include <torch/extension.h>
+
+#include "topk_select.h"
 
 #include <ATen/Parallel.h>
 
@@ -32,24 +27,7 @@
 
 namespace {
 
-// Bit-level description of each storage width: the sign bit and how far to shift |x| so that the
-// histogram bins keep the exponent plus a few mantissa bits.
-template <typename Bits> struct Layout;
-template <> struct Layout<uint16_t> {  // fp16, bf16
-  static constexpr uint16_t kSign = 0x8000u;
-  static constexpr int kShift = 5;  // 15 magnitude bits -> 1024 bins (bf16: exponent + 2 bits)
-};
-template <> struct Layout<uint32_t> {  // fp32
-  static constexpr uint32_t kSign = 0x80000000u;
-  static constexpr int kShift = 20;  // 31 magnitude bits -> 2048 bins (exponent + 3 mantissa bits)
-};
-template <> struct Layout<uint64_t> {  // fp64
-  static constexpr uint64_t kSign = uint64_t(1) << 63;
-  static constexpr int kShift = 52;  // 63 magnitude bits -> 2048 bins (the exponent)
-};
-
-template <typename Bits>
-constexpr int64_t kBins = int64_t(1) << (8 * sizeof(Bits) - 1 - Layout<Bits>::kShift);
+using qsparse::Layout;
 
 // y[i] = keep ? x[i] : copysign(0, x[i]) for i in [begin, end), keep = (|x| + bump > t); bump = 1
 // turns the test into |x| >= t. Branch-free so the compiler vectorizes it.
@@ -66,65 +44,20 @@ inline void write_kept(const Bits* x, Bits* y, bool* mask, int64_t begin, int64_
   }
 }
 
-// Per-thread scratch for Top-K: the histogram and the candidates of the threshold bin.
+// Per-thread scratch for Top-K: the shared threshold search, then the fused write.
 template <typename Bits>
 struct TopKRow {
-  std::vector<uint32_t> hist;
-  std::vector<Bits> cand;
+  qsparse::TopKSelect<Bits> select;
 
-  explicit TopKRow(int64_t d) : hist(kBins<Bits>, 0), cand(d + 1) {}
+  explicit TopKRow(int64_t d) : select(d) {}
 
   // Sparsify one row of d entries keeping k (1 <= k < d); returns the nonzero count of y.
   int64_t run(const Bits* x, Bits* y, bool* mask, int64_t d, int64_t k) {
-    constexpr int kShift = Layout<Bits>::kShift;
-    constexpr Bits kAbs = static_cast<Bits>(~Layout<Bits>::kSign);
-    uint32_t* h = hist.data();
-
-    // 1. histogram of the top bits, remembering the range of bins touched.
-    int64_t lo = kBins<Bits> - 1, hi = 0;
-    for (int64_t i = 0; i < d; ++i) {
-      const int64_t b = static_cast<Bits>(x[i] & kAbs) >> kShift;
-      ++h[b];
-      lo = std::min(lo, b);
-      hi = std::max(hi, b);
-    }
-    // 2. from the top bin down, find bin b0 holding the k-th largest key; `above` keys lie above.
-    int64_t above = 0, b0 = hi;
-    while (above + h[b0] < k) above += h[b0--];
-    std::fill(h + lo, h + hi + 1, 0u);  // clean for the next row
-
-    // 3. exact k-th largest key t among the keys of bin b0 (branch-free compaction).
-    int64_t n = 0;
-    Bits* c = cand.data();
-    for (int64_t i = 0; i < d; ++i) {
-      const Bits a = static_cast<Bits>(x[i] & kAbs);
-      c[n] = a;
-      n += (a >> kShift) == b0;
-    }
-    const int64_t r = k - above;  // rank of the threshold inside the bin, 1 <= r <= n
-    std::nth_element(c, c + (r - 1), c + n, std::greater<Bits>());
-    const Bits t = c[r - 1];
-    int64_t greater = above, equal = 0;
-    for (int64_t j = 0; j < n; ++j) {
-      greater += c[j] > t;
-      equal += c[j] == t;
-    }
-    // Ties at t: keep the first `room` of them in index order, i.e. |x| == t only below `limit`.
-    const int64_t room = k - greater;
-    int64_t limit = d;
-    if (room < equal) {
-      int64_t seen = 0;
-      for (int64_t i = 0; i < d; ++i) {
-        if (static_cast<Bits>(x[i] & kAbs) == t && ++seen == room) {
-          limit = i + 1;
-          break;
-        }
-      }
-    }
-    // 4. write: |x| >= t before limit, |x| > t after it.
-    write_kept(x, y, mask, 0, limit, t, Bits(1));
-    write_kept(x, y, mask, limit, d, t, Bits(0));
-    return t == 0 ? greater : k;  // kept keys are > 0 unless the threshold itself is zero
+    const qsparse::Threshold<Bits> th = select.find(x, d, k);
+    // write: |x| >= t before limit, |x| > t after it.
+    write_kept(x, y, mask, 0, th.limit, th.t, Bits(1));
+    write_kept(x, y, mask, th.limit, d, th.t, Bits(0));
+    return th.t == 0 ? th.greater : k;  // kept keys are > 0 unless the threshold itself is zero
   }
 };
 

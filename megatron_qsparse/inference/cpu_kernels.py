@@ -1,0 +1,136 @@
+"""Sparse GEMV kernels for the decode step on CPU, with a pure-PyTorch reference.
+
+With top-K inputs a projection ``y = W x_s + b`` needs only the weight rows of the kept inputs.
+Decoding one token is bound by weight traffic, so reading ``K`` of ``d`` rows gives up to
+``d/K = 1/(1-S)`` speed-up. The weight is held **input-major** (``wt = W.T``, ``[in, out]``
+contiguous) so each kept input's row is one contiguous read; see ``csrc/sparse_gemv_cpu.cpp``.
+
+* :func:`gemv_topk` — fused: the exact Top-K of ``|x|`` (the training sparsifier's selection,
+  ties to the lower index, shared C++ code) and the product, in one call;
+* :func:`gemv_nonzero` — any sparsifier: ``x`` is already sparse (block N:M, ReLU, int8-quantized
+  or rescaled Top-K from :class:`~megatron_qsparse.sparsity.Sparsifier`); the nonzero rows are read;
+* :func:`gemv_ternary` — BitNet b1.58: weights packed 2 bits each (:func:`pack_ternary`), the
+  product scaled by ``alpha``; 1/16 of the fp32 weight bytes.
+
+Every function takes ``x [..., d]`` (rows are independent; each row is one token) of any float
+dtype and returns fp32 ``[..., out]``. The compiled kernel (built on first use and cached by
+:mod:`megatron_qsparse.sparsity.kernels`, ``MEGATRON_QSPARSE_KERNELS=0`` disables it) is used when
+available; otherwise, or with ``use_kernel=False`` (or inside ``sparsity.kernels.use_kernels(False)``),
+the reference below runs (a dense matmul on the
+sparsified input: same result up to fp32 summation order). Weights may be fp32 or bf16 (the kernel
+converts bf16 to fp32 as it reads; half the traffic).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megatron_qsparse.sparsity import kernels as _sparsify_kernels
+from megatron_qsparse.sparsity.topk import topk_mask
+
+_CSRC = Path(__file__).with_name("csrc")
+_EXT = _sparsify_kernels.LazyExtension(
+    "megatron_qsparse_decode", [_CSRC / "sparse_gemv_cpu.cpp"],
+    include_dirs=[_sparsify_kernels.SOURCE.parent], what="Q-Sparse sparse decode kernels",
+    fallback="dense matmuls on the sparsified input (same results, slower)")
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def available() -> bool:
+    """Whether the compiled decode kernels can be used (builds them on the first call)."""
+    return _EXT.get() is not None
+
+
+def unavailable_reason() -> str | None:
+    _EXT.get()
+    return _EXT.error
+
+
+def isa() -> str:
+    """Instruction set of the kernel's inner loops (``avx512``, ``avx2``, ``baseline``)."""
+    module = _EXT.get()
+    return module.isa() if module is not None else "unavailable"
+
+
+def _use(x: torch.Tensor, w: torch.Tensor, use_kernel: bool) -> bool:
+    return (use_kernel and x.device.type == "cpu" and w.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and _sparsify_kernels._enabled and _EXT.get() is not None)
+
+
+def _check(x: torch.Tensor, wt: torch.Tensor) -> None:
+    if wt.dim() != 2 or x.shape[-1] != wt.shape[0]:
+        raise ValueError(f"sparse gemv: input has {x.shape[-1]} features, the input-major weight "
+                         f"is {tuple(wt.shape)} ([in, out] expected)")
+
+
+def _reference(xs: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    y = xs.float() @ wt.float()
+    return y if bias is None else y + bias.float()
+
+
+def gemv_topk(x: torch.Tensor, wt: torch.Tensor, k: int, bias: torch.Tensor | None = None, *,
+              use_kernel: bool = True) -> torch.Tensor:
+    """``topk(x, k) @ wt (+ bias)`` in fp32: the Top-K of ``|x|`` per row, ``1 <= k <= d``."""
+    _check(x, wt)
+    if k >= x.shape[-1]:
+        return gemv_nonzero(x, wt, bias, use_kernel=use_kernel)
+    if _use(x, wt, use_kernel) and wt.dtype in WEIGHT_DTYPES:
+        y = _EXT.module.gemv_topk(x, wt.contiguous(), k, bias)
+        return y.view(*x.shape[:-1], wt.shape[1])
+    return _reference(x * topk_mask(x, k), wt, bias)
+
+
+def gemv_nonzero(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 use_kernel: bool = True) -> torch.Tensor:
+    """``x @ wt (+ bias)`` in fp32 reading only the rows of ``wt`` where ``x`` is nonzero."""
+    _check(x, wt)
+    if _use(x, wt, use_kernel) and wt.dtype in WEIGHT_DTYPES:
+        y = _EXT.module.gemv_nonzero(x, wt.contiguous(), bias)
+        return y.view(*x.shape[:-1], wt.shape[1])
+    return _reference(x, wt, bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# BitNet b1.58: 2-bit packed ternary weights
+
+
+def pack_ternary(t: torch.Tensor) -> torch.Tensor:
+    """Pack ternary codes ``t [out, in]`` (values in {-1, 0, 1}) input-major, 4 per byte.
+
+    Returns ``uint8 [in, P]``, ``P = ceil(out / 4)``: byte ``b`` of input row ``i`` holds
+    ``t[b + q·P, i] + 1`` in bits ``2q..2q+1`` for ``q = 0..3`` (outputs past ``out`` hold 1,
+    i.e. zero). This plane layout lets the kernel decode a run of bytes into four contiguous runs
+    of outputs.
+    """
+    out, d = t.shape
+    p = (out + 3) // 4
+    codes = torch.ones(4 * p, d, dtype=torch.uint8)
+    codes[:out] = (t.round().clamp(-1, 1).to(torch.int16) + 1).to(torch.uint8)
+    planes = codes.view(4, p, d)
+    packed = planes[0] | (planes[1] << 2) | (planes[2] << 4) | (planes[3] << 6)
+    return packed.t().contiguous()
+
+
+def unpack_ternary(packed: torch.Tensor, out: int) -> torch.Tensor:
+    """Inverse of :func:`pack_ternary`: ``float32 [out, in]`` codes in {-1, 0, 1}."""
+    d, p = packed.shape
+    planes = torch.stack([(packed >> (2 * q)) & 3 for q in range(4)])  # [4, in, P]
+    codes = planes.permute(0, 2, 1).reshape(4 * p, d)[:out]
+    return codes.float() - 1.0
+
+
+def gemv_ternary(x: torch.Tensor, packed: torch.Tensor, out: int, alpha: float,
+                 bias: torch.Tensor | None = None, *, use_kernel: bool = True) -> torch.Tensor:
+    """``alpha · (x @ T.T) (+ bias)`` in fp32 for 2-bit packed ternary ``T`` (:func:`pack_ternary`),
+    reading only the packed rows where ``x`` is nonzero."""
+    if packed.dim() != 2 or x.shape[-1] != packed.shape[0]:
+        raise ValueError(f"gemv_ternary: input has {x.shape[-1]} features, the packed weight "
+                         f"{tuple(packed.shape)}")
+    if _use(x, packed, use_kernel):
+        y = _EXT.module.gemv_ternary(x, packed.contiguous(), out, float(alpha), bias)
+        return y.view(*x.shape[:-1], out)
+    y = (x.float() @ unpack_ternary(packed, out).t()) * float(alpha)
+    return y if bias is None else y + bias.float()

@@ -1,0 +1,135 @@
+"""The inference form of a sparse projection: input-major weight, sparse GEMV for one token.
+
+:class:`DecodeLinear` replaces a (TP = 1) :class:`~megatron_qsparse.parallel.layers.ColumnParallelLinear`
+or :class:`~megatron_qsparse.parallel.layers.RowParallelLinear` of a trained model. It keeps the
+layer's own :class:`~megatron_qsparse.sparsity.Sparsifier` (so the kept inputs are exactly the
+ones training would keep: same K per kind, per-projection ratios, int8 quantized Top-K, block N:M,
+ReLU, L2 rescale) and holds the weight once, input-major (``wt = W.T``, ``[in, out]``):
+
+* **decode** (one token): the sparse GEMV of :mod:`~megatron_qsparse.inference.cpu_kernels`
+  (on CUDA: :mod:`~megatron_qsparse.inference.triton_kernels`, when Triton is installed; BitNet
+  on CUDA uses the reference) reads only the rows of ``wt`` of the kept inputs. Plain Top-K (no int8, no rescale, no BitNet)
+  runs fused — selection and product in one compiled call; every other mode runs the sparsifier,
+  then the product over its nonzero entries. BitNet b1.58 reads 2-bit packed ternary rows.
+* **prefill** (several tokens) and any input the kernels do not take (not CPU, fp64, kernels
+  unavailable): the reference, ``F.linear(sparsify(x), W)`` — the training forward, computed on
+  the input-major copy (one weight copy in memory; the GEMM may sum in another order).
+
+Both give the training layer's output up to fp32 summation order (``tests/unit/test_decode_kernels.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_qsparse.inference import cpu_kernels
+from megatron_qsparse.sparsity.bitnet import absmean, int8_activation, ternary_weight
+
+logger = logging.getLogger(__name__)
+
+_TRITON: list = []
+
+
+def _triton_kernels():
+    """:mod:`.triton_kernels` when CUDA and Triton are present, else None (imported once)."""
+    if not _TRITON:
+        try:
+            from megatron_qsparse.inference import triton_kernels
+        except ImportError:
+            triton_kernels = None
+        _TRITON.append(triton_kernels)
+    return _TRITON[0]
+
+
+class DecodeLinear(nn.Module):
+    """``y = sparsify(x) Wᵀ + b`` for inference, from a trained sparse linear layer.
+
+    Args:
+        layer: a ColumnParallelLinear / RowParallelLinear at tensor-parallel size 1.
+        sparse_kernel: use the sparse GEMV for single tokens (else always the reference).
+        weight_dtype: storage dtype of the input-major weight (default: the layer's; ``bfloat16``
+            halves the decode traffic at bf16 rounding of the weights).
+    """
+
+    def __init__(self, layer: nn.Module, *, sparse_kernel: bool = True,
+                 weight_dtype: torch.dtype | None = None):
+        super().__init__()
+        if getattr(layer, "parallel", None) is not None and layer.parallel.tp_size != 1:
+            raise ValueError("DecodeLinear: the layer is a tensor-parallel shard; merge the "
+                             "checkpoint to tensor-parallel size 1 first")
+        self.sparsifier = layer.sparsifier
+        self.bitnet = bool(layer.bitnet)
+        self.sparse_kernel = sparse_kernel
+        self.in_features, self.out_features = layer.input_size, layer.output_size
+        w = layer.weight.detach()
+        with torch.no_grad():
+            if self.bitnet:
+                # the exact weight training multiplies by, and its 2-bit codes for the kernel
+                alpha = absmean(w)
+                w = ternary_weight(w)
+                codes = (w.float() / alpha).round().clamp(-1, 1) if float(alpha) > 0 else \
+                    torch.zeros_like(w, dtype=torch.float32)
+                self.register_buffer("packed", cpu_kernels.pack_ternary(codes), persistent=False)
+                self.alpha = float(alpha)
+            wt = w.t().to(weight_dtype or w.dtype).contiguous()
+        self.register_buffer("wt", wt, persistent=False)
+        bias = layer.bias.detach().clone() if layer.bias is not None else None
+        self.register_buffer("bias", bias, persistent=False)
+        sp = self.sparsifier
+        # selection and product run fused for plain Top-K (K read at each call: warm-up scale)
+        self.fused = (sp is not None and sp.mode == "topk" and not sp.quantize
+                      and sp.rescale == "none" and not self.bitnet)
+
+    def path(self) -> str:
+        """Which decode path this layer takes: ``fused-topk``, ``sparsify+nonzero-gemv``,
+        ``sparsify+ternary-gemv`` or ``reference``."""
+        if not (self.sparse_kernel and cpu_kernels.available()):
+            return "reference"
+        if self.bitnet:
+            return "sparsify+ternary-gemv"
+        return "fused-topk" if self.fused else "sparsify+nonzero-gemv"
+
+    def _sparse_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sparsifier is not None:
+            x = self.sparsifier(x)
+        return int8_activation(x) if self.bitnet else x
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The training forward: ``F.linear(sparsify(x), W, b)`` (int8 activations for BitNet)."""
+        xs = self._sparse_input(x)
+        wt = self.wt
+        if wt.dtype != xs.dtype:  # bf16 storage of an fp32 model
+            return F.linear(xs.to(wt.dtype), wt.t(), None if self.bias is None else
+                            self.bias.to(wt.dtype)).to(x.dtype)
+        return F.linear(xs, wt.t(), self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.sparse_kernel and not self.bitnet and x.numel() == self.in_features:
+            tk = _triton_kernels()
+            if tk is not None:
+                if self.fused:
+                    y = tk.gemv_topk(x, self.wt, self.sparsifier.keep(self.in_features), self.bias)
+                else:
+                    y = tk.gemv_nonzero(self._sparse_input(x), self.wt, self.bias)
+                return y.to(x.dtype)
+        if (not self.sparse_kernel or x.numel() != self.in_features or x.device.type != "cpu"
+                or x.dtype == torch.float64 or not cpu_kernels.available()):
+            return self.reference(x)
+        if self.fused:
+            y = cpu_kernels.gemv_topk(x, self.wt, self.sparsifier.keep(self.in_features),
+                                      self.bias)
+        elif self.bitnet:
+            y = cpu_kernels.gemv_ternary(self._sparse_input(x), self.packed, self.out_features,
+                                         self.alpha, self.bias)
+        else:
+            y = cpu_kernels.gemv_nonzero(self._sparse_input(x), self.wt, self.bias)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, bitnet={self.bitnet}, "
+                f"weight={str(self.wt.dtype).replace('torch.', '')} input-major, "
+                f"decode={self.path()}")

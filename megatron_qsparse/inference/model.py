@@ -1,0 +1,146 @@
+"""Inference-time model: a trained :class:`~megatron_qsparse.model.gpt.GPTModel` with a KV cache
+and sparse decode projections.
+
+:class:`InferenceModel` runs the trained modules themselves (embedding, norms, rotary tables,
+FFN activation, LM head) in their training order, so a prefill equals the training forward; it
+adds only what generation needs and leaves the training code paths untouched:
+
+* a preallocated :class:`KVCache` (``[layers, batch, kv_heads, max_len, head_dim]`` for keys and
+  values); each call appends its tokens' keys/values and attends to everything cached before,
+  with RoPE at the right absolute positions (``offset``);
+* every sparse projection replaced by a :class:`~megatron_qsparse.inference.linear.DecodeLinear`
+  (input-major weight, sparse GEMV for single tokens) unless ``sparse_kernel=False``; a dense
+  model (``--qsparse-mode none`` without BitNet) keeps its layers, out-major, as the dense baseline.
+
+:func:`load_inference_model` builds it from a checkpoint (tensor-parallel size 1).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_qsparse.inference.linear import DecodeLinear
+from megatron_qsparse.model.gpt import GPTModel
+from megatron_qsparse.model.transformer import apply_rotary
+from megatron_qsparse.sparsity import set_recording
+
+logger = logging.getLogger(__name__)
+
+
+class KVCache:
+    """Preallocated keys and values of every layer; ``length`` positions are filled."""
+
+    def __init__(self, layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        shape = (layers, batch, kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len, self.length = max_len, 0
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+def _is_dense(model: GPTModel) -> bool:
+    q = model.qsparse_config
+    return q.mode == "none" and not q.bitnet
+
+
+class InferenceModel(nn.Module):
+    """Generation wrapper around a trained GPT model (TP = 1). See the module docstring.
+
+    ``forward(tokens [b, s], cache, last_only=False)`` returns logits ``[b, s, V]`` (``[b, 1, V]``
+    with ``last_only``) for the ``s`` tokens at positions ``cache.length ..``, and advances the
+    cache.
+    """
+
+    def __init__(self, model: GPTModel, *, sparse_kernel: bool = True,
+                 weight_dtype: torch.dtype | None = None):
+        super().__init__()
+        if model.parallel.tp_size != 1:
+            raise ValueError("InferenceModel: tensor-parallel models are not supported; merge the "
+                             "checkpoint to tensor-parallel size 1")
+        self.model = model.eval()
+        set_recording(model, False)  # no density bookkeeping per token
+        self.sparse_kernel = sparse_kernel and not _is_dense(model)
+        if self.sparse_kernel:
+            for layer in model.layers:
+                a, m = layer.attention, layer.mlp
+                a.qkv = DecodeLinear(a.qkv, weight_dtype=weight_dtype)
+                a.o = DecodeLinear(a.o, weight_dtype=weight_dtype)
+                m.gate_up = DecodeLinear(m.gate_up, weight_dtype=weight_dtype)
+                m.down = DecodeLinear(m.down, weight_dtype=weight_dtype)
+        cfg = model.config
+        att = model.layers[0].attention
+        self.nq, self.nkv, self.hd = att.nq, att.nkv, att.hd
+        self.max_positions = att.rotary.max_positions
+        self.num_layers = cfg.num_layers
+
+    def decode_paths(self) -> dict[str, int]:
+        """How many projections take each decode path (see ``DecodeLinear.path``); ``dense`` for
+        a dense model, ``reference`` (the training layers) with ``sparse_kernel=False``."""
+        paths = Counter(m.path() for m in self.model.modules() if isinstance(m, DecodeLinear))
+        if not paths:
+            paths["dense" if _is_dense(self.model) else "reference"] = 4 * self.num_layers
+        return dict(paths)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        if max_len > self.max_positions:
+            raise ValueError(f"{max_len} positions exceed the model's {self.max_positions} "
+                             "(its rotary table); generate fewer tokens or shorten the prompt")
+        p = self.model.embedding.weight
+        return KVCache(self.num_layers, batch, self.nkv, max_len, self.hd, p.dtype, p.device)
+
+    def _attention(self, att: nn.Module, x: torch.Tensor, cache: KVCache, i: int,
+                   pos: int) -> torch.Tensor:
+        b, s, _ = x.shape
+        nq, nkv, hd = self.nq, self.nkv, self.hd
+        q, k, v = att.qkv(x).split([nq * hd, nkv * hd, nkv * hd], dim=-1)
+        q = q.view(b, s, nq, hd).transpose(1, 2)
+        k = k.view(b, s, nkv, hd).transpose(1, 2)
+        v = v.view(b, s, nkv, hd).transpose(1, 2)
+        cos, sin = att.rotary(s, x.device, offset=pos)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        end = pos + s
+        cache.k[i, :b, :, pos:end] = k
+        cache.v[i, :b, :, pos:end] = v
+        keys, values = cache.k[i, :b, :, :end], cache.v[i, :b, :, :end]
+        gqa = nkv != nq
+        if s == 1:  # one new token sees every cached position
+            y = F.scaled_dot_product_attention(q, keys, values, enable_gqa=gqa)
+        elif pos == 0:
+            y = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
+        else:  # a chunk after cached tokens: causal within the chunk, all of the past
+            mask = torch.ones(s, end, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+        return att.o(y.transpose(1, 2).reshape(b, s, nq * hd))
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False
+                ) -> torch.Tensor:
+        b, s = tokens.shape
+        pos = cache.length
+        if pos + s > cache.max_len:
+            raise ValueError(f"KV cache full: {pos} + {s} tokens > {cache.max_len} positions")
+        m = self.model
+        h = m.embedding(tokens)
+        for i, layer in enumerate(m.layers):
+            h = h + self._attention(layer.attention, layer.input_norm(h), cache, i, pos)
+            h = h + layer.mlp(layer.post_attention_norm(h))
+        cache.length = pos + s
+        if last_only:
+            h = h[:, -1:]
+        return F.linear(m.final_norm(h), m.output_weight())
+
+
+def load_inference_model(path: str, *, sparse_kernel: bool = True,
+                         weight_dtype: torch.dtype | None = None):
+    """``(InferenceModel, Config)`` from a checkpoint folder (see ``checkpointing.load_model``)."""
+    from megatron_qsparse.training.checkpointing import load_model
+
+    model, cfg = load_model(path)
+    return InferenceModel(model, sparse_kernel=sparse_kernel, weight_dtype=weight_dtype), cfg

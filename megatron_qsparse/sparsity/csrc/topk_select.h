@@ -1,0 +1,108 @@
+// Exact per-row Top-K threshold by |x| on IEEE bit patterns, shared by the compiled sparsify kernel
+// (sparsify_cpu.cpp) and the sparse decode GEMV (inference/csrc/sparse_gemv_cpu.cpp), so both select
+// exactly the entries of sparsity/topk.py's topk_mask (ties to the LOWER index).
+//
+// With the sign bit cleared, the order of |x| equals the order of the bits read as unsigned
+// integers (NaN sorts above inf). Per row:
+//   1. histogram of the top bits of |x| (2048 bins for fp32/fp64, 1024 for 16-bit types);
+//   2. walk the bins down from the largest to find the bin holding the k-th largest key;
+//   3. gather that bin's keys (typically a few percent of the row) and nth_element them to get
+//      the exact k-th largest key T; if more keys equal T than there is room for, find the index
+//      of the last one we may keep (the lowest-index ones win).
+// Entry i is kept when |x_i| > T, or |x_i| == T and i < limit.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+namespace qsparse {
+
+// Bit-level description of each storage width: the sign bit and how far to shift |x| so that the
+// histogram bins keep the exponent plus a few mantissa bits.
+template <typename Bits> struct Layout;
+template <> struct Layout<uint16_t> {  // fp16, bf16
+  static constexpr uint16_t kSign = 0x8000u;
+  static constexpr int kShift = 5;  // 15 magnitude bits -> 1024 bins (bf16: exponent + 2 bits)
+};
+template <> struct Layout<uint32_t> {  // fp32
+  static constexpr uint32_t kSign = 0x80000000u;
+  static constexpr int kShift = 20;  // 31 magnitude bits -> 2048 bins (exponent + 3 mantissa bits)
+};
+template <> struct Layout<uint64_t> {  // fp64
+  static constexpr uint64_t kSign = uint64_t(1) << 63;
+  static constexpr int kShift = 52;  // 63 magnitude bits -> 2048 bins (the exponent)
+};
+
+template <typename Bits>
+constexpr int64_t kBins = int64_t(1) << (8 * sizeof(Bits) - 1 - Layout<Bits>::kShift);
+
+// The threshold of one row: keep |x| > t, and |x| == t below index `limit`. `greater` counts the
+// keys > t; the row keeps exactly k entries, of which `t == 0 ? greater : k` are nonzero.
+template <typename Bits> struct Threshold {
+  Bits t;
+  int64_t limit;
+  int64_t greater;
+};
+
+// Per-thread scratch: the histogram and the candidates of the threshold bin.
+template <typename Bits>
+struct TopKSelect {
+  std::vector<uint32_t> hist;
+  std::vector<Bits> cand;
+
+  explicit TopKSelect(int64_t d) : hist(kBins<Bits>, 0), cand(d + 1) {}
+
+  // Threshold of a row of d entries keeping k (1 <= k < d).
+  Threshold<Bits> find(const Bits* x, int64_t d, int64_t k) {
+    constexpr int kShift = Layout<Bits>::kShift;
+    constexpr Bits kAbs = static_cast<Bits>(~Layout<Bits>::kSign);
+    uint32_t* h = hist.data();
+
+    // 1. histogram of the top bits, remembering the range of bins touched.
+    int64_t lo = kBins<Bits> - 1, hi = 0;
+    for (int64_t i = 0; i < d; ++i) {
+      const int64_t b = static_cast<Bits>(x[i] & kAbs) >> kShift;
+      ++h[b];
+      lo = std::min(lo, b);
+      hi = std::max(hi, b);
+    }
+    // 2. from the top bin down, find bin b0 holding the k-th largest key; `above` keys lie above.
+    int64_t above = 0, b0 = hi;
+    while (above + h[b0] < k) above += h[b0--];
+    std::fill(h + lo, h + hi + 1, 0u);  // clean for the next row
+
+    // 3. exact k-th largest key t among the keys of bin b0 (branch-free compaction).
+    int64_t n = 0;
+    Bits* c = cand.data();
+    for (int64_t i = 0; i < d; ++i) {
+      const Bits a = static_cast<Bits>(x[i] & kAbs);
+      c[n] = a;
+      n += (a >> kShift) == b0;
+    }
+    const int64_t r = k - above;  // rank of the threshold inside the bin, 1 <= r <= n
+    std::nth_element(c, c + (r - 1), c + n, std::greater<Bits>());
+    const Bits t = c[r - 1];
+    int64_t greater = above, equal = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      greater += c[j] > t;
+      equal += c[j] == t;
+    }
+    // Ties at t: keep the first `room` of them in index order, i.e. |x| == t only below `limit`.
+    const int64_t room = k - greater;
+    int64_t limit = d;
+    if (room < equal) {
+      int64_t seen = 0;
+      for (int64_t i = 0; i < d; ++i) {
+        if (static_cast<Bits>(x[i] & kAbs) == t && ++seen == room) {
+          limit = i + 1;
+          break;
+        }
+      }
+    }
+    return {t, limit, greater};
+  }
+};
+
+}  // namespace qsparse

@@ -1,0 +1,202 @@
+"""Sparse decode GEMV kernels against the dense matmul on the sparsified input.
+
+Tolerance (fp32 accumulation in a different order): for every output ``j``,
+``|y_j - ref_j| <= 2e-6 · sum_i |x_s,i · W_ji| + 1e-6`` (``ref`` in fp64 from the same weights;
+plus a bf16 output rounding of ``2^-8 |ref_j|`` where the output is bf16/fp16). A different choice
+of kept inputs (e.g. another tie break) would change ``y`` by whole weight rows, far outside it.
+The CPU kernel is built once per machine (cached); without it these tests skip, with the reason.
+The Triton tests run only with CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_qsparse.config import QSparseConfig
+from megatron_qsparse.inference import cpu_kernels
+from megatron_qsparse.inference.linear import DecodeLinear
+from megatron_qsparse.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron_qsparse.sparsity import build_sparsifier, keep_count, topk_mask
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel():
+    if not cpu_kernels.available():
+        pytest.skip(f"decode kernel unavailable: {cpu_kernels.unavailable_reason()}")
+
+
+def assert_close_to(y: torch.Tensor, xs: torch.Tensor, wt: torch.Tensor, bias=None) -> None:
+    """``y`` vs ``xs @ wt (+ bias)`` under the bound of the module docstring."""
+    x64, w64 = xs.double(), wt.double()
+    ref = x64 @ w64
+    scale = x64.abs() @ w64.abs()
+    if bias is not None:
+        ref = ref + bias.double()
+    tol = 2e-6 * scale + 1e-6
+    if y.dtype in (torch.bfloat16, torch.float16):
+        tol = tol + 2.0 ** -7 * ref.abs()
+    err = (y.double() - ref).abs()
+    assert bool((err <= tol).all()), f"max excess {float((err - tol).max()):.3e}"
+
+
+def data(shape, seed, kind="randn"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    if kind == "rounded":  # many exact ties at the threshold
+        x = (x * 2).round() / 2
+    elif kind == "zeros":
+        x = torch.where(torch.rand(shape, generator=g) < 0.6, 0.0, x)
+    return x
+
+
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("d,n", [(2, 1), (17, 5), (64, 33), (257, 100), (1000, 2050), (96, 4100)])
+def test_topk_gemv_matches_dense_reference(d, n, xdtype, wdtype):
+    wt = data((d, n), d * 7 + n).to(wdtype)
+    for kind in ("randn", "rounded", "zeros"):
+        x = data((3, d), d + n, kind).to(xdtype)
+        for s in (0.0, 0.1, 0.4, 0.6, 0.9):
+            k = keep_count(d, s)
+            bias = data((n,), 5) if s == 0.4 else None
+            y = cpu_kernels.gemv_topk(x, wt, k, bias)
+            assert y.shape == (3, n) and y.dtype == torch.float32
+            xs = x.float() * topk_mask(x, k)
+            assert_close_to(y, xs, wt.float(), bias)
+
+
+@pytest.mark.parametrize("mode", ["block", "relu", "quantized", "rescaled"])
+def test_nonzero_gemv_after_any_sparsifier(mode):
+    cfg = {"block": QSparseConfig(mode="block", block="2:4"),
+           "relu": QSparseConfig(mode="relu"),
+           "quantized": QSparseConfig(ratio=0.6, quantize_activations=True),
+           "rescaled": QSparseConfig(ratio=0.5, rescale="l2")}[mode]
+    sp = build_sparsifier(cfg, "o", 0)
+    wt = data((256, 384), 1)
+    xs = sp(data((2, 256), 2, "rounded"))
+    assert_close_to(cpu_kernels.gemv_nonzero(xs, wt), xs, wt)
+
+
+def test_kernel_is_independent_of_thread_count():
+    wt, x = data((512, 3000), 3), data((512,), 4)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_kernels.gemv_topk(x, wt, 200)
+        torch.set_num_threads(2)
+        two = cpu_kernels.gemv_topk(x, wt, 200)
+    finally:
+        torch.set_num_threads(prev)
+    assert torch.equal(one, two)  # every output is summed in the same order on any thread
+
+
+def test_fallback_agrees_with_kernel():
+    wt, x = data((300, 70), 5), data((2, 300), 6)
+    k = keep_count(300, 0.5)
+    assert_close_to(cpu_kernels.gemv_topk(x, wt, k, use_kernel=False), x * topk_mask(x, k), wt)
+    assert torch.allclose(cpu_kernels.gemv_topk(x, wt, k),
+                          cpu_kernels.gemv_topk(x, wt, k, use_kernel=False), atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 4, 7, 130, 2049 * 4 + 3])
+def test_ternary_pack_roundtrip_and_gemv(n):
+    d = 96
+    codes = torch.randint(-1, 2, (n, d), generator=torch.Generator().manual_seed(n)).float()
+    packed = cpu_kernels.pack_ternary(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (d, (n + 3) // 4)
+    assert torch.equal(cpu_kernels.unpack_ternary(packed, n), codes)
+    x = data((2, d), n, "zeros")
+    bias = data((n,), 1)
+    y = cpu_kernels.gemv_ternary(x, packed, n, 0.37, bias)
+    assert_close_to(y, x, codes.t() * 0.37, bias)
+    ref = cpu_kernels.gemv_ternary(x, packed, n, 0.37, bias, use_kernel=False)
+    assert_close_to(ref, x, codes.t() * 0.37, bias)
+
+
+def test_shape_errors_are_clear():
+    with pytest.raises(ValueError, match="input has 5 features"):
+        cpu_kernels.gemv_topk(torch.randn(5), torch.randn(6, 3), 2)
+    with pytest.raises(RuntimeError, match="need 1 <= k < d"):
+        cpu_kernels._EXT.module.gemv_topk(torch.randn(6), torch.randn(6, 3), 0, None)
+
+
+CONFIGS = {
+    "topk": QSparseConfig(ratio=0.6),
+    "per-kind": QSparseConfig(ratio=0.4, qkv_ratio=0.7, down_ratio=0.2),
+    "int8-topk": QSparseConfig(ratio=0.5, quantize_activations=True),
+    "l2": QSparseConfig(ratio=0.5, rescale="l2"),
+    "block": QSparseConfig(mode="block", block="2:4"),
+    "relu": QSparseConfig(mode="relu"),
+    "bitnet": QSparseConfig(mode="none", bitnet=True),
+    "bitnet-topk": QSparseConfig(ratio=0.6, bitnet=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("kind", ["qkv", "down"])
+def test_decode_linear_equals_training_layer(name, kind):
+    cfg = CONFIGS[name]
+    torch.manual_seed(0)
+    cls = ColumnParallelLinear if kind == "qkv" else RowParallelLinear
+    layer = cls(128, 200, bias=True, sparsifier=build_sparsifier(cfg, kind, 0),
+                bitnet=cfg.bitnet)
+    with torch.no_grad():
+        layer.bias.normal_()
+    dec = DecodeLinear(layer)
+    expect = {"topk": "fused-topk", "per-kind": "fused-topk", "bitnet": "sparsify+ternary-gemv",
+              "bitnet-topk": "sparsify+ternary-gemv"}.get(name, "sparsify+nonzero-gemv")
+    assert dec.path() == expect
+    with torch.inference_mode():
+        for x in (data((1, 1, 128), 1), data((1, 1, 128), 2, "rounded")):
+            ref = layer(x)
+            y = dec(x)  # one token: the kernel
+            assert y.shape == ref.shape
+            xs = layer.sparsifier(x)
+            if cfg.bitnet:
+                from megatron_qsparse.sparsity import int8_activation, ternary_weight
+                xs, w = int8_activation(xs), ternary_weight(layer.weight)
+            else:
+                w = layer.weight
+            assert_close_to(y.view(-1), xs.view(-1), w.t(), layer.bias)
+            assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
+        prompt = data((1, 5, 128), 3)  # several tokens: the training forward (input-major matmul)
+        assert torch.allclose(dec(prompt), layer(prompt), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Triton kernel)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("d,n", [(64, 33), (1000, 2050), (4096, 4096)])
+def test_triton_gemv_matches_dense_reference(d, n, dtype):
+    from megatron_qsparse.inference import triton_kernels
+
+    wt = data((d, n), 1).to(dtype).cuda()
+    for s in (0.4, 0.6, 0.9):
+        k = keep_count(d, s)
+        x = data((d,), d + n).to(dtype).cuda()
+        y = triton_kernels.gemv_topk(x, wt, k)
+        xs = x.float() * topk_mask(x, k)
+        assert_close_to(y.cpu(), xs.cpu(), wt.float().cpu())
+
+
+def test_semi_structured_guard_and_pattern():
+    from megatron_qsparse.inference import semi_structured
+
+    assert semi_structured.applies((2, 4)) and semi_structured.applies((1, 2))
+    assert not semi_structured.applies((3, 4)) and not semi_structured.applies(None)
+    if not torch.cuda.is_available():
+        assert semi_structured.unavailable_reason() == "no CUDA device"
+        with pytest.raises(RuntimeError, match="unavailable: no CUDA device"):
+            semi_structured.block24_linear(torch.zeros(4, 64), torch.zeros(8, 64))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available()
+                    or torch.cuda.get_device_capability()[0] < 8, reason="needs an Ampere+ GPU")
+def test_block24_linear_matches_dense():
+    from megatron_qsparse.inference import semi_structured
+
+    sp = build_sparsifier(QSparseConfig(mode="block", block="2:4"), "qkv", 0)
+    xs = sp(data((100, 192), 1)).half().cuda()
+    w = data((96, 192), 2).half().cuda()
+    y = semi_structured.block24_linear(xs, w)
+    assert torch.allclose(y.float(), (xs.float() @ w.float().t()), rtol=1e-2, atol=1e-1)

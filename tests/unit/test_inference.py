@@ -1,0 +1,137 @@
+"""Generation with a KV cache equals the full forward; sampling; errors.
+
+Cached logits vs a full forward over the whole sequence: ``atol 1e-4`` (fp32; the decode steps
+run the sparse GEMV and attention over the cache, i.e. other summation orders), and the greedy
+tokens must be identical.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_qsparse.config import ModelConfig, QSparseConfig
+from megatron_qsparse.inference import InferenceModel, generate, sample_next
+from megatron_qsparse.model.gpt import GPTModel
+
+VOCAB = 256
+CONFIGS = {
+    "dense": QSparseConfig(mode="none"),
+    "topk": QSparseConfig(ratio=0.6),
+    "per-kind-int8": QSparseConfig(ratio=0.5, down_ratio=0.7, quantize_activations=True),
+    "block": QSparseConfig(mode="block", block="2:4"),
+    "bitnet-topk": QSparseConfig(ratio=0.5, bitnet=True),
+}
+
+
+def build(qcfg: QSparseConfig, groups: int = 2, ffn: str = "relu2_glu", **kw) -> GPTModel:
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4,
+                      num_query_groups=groups, seq_length=48, ffn_type=ffn, **kw)
+    return GPTModel(cfg, qcfg, VOCAB).eval()
+
+
+def cached_logits(im: InferenceModel, tokens: torch.Tensor, prefill: int, chunk: int = 1):
+    cache = im.new_cache(tokens.shape[0], tokens.shape[1])
+    with torch.inference_mode():
+        outs = [im(tokens[:, :prefill], cache)]
+        for t in range(prefill, tokens.shape[1], chunk):
+            outs.append(im(tokens[:, t:t + chunk], cache))
+    assert cache.length == tokens.shape[1]
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("groups", [1, 2, 4])  # GQA 4/1, 4/2 and plain multi-head
+def test_kv_cache_equals_full_forward(name, groups):
+    model = build(CONFIGS[name], groups)
+    tokens = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(tokens)
+    im = InferenceModel(model)
+    if name != "dense":
+        assert "reference" not in im.decode_paths()
+    got = cached_logits(im, tokens, prefill=7)
+    assert torch.allclose(got, full, atol=1e-4, rtol=0), float((got - full).abs().max())
+    assert torch.equal(got.argmax(-1), full.argmax(-1))
+
+
+def test_chunked_prefill_after_cache_and_batch():
+    """Chunks of several tokens after cached ones (explicit causal mask with an offset), batch 2,
+    SwiGLU, untied head."""
+    model = build(CONFIGS["topk"], ffn="swiglu", untie_embeddings_and_output_weights=True)
+    tokens = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(tokens)
+    got = cached_logits(InferenceModel(model), tokens, prefill=6, chunk=4)
+    assert torch.allclose(got, full, atol=1e-4, rtol=0)
+
+
+def test_kernel_off_is_the_training_model():
+    model = build(CONFIGS["topk"])
+    im = InferenceModel(model, sparse_kernel=False)
+    assert im.decode_paths() == {"reference": 8}
+    tokens = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(tokens)
+    assert torch.allclose(cached_logits(im, tokens, prefill=20), full, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["dense", "topk"])
+def test_greedy_generation_equals_recomputing_the_sequence(name):
+    model = build(CONFIGS[name])
+    prompt = [5, 17, 42, 7]
+    out = generate(InferenceModel(model), prompt, 12, greedy=True)
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    assert out.tokens == seq[len(prompt):]
+    assert out.decode_tokens == 11 and out.decode_tokens_per_second > 0
+
+
+def test_sampling_top_p_temperature_and_seed():
+    logits = torch.tensor([4.0, 3.0, 1.0, -2.0, 0.5])
+    g = torch.Generator().manual_seed(0)
+    draws = {sample_next(logits, greedy=False, temperature=1.0, top_p=0.8, generator=g)
+             for _ in range(200)}
+    # softmax ≈ [0.69, 0.25, 0.03, 0.00, 0.02]: the 0.8 nucleus is {0, 1}
+    assert draws == {0, 1}
+    assert sample_next(logits, greedy=True, temperature=1.0, top_p=1.0, generator=None) == 0
+    assert sample_next(logits, greedy=False, temperature=0.0, top_p=1.0, generator=None) == 0
+    hot = {sample_next(logits, greedy=False, temperature=50.0, top_p=1.0, generator=g)
+           for _ in range(300)}
+    assert hot == {0, 1, 2, 3, 4}
+    im = InferenceModel(build(CONFIGS["topk"]))
+    a = generate(im, [1, 2, 3], 10, greedy=False, temperature=0.9, top_p=0.9, seed=7)
+    b = generate(im, [1, 2, 3], 10, greedy=False, temperature=0.9, top_p=0.9, seed=7)
+    assert a.tokens == b.tokens
+    limited = generate(im, [1, 2, 3], 30, greedy=False, temperature=5.0, seed=1, vocab_size=10)
+    assert all(t < 10 for t in limited.tokens)
+
+
+def test_stop_and_errors():
+    im = InferenceModel(build(CONFIGS["topk"]))
+    first = generate(im, [1, 2, 3], 1).tokens[0]
+    out = generate(im, [1, 2, 3], 10, stop_ids=(first,))
+    assert out.tokens == [first] and out.stopped_at_eod
+    with pytest.raises(ValueError, match="exceed the model's 48"):
+        generate(im, [1] * 40, 9)
+    with pytest.raises(ValueError, match="--top-p"):
+        generate(im, [1], 2, greedy=False, top_p=0.0)
+    cache = im.new_cache(1, 4)
+    with pytest.raises(ValueError, match="KV cache full"):
+        im(torch.zeros(1, 5, dtype=torch.long), cache)
+
+
+def test_bf16_decode_weights_stay_close():
+    """``weight_dtype=bfloat16`` halves the decode traffic; logits move by bf16 weight rounding."""
+    model = build(CONFIGS["topk"])
+    tokens = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(tokens)
+    im = InferenceModel(model, weight_dtype=torch.bfloat16)
+    assert all(m.wt.dtype == torch.bfloat16 for m in im.modules() if hasattr(m, "wt"))
+    got = cached_logits(im, tokens, prefill=4)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, full, atol=5e-2, rtol=0)
