@@ -44,6 +44,8 @@ from typing import Sequence
 
 import torch
 
+from megatron_qsparse.atomic import write_bytes
+
 logger = logging.getLogger(__name__)
 
 ENV_ENABLE = "MEGATRON_QSPARSE_KERNELS"
@@ -113,9 +115,18 @@ def compile_extension(prefix: str, sources: Sequence[Path],
     with _build_lock(build):
         if not (build / f"{name}.so").exists():
             logger.info("building %s in %s (once per machine, ~30-60 s)", prefix, build)
-        return load(name=name, sources=[str(s) for s in sources], extra_cflags=_CFLAGS,
-                    extra_ldflags=["-fopenmp"], extra_include_paths=[str(d) for d in dirs],
-                    build_directory=str(build), with_cuda=False, verbose=False)
+        # Compile copies kept in the build folder: ninja rebuilds when a source *path* changes,
+        # so two checkouts of the same code (same digest) would otherwise rebuild in turn.
+        src = build / "src"
+        src.mkdir(exist_ok=True)
+        for f in [*sources, *headers]:
+            dst = src / f.name
+            if not dst.exists() or dst.read_bytes() != f.read_bytes():
+                write_bytes(dst, f.read_bytes())
+        return load(name=name, sources=[str(src / s.name) for s in sources],
+                    extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"],
+                    extra_include_paths=[str(src)], build_directory=str(build),
+                    with_cuda=False, verbose=False)
 
 
 def kernels_disabled() -> bool:
