@@ -36,6 +36,7 @@ FFN_TYPES = ("relu2_glu", "swiglu")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "WSD")
 WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
+DATA_FORMATS = ("gpt", "sft")
 
 
 @dataclass
@@ -68,6 +69,8 @@ class ModelConfig:
         128, "Pad the vocabulary to a multiple of this (times the tensor-parallel size).")
     vocab_size: int | None = arg(
         None, "Vocabulary size before padding; default: taken from the tokenizer.")
+    add_qkv_bias: bool = arg(
+        False, "Give the q/k/v projections a bias (Qwen2), without biases elsewhere.")
 
     def resolved_ffn_hidden_size(self) -> int:
         if self.ffn_hidden_size is not None:
@@ -154,6 +157,10 @@ class DataConfig:
     data_cache_path: str | None = arg(
         None, "Directory for cached sample indices; default: next to the data.")
     num_workers: int = arg(0, "DataLoader worker processes.")
+    data_format: str = arg("gpt", "gpt: pretraining token streams (tools/preprocess_data.py); "
+                           "sft: instruction samples with a loss mask on the response tokens "
+                           "(tools/preprocess_sft.py), one sample per sequence, padded.",
+                           choices=DATA_FORMATS)
 
 
 @dataclass

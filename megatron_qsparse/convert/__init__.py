@@ -1,0 +1,1 @@
+"""Checkpoint conversion: Hugging Face <-> ours, and between parallel layouts (see tools/checkpoint_convert.py)."""
