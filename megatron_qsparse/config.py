@@ -394,6 +394,12 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         raise _err("data", "tokenizer_model", f"{d.tokenizer_type} needs a model file",
                    "pass --tokenizer-model PATH.model (or --tokenizer-type ByteTokenizer)")
     _positive("data", d, ("num_workers",), allow_zero=True)
+    if d.data_format == "sft":
+        from megatron_qsparse.data.sft_dataset import check_prefixes
+        try:
+            check_prefixes(list(d.data_path))
+        except ValueError as e:
+            raise _err("data", "data_format", str(e), "or use --data-format gpt") from None
 
     # ---- training
     _positive("train", t, ("micro_batch_size", "global_batch_size", "train_iters",

@@ -31,9 +31,21 @@ class TrainingStopped(RuntimeError):
 
 
 def get_batch(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split ``seq_length + 1`` tokens into inputs and next-token labels."""
+    """Split ``seq_length + 1`` tokens into inputs and next-token labels; with a ``loss_mask``
+    (SFT data) the labels of untrained targets (prompt, padding) are ``-100``."""
     tokens = batch["tokens"].to(device(), non_blocking=True)
-    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    labels = tokens[:, 1:]
+    if "loss_mask" in batch:
+        mask = batch["loss_mask"].to(device(), non_blocking=True)[:, 1:]
+        labels = labels.masked_fill(mask == 0, -100)
+    return tokens[:, :-1].contiguous(), labels.contiguous()
+
+
+def mean_loss(per_token: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean of the per-token loss over the trained targets (label != -100) of the micro-batch;
+    the plain mean when every target is trained (pretraining)."""
+    trained = labels != -100
+    return (per_token.float() * trained).sum() / trained.sum().clamp(min=1)
 
 
 def _iterate(loader):
@@ -111,7 +123,7 @@ def evaluate(state: TrainingState, dataset, eval_index: int) -> float | None:
             if i >= cfg.train.eval_iters:
                 break
             tokens, labels = get_batch(batch)
-            total += state.engine(tokens, labels).float().mean().item()
+            total += mean_loss(state.engine(tokens, labels), labels).item()
             count += 1
     state.engine.train()
     return _dp_mean(total / max(1, count), state)
@@ -209,7 +221,7 @@ def train(state: TrainingState) -> dict:
             loss_sum, grad_norm, proj_norms = 0.0, None, {}
             for micro in range(gas):
                 tokens, labels = get_batch(next(data_iter))
-                loss = engine(tokens, labels).float().mean()
+                loss = mean_loss(engine(tokens, labels), labels)
                 engine.backward(loss)
                 if micro == gas - 1:
                     if measure_norm:
