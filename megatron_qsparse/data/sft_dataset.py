@@ -149,7 +149,8 @@ def check_prefixes(data_path: Sequence[str]) -> None:
 def build_sft_datasets(data_path: list[str], split: str, seq_length: int, seed: int,
                        num_samples: tuple[int, int, int], pad_id: int, cache_dir=None):
     """Train/valid/test :class:`SFTDataset` (blended by weight when several prefixes are given),
-    each split a contiguous range of every prefix's samples as ``--split`` says."""
+    each split a contiguous range of every prefix's samples as ``--split`` says; a split that
+    holds no samples is None."""
     weights, prefixes = parse_data_path(data_path)
     fractions = parse_split(split)
     active = [(w, p) for w, p in zip(weights, prefixes) if w > 0]
@@ -161,12 +162,19 @@ def build_sft_datasets(data_path: list[str], split: str, seq_length: int, seed: 
         if fractions[s] == 0 or n == 0:
             out.append(None)
             continue
-        parts = []
+        parts, kept = [], []
         for w, p in active:
             size = int(math.ceil(w * n * 1.005)) if len(active) > 1 else n
             docs = np.arange(bounds[p][s], bounds[p][s + 1], dtype=np.int64)
+            if len(docs) == 0:
+                logger.warning("%s: the %s split of --split %s holds no samples", p, name, split)
+                continue
             parts.append(SFTDataset(*opened[p], docs, size, seq_length, seed + s, pad_id, name))
-        out.append(BlendedDataset(parts, [w for w, _ in active], n, cache_dir=cache_dir)
+            kept.append(w)
+        if not parts:
+            out.append(None)
+            continue
+        out.append(BlendedDataset(parts, kept, n, cache_dir=cache_dir)
                    if len(parts) > 1 else parts[0])
     return out[0], out[1], out[2]
 
