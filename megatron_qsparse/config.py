@@ -152,8 +152,10 @@ class DataConfig:
     split: str = arg("969,30,1", "Train,valid,test proportions of each dataset's documents.")
     tokenizer_type: str = arg("SentencePieceTokenizer", "Tokenizer implementation.",
                               choices=("SentencePieceTokenizer", "GPTSentencePieceTokenizer",
-                                       "Llama2Tokenizer", "ByteTokenizer"))
-    tokenizer_model: str | None = arg(None, "SentencePiece model file.")
+                                       "Llama2Tokenizer", "ByteTokenizer",
+                                       "HuggingFaceTokenizer"))
+    tokenizer_model: str | None = arg(None, "SentencePiece model file (HuggingFaceTokenizer: a "
+                                      "local tokenizer directory).")
     data_cache_path: str | None = arg(
         None, "Directory for cached sample indices; default: next to the data.")
     num_workers: int = arg(0, "DataLoader worker processes.")

@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from megatron_qsparse.data.sft_dataset import MASK_SUFFIX, TEMPLATES  # noqa: E402
+from megatron_qsparse.data.tokenizer import TOKENIZER_TYPES  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,9 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", required=True, help="jsonl files, directories or globs.")
     p.add_argument("--output-prefix", required=True, help="Writes PREFIX_sft{,_mask}.{bin,idx}.")
     p.add_argument("--tokenizer-type", default="SentencePieceTokenizer",
-                   choices=("SentencePieceTokenizer", "GPTSentencePieceTokenizer",
-                            "Llama2Tokenizer", "ByteTokenizer"))
-    p.add_argument("--tokenizer-model", default=None, help="SentencePiece model file.")
+                   choices=TOKENIZER_TYPES)
+    p.add_argument("--tokenizer-model", default=None,
+                   help="SentencePiece model file (HuggingFaceTokenizer: a tokenizer directory).")
     p.add_argument("--template", choices=sorted(TEMPLATES), default="alpaca",
                    help="Prompt template.")
     p.add_argument("--no-bos", action="store_true", help="Do not start samples with bos.")
