@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Sequence length recorded in model_args.yaml; default: the model's "
                      "positions, at most 4096.")
     imp.add_argument("--tokenizer-model", default=None,
-                     help="SentencePiece model recorded in the checkpoint; default: "
+                     help="Tokenizer recorded in the checkpoint (and copied on export): a "
+                     "SentencePiece file or a tokenizer directory; default: "
                      "HF_DIR/tokenizer.model when present.")
     for cmd in (imp,):
         _add_layout_flags(cmd)
@@ -136,7 +137,7 @@ def import_hf(args) -> str:
     _apply_qsparse(cfg, args)
     _layout(cfg, args)
     tok = args.tokenizer_model or os.path.join(args.hf_dir, "tokenizer.model")
-    if os.path.isfile(tok):
+    if os.path.exists(tok):
         cfg.data.tokenizer_model = os.path.abspath(tok)
     cfg.train.bf16 = args.dtype == "bfloat16"
     _validate_model(cfg)

@@ -307,7 +307,8 @@ def write_hf_dir(out_dir: str, hf_config: dict, tensors: Iterator[tuple[str, tor
 
     Tensors are gathered into safetensors shards of at most ``max_shard_bytes`` (one file, or
     ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``); peak memory is
-    about one shard. ``tokenizer_model`` (a SentencePiece file) is copied as ``tokenizer.model``.
+    about one shard. ``tokenizer_model`` (a SentencePiece file) is copied as ``tokenizer.model``
+    (with a ``LlamaTokenizer`` config); a tokenizer directory's files are copied as they are.
     """
     from safetensors.torch import save_file
 
@@ -353,7 +354,12 @@ def write_hf_dir(out_dir: str, hf_config: dict, tensors: Iterator[tuple[str, tor
         write_text(os.path.join(tmp, "config.json"), json.dumps(hf_config, indent=2,
                                                                 sort_keys=True) + "\n")
         if tokenizer_model:
-            if os.path.isfile(tokenizer_model):
+            if os.path.isdir(tokenizer_model):  # a transformers tokenizer directory
+                for f in sorted(os.listdir(tokenizer_model)):
+                    if f.startswith(("tokenizer", "special_tokens_map")) or f in (
+                            "vocab.json", "merges.txt"):
+                        shutil.copyfile(os.path.join(tokenizer_model, f), os.path.join(tmp, f))
+            elif os.path.isfile(tokenizer_model):
                 shutil.copyfile(tokenizer_model, os.path.join(tmp, "tokenizer.model"))
                 write_text(os.path.join(tmp, "tokenizer_config.json"), json.dumps(
                     {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True,
