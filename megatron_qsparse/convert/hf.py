@@ -25,8 +25,8 @@ ours                                        Hugging Face
 ==========================================  ===============================================
 
 RoPE: both use ``rotate_half`` (feature ``i`` paired with ``i + hd/2``), so q/k need no
-permutation. ``hidden_act`` ``silu`` is our ``swiglu`` FFN; ``relu2`` (``up · ReLU(gate)²``) is our
-``relu2_glu``, so our from-scratch models export too. Mistral's sliding-window attention is not
+permutation. ``hidden_act`` ``silu`` is our ``swiglu`` FFN; ``relu2`` (``up · ReLU(gate)²``) is
+our ``relu2_glu``, so our from-scratch models export too. Mistral's sliding-window attention is not
 implemented: the imported model gets ``max_position_embeddings = sliding_window`` so that no run
 can use sequences where the window would matter (``--seq-length`` above it is rejected).
 

@@ -20,8 +20,8 @@ here as another writer/reader pair; until then PP > 1 is rejected with a clear e
 
 The files are what :mod:`megatron_qsparse.training.checkpointing` writes, so
 ``pretrain_qsparse.py --load DIR --finetune`` (weights only) starts from a converted checkpoint at
-the same TP size, and ``checkpointing.load_model`` reads it at TP = 1. A checkpoint is written into a
-hidden ``.tmp-iter_XXXXXXX`` folder and renamed into place, then ``latest`` is replaced.
+the same TP size, and ``checkpointing.load_model`` reads it at TP = 1. A checkpoint is written into
+a hidden ``.tmp-iter_XXXXXXX`` folder and renamed into place, then ``latest`` is replaced.
 """
 
 from __future__ import annotations

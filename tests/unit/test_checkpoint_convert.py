@@ -237,3 +237,30 @@ def test_export_shards_and_relu2_glu(tmp_path, tokens):
     back = hf_class("llama").from_pretrained(str(out)).eval()
     with torch.no_grad():
         torch.testing.assert_close(back(tokens).logits, model(tokens)[..., :VOCAB], **TOL)
+
+
+def test_exported_sparse_model_runs_sparsely_in_transformers(tool, models, tokens, tmp_path):
+    """sparsify_hf_model puts the recorded Q-Sparse settings back into a transformers model."""
+    from megatron_qsparse.convert.hf_sparse import sparsify_hf_model
+
+    _, hf_dir = models["qwen2"]
+    assert tool.main(["import-hf", "--hf-dir", hf_dir, "--save", str(tmp_path / "ck"),
+                      "--qsparse-mode", "topk", "--qsparse-ratio", "0.5",
+                      "--qsparse-down-ratio", "0.7"]) == 0
+    ours, _ = _ours(str(tmp_path / "ck"))
+    assert tool.main(["export-hf", "--load", str(tmp_path / "ck"), "--save",
+                      str(tmp_path / "hf")]) == 0
+    model = hf_class("qwen2").from_pretrained(str(tmp_path / "hf")).eval()
+    with torch.no_grad():
+        dense = model(tokens).logits
+        handles = sparsify_hf_model(model)
+        assert len(handles) == 2 * 7
+        sparse = model(tokens).logits
+        want = ours(tokens)
+    torch.testing.assert_close(sparse, want, **TOL)
+    assert (sparse - dense).abs().max() > 1e-2
+    for h in handles:
+        h.remove()
+    plain = hf_class("qwen2").from_pretrained(hf_dir)
+    with pytest.raises(ValueError, match="no 'qsparse' section"):
+        sparsify_hf_model(plain)
