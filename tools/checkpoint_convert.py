@@ -48,6 +48,8 @@ def _add_qsparse_flags(p: argparse.ArgumentParser) -> None:
                 f.type.split(" ")[0], float)
             if f.metadata.get("choices"):
                 kw["choices"] = f.metadata["choices"]
+            else:
+                kw["metavar"] = flag.lstrip("-").replace("-", "_").upper()
         g.add_argument(flag, **kw)
 
 
