@@ -199,6 +199,10 @@ class SafetensorsDir:
         if os.path.isfile(index):
             with open(index) as fh:
                 self.where = dict(json.load(fh)["weight_map"])
+            for f in set(self.where.values()):
+                if os.path.basename(f) != f or not f.endswith(".safetensors"):
+                    raise ConfigError(f"--hf-dir: {index} names {f!r}, not a .safetensors file "
+                                      "of the directory; fix the index")
         elif os.path.isfile(single):
             with safe_open(single, "pt") as f:
                 self.where = {k: "model.safetensors" for k in f.keys()}
