@@ -237,6 +237,13 @@ def test_export_shards_and_relu2_glu(tmp_path, tokens):
     back = hf_class("llama").from_pretrained(str(out)).eval()
     with torch.no_grad():
         torch.testing.assert_close(back(tokens).logits, model(tokens)[..., :VOCAB], **TOL)
+    # the sharded directory imports back through its index
+    assert converter().main(["import-hf", "--hf-dir", str(out), "--save",
+                             str(tmp_path / "again")]) == 0
+    again, cfg2 = load_model(str(tmp_path / "again"))
+    assert cfg2.model.ffn_type == "relu2_glu"
+    with torch.no_grad():
+        torch.testing.assert_close(again(tokens), model(tokens)[..., :VOCAB], **TOL)
 
 
 def test_exported_sparse_model_runs_sparsely_in_transformers(tool, models, tokens, tmp_path):
