@@ -36,6 +36,7 @@ FFN_TYPES = ("relu2_glu", "swiglu")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "WSD")
 WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
+DATA_FORMATS = ("gpt", "sft")
 
 
 @dataclass
@@ -73,6 +74,8 @@ class ModelConfig:
         "or selective (the attention core only).", choices=("full", "selective"))
     recompute_activations: bool = arg(
         False, "Shorthand for --recompute-granularity selective (Megatron-LM's flag).")
+    add_qkv_bias: bool = arg(
+        False, "Give the q/k/v projections a bias (Qwen2), without biases elsewhere.")
 
     def resolved_recompute(self) -> str | None:
         """``full``, ``selective`` or None (no recomputation)."""
@@ -165,11 +168,17 @@ class DataConfig:
     split: str = arg("969,30,1", "Train,valid,test proportions of each dataset's documents.")
     tokenizer_type: str = arg("SentencePieceTokenizer", "Tokenizer implementation.",
                               choices=("SentencePieceTokenizer", "GPTSentencePieceTokenizer",
-                                       "Llama2Tokenizer", "ByteTokenizer"))
-    tokenizer_model: str | None = arg(None, "SentencePiece model file.")
+                                       "Llama2Tokenizer", "ByteTokenizer",
+                                       "HuggingFaceTokenizer"))
+    tokenizer_model: str | None = arg(None, "SentencePiece model file (HuggingFaceTokenizer: a "
+                                      "local tokenizer directory).")
     data_cache_path: str | None = arg(
         None, "Directory for cached sample indices; default: next to the data.")
     num_workers: int = arg(0, "DataLoader worker processes.")
+    data_format: str = arg("gpt", "gpt: pretraining token streams (tools/preprocess_data.py); "
+                           "sft: instruction samples with a loss mask on the response tokens "
+                           "(tools/preprocess_sft.py), one sample per sequence, padded.",
+                           choices=DATA_FORMATS)
 
 
 @dataclass
@@ -415,6 +424,12 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         raise _err("data", "tokenizer_model", f"{d.tokenizer_type} needs a model file",
                    "pass --tokenizer-model PATH.model (or --tokenizer-type ByteTokenizer)")
     _positive("data", d, ("num_workers",), allow_zero=True)
+    if d.data_format == "sft":
+        from megatron_qsparse.data.sft_dataset import check_prefixes
+        try:
+            check_prefixes(list(d.data_path))
+        except ValueError as e:
+            raise _err("data", "data_format", str(e), "or use --data-format gpt") from None
 
     # ---- training
     _positive("train", t, ("micro_batch_size", "global_batch_size", "train_iters",

@@ -77,9 +77,14 @@ class MegatronPretrainingSampler:
 
 
 def collate_tokens(samples: list[dict]) -> dict[str, torch.Tensor]:
-    """Stack ``{"tokens": array}`` samples into ``{"tokens": LongTensor [batch, seq_length + 1]}``."""
-    tokens = np.stack([np.asarray(s["tokens"], dtype=np.int64) for s in samples])
-    return {"tokens": torch.from_numpy(tokens)}
+    """Stack ``{"tokens": array}`` samples into ``{"tokens": LongTensor [batch, seq_length + 1]}``
+    (and ``loss_mask`` the same way when the samples have one: SFT data)."""
+    out = {}
+    for key in ("tokens", "loss_mask"):
+        if key in samples[0]:
+            out[key] = torch.from_numpy(np.stack([np.asarray(s[key], dtype=np.int64)
+                                                  for s in samples]))
+    return out
 
 
 def build_pretraining_data_loader(dataset, consumed_samples: int, micro_batch_size: int,

@@ -9,6 +9,9 @@ Megatron-LM names are accepted by :func:`build_tokenizer`:
 - ``Llama2Tokenizer``: as above, but :meth:`~Tokenizer.tokenize` prepends ``<s>`` (bos), as
   Megatron-LM's ``Llama2Tokenizer`` does.
 - ``ByteTokenizer``: UTF-8 bytes 0..255, ``256`` eod, ``257`` bos, ``258`` pad; needs no file.
+- ``HuggingFaceTokenizer``: a ``transformers`` tokenizer saved in a local directory
+  (``--tokenizer-model DIR`` with ``tokenizer.json``/``tokenizer_config.json``), e.g. Qwen's BPE;
+  eod is its eos token. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ TOKENIZER_TYPES: tuple[str, ...] = (
     "GPTSentencePieceTokenizer",
     "Llama2Tokenizer",
     "ByteTokenizer",
+    "HuggingFaceTokenizer",
 )
 
 
@@ -194,6 +198,63 @@ class ByteTokenizer(Tokenizer):
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
 
+class HuggingFaceTokenizer(Tokenizer):
+    """A ``transformers`` tokenizer from a local directory (``AutoTokenizer``, no download).
+
+    :meth:`tokenize` adds no special tokens (the data tools add bos/eod themselves); special-token
+    text such as Qwen's ``<|im_end|>`` maps to its id.
+    """
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        if not os.path.isdir(self.path):
+            raise ValueError(f"HuggingFaceTokenizer: {self.path!r} is not a directory; pass "
+                             "--tokenizer-model DIR holding tokenizer.json/tokenizer_config.json")
+        from transformers import AutoTokenizer
+
+        try:
+            self._tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"HuggingFaceTokenizer: cannot load a tokenizer from {self.path!r} "
+                             f"({first}); save one there with save_pretrained") from None
+        if self._tok.eos_token_id is None:
+            raise ValueError(f"HuggingFaceTokenizer: {self.path!r} has no eos token, which is "
+                             "needed as end-of-document; set eos_token in its tokenizer_config")
+
+    def __getstate__(self):
+        return {"path": self.path}
+
+    def __setstate__(self, state) -> None:
+        self.__init__(state["path"])
+
+    @property
+    def name(self) -> str:
+        return f"HuggingFaceTokenizer({os.path.basename(os.path.normpath(self.path))})"
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok)
+
+    @property
+    def eod(self) -> int:
+        return int(self._tok.eos_token_id)
+
+    @property
+    def bos(self) -> int:
+        return -1 if self._tok.bos_token_id is None else int(self._tok.bos_token_id)
+
+    @property
+    def pad(self) -> int:
+        return -1 if self._tok.pad_token_id is None else int(self._tok.pad_token_id)
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False))
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
 def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None = None) -> Tokenizer:
     """Build a tokenizer from Megatron-LM style ``--tokenizer-type`` / ``--tokenizer-model``.
 
@@ -205,6 +266,11 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str | None = None) -> 
                          f"{', '.join(TOKENIZER_TYPES)}")
     if tokenizer_type == "ByteTokenizer":
         tokenizer: Tokenizer = ByteTokenizer()
+    elif tokenizer_type == "HuggingFaceTokenizer":
+        if not tokenizer_model:
+            raise ValueError("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model DIR "
+                             "(a directory with tokenizer.json/tokenizer_config.json)")
+        tokenizer = HuggingFaceTokenizer(tokenizer_model)
     else:
         if not tokenizer_model:
             raise ValueError(f"--tokenizer-type {tokenizer_type} needs --tokenizer-model "

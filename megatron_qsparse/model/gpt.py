@@ -231,10 +231,18 @@ def _tied_lm_head(embedding: VocabParallelEmbedding, h: torch.Tensor) -> torch.T
     return parallel_lm_logits(h, embedding.weight, embedding.parallel)
 
 
+def mean_loss(per_token: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean of the per-token loss over the trained targets (label != -100) of the micro-batch;
+    the plain mean when every target is trained (pretraining)."""
+    trained = labels != -100
+    return (per_token.float() * trained).sum() / trained.sum().clamp(min=1)
+
+
 def _pipe_loss(parallel: ParallelState, logits: torch.Tensor, labels: torch.Tensor
                ) -> torch.Tensor:
-    """Mean token loss of a micro-batch, as :class:`GPTModel` (per-token loss, then mean)."""
-    return vocab_parallel_cross_entropy(logits, labels, parallel).float().mean()
+    """The training loss of a micro-batch, as without a pipeline: :func:`mean_loss` of the
+    per-token vocab-parallel cross entropy."""
+    return mean_loss(vocab_parallel_cross_entropy(logits, labels, parallel), labels)
 
 
 def pipeline_specs(model_cfg: ModelConfig, qsparse_cfg: QSparseConfig, vocab_size: int,
@@ -311,5 +319,5 @@ def build_pipeline_model(model_cfg: ModelConfig, qsparse_cfg: QSparseConfig, voc
     return module
 
 
-__all__ = ["GPTModel", "build_pipeline_model", "pipeline_specs", "pipeline_layer_names", "count_parameters", "activated_parameters", "flops_per_token",
+__all__ = ["GPTModel", "build_pipeline_model", "mean_loss", "pipeline_specs", "pipeline_layer_names", "count_parameters", "activated_parameters", "flops_per_token",
            "projection_shapes", "describe"]

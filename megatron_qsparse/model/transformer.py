@@ -139,7 +139,8 @@ class Attention(nn.Module):
         self.recompute_core = cfg.resolved_recompute() == "selective"
         std = cfg.init_method_std
         self.qkv = ColumnParallelLinear(
-            cfg.hidden_size, (nq + 2 * nkv) * self.hd, bias=cfg.add_bias_linear,
+            cfg.hidden_size, (nq + 2 * nkv) * self.hd,
+            bias=cfg.add_bias_linear or cfg.add_qkv_bias,
             sparsifier=build_sparsifier(qcfg, "qkv", layer), init_method_std=std,
             bitnet=qcfg.bitnet, parallel=self.parallel,
             output_sizes=(nq * self.hd, nkv * self.hd, nkv * self.hd))

@@ -197,7 +197,8 @@ def _check_compatible(cfg: Config, meta: dict, path: str, dp_size: int, finetune
     saved = meta.get("config", {}).get("model", {})
     for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                 "num_query_groups", "kv_channels", "ffn_type", "vocab_size",
-                "untie_embeddings_and_output_weights", "add_bias_linear", "normalization"):
+                "untie_embeddings_and_output_weights", "add_bias_linear", "normalization",
+                "add_qkv_bias"):
         ours = getattr(cfg.model, key)
         if key not in saved or saved[key] == ours or ours is None:
             continue

@@ -11,7 +11,8 @@ import torch
 
 from megatron_qsparse.config import grad_accumulation_steps
 from megatron_qsparse.data.sampler import build_pretraining_data_loader
-from megatron_qsparse.model.gpt import activated_parameters, count_parameters, flops_per_token
+from megatron_qsparse.model.gpt import (activated_parameters, count_parameters, flops_per_token,
+                                        mean_loss)
 from megatron_qsparse.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_qsparse.parallel.state import get_parallel_state
 from megatron_qsparse.parallel.utils import sum_squares_over_tp
@@ -28,9 +29,14 @@ class TrainingStopped(RuntimeError):
 
 
 def get_batch(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split ``seq_length + 1`` tokens into inputs and next-token labels."""
+    """Split ``seq_length + 1`` tokens into inputs and next-token labels; with a ``loss_mask``
+    (SFT data) the labels of untrained targets (prompt, padding) are ``-100``."""
     tokens = batch["tokens"].to(device(), non_blocking=True)
-    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    labels = tokens[:, 1:]
+    if "loss_mask" in batch:
+        mask = batch["loss_mask"].to(device(), non_blocking=True)[:, 1:]
+        labels = labels.masked_fill(mask == 0, -100)
+    return tokens[:, :-1].contiguous(), labels.contiguous()
 
 
 def _pairs(data_iter):
@@ -135,7 +141,7 @@ def evaluate(state: TrainingState, dataset, eval_index: int) -> float | None:
             if i >= micro_batches:
                 break
             tokens, labels = get_batch(batch)
-            total += state.engine(tokens, labels).float().mean().item()
+            total += mean_loss(state.engine(tokens, labels), labels).item()
             count += 1
     state.engine.train()
     return _dp_mean(total / max(1, count), state)
@@ -249,7 +255,7 @@ def train(state: TrainingState) -> dict:
                 loss_sum = 0.0
                 for micro in range(gas):
                     tokens, labels = get_batch(next(data_iter))
-                    loss = engine(tokens, labels).float().mean()
+                    loss = mean_loss(engine(tokens, labels), labels)
                     engine.backward(loss)
                     if micro == gas - 1 and logs_now:
                         proj_norms.update(projection_grad_norms(model))

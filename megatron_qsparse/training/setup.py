@@ -361,9 +361,18 @@ def setup(cfg: Config) -> TrainingState:
     if rank != 0:
         torch.distributed.barrier()
     try:
-        train_ds, valid_ds, test_ds = build_train_valid_test_datasets(
-            list(cfg.data.data_path), cfg.data.split, cfg.model.seq_length, cfg.train.seed,
-            num_samples, cache_dir=cfg.data.data_cache_path)
+        if cfg.data.data_format == "sft":
+            from megatron_qsparse.data.sft_dataset import build_sft_datasets
+
+            pad = tokenizer.pad if tokenizer.pad is not None and tokenizer.pad >= 0 \
+                else tokenizer.eod
+            train_ds, valid_ds, test_ds = build_sft_datasets(
+                list(cfg.data.data_path), cfg.data.split, cfg.model.seq_length, cfg.train.seed,
+                num_samples, pad, cache_dir=cfg.data.data_cache_path)
+        else:
+            train_ds, valid_ds, test_ds = build_train_valid_test_datasets(
+                list(cfg.data.data_path), cfg.data.split, cfg.model.seq_length, cfg.train.seed,
+                num_samples, cache_dir=cfg.data.data_cache_path)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"--data-path: {e}") from None
     finally:

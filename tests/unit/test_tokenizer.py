@@ -70,7 +70,7 @@ def test_byte_tokenizer():
 
 def test_build_tokenizer_errors(tmp_path):
     assert set(TOKENIZER_TYPES) == {"SentencePieceTokenizer", "GPTSentencePieceTokenizer",
-                                    "Llama2Tokenizer", "ByteTokenizer"}
+                                    "Llama2Tokenizer", "ByteTokenizer", "HuggingFaceTokenizer"}
     with pytest.raises(ValueError, match="--tokenizer-type 'BertWordPiece' is not supported"):
         build_tokenizer("BertWordPiece", None)
     with pytest.raises(ValueError, match="needs --tokenizer-model"):
@@ -163,3 +163,39 @@ def test_reservoir_sample_is_seeded_ordered_and_bounded(tmp_path):
     assert max(numbers) > 500  # drawn from the whole corpus, not its start
     everything = sample_sentences([str(src)], "text", 100, 0, seed=1)[0]
     assert len(everything) == 1000
+
+
+def _tiny_hf_tokenizer(path) -> None:
+    """A byte-level BPE `transformers` tokenizer with Qwen-style special tokens, built locally."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = RawTokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>",
+                                                                  "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    raw.train_from_iterator(STRINGS * 20, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>",
+                            pad_token="<|endoftext|>").save_pretrained(str(path))
+
+
+def test_huggingface_tokenizer(tmp_path):
+    import pickle
+
+    _tiny_hf_tokenizer(tmp_path / "tok")
+    tok = build_tokenizer("HuggingFaceTokenizer", str(tmp_path / "tok"))
+    assert tok.eod == tok.pad == 0 and tok.bos == -1 and tok.vocab_size <= 300
+    for text in STRINGS:
+        ids = tok.tokenize(text)
+        assert all(0 <= i < tok.vocab_size for i in ids)
+        assert tok.detokenize(ids + [tok.eod]) == text
+    assert tok.tokenize("<|im_end|>") == [2]  # special-token text maps to its id
+    again = pickle.loads(pickle.dumps(tok))  # data-loader workers
+    assert again.tokenize(STRINGS[0]) == tok.tokenize(STRINGS[0])
+    with pytest.raises(ValueError, match="needs --tokenizer-model DIR"):
+        build_tokenizer("HuggingFaceTokenizer", None)
+    with pytest.raises(ValueError, match="is not a directory"):
+        build_tokenizer("HuggingFaceTokenizer", str(tmp_path / "missing"))

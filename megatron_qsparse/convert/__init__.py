@@ -1,0 +1,2 @@
+"""Checkpoint conversion: Hugging Face <-> ours, and between parallel layouts
+(see ``tools/checkpoint_convert.py``)."""
