@@ -94,7 +94,8 @@ def _add_layout_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-tensor-parallel-size", type=int, default=1,
                    help="Tensor-parallel size of the written checkpoint.")
     p.add_argument("--target-pipeline-model-parallel-size", type=int, default=1,
-                   help="Pipeline-parallel size (only 1 is supported yet).")
+                   help="Pipeline-parallel size of the written checkpoint (DeepSpeed's "
+                   "per-layer files).")
 
 
 def _add_dtype_flag(p: argparse.ArgumentParser, default) -> None:
@@ -123,7 +124,6 @@ def _validate_model(cfg: Config) -> None:
     c = Config.from_dict(cfg.to_dict())
     c.data.data_path = ["unused"]
     c.data.tokenizer_type = "ByteTokenizer"
-    c.parallel.pipeline_model_parallel_size = 1  # rejected separately with a clearer message
     c.parallel.deepspeed_config = None
     validate(c)
 

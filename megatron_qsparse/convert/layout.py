@@ -6,17 +6,16 @@ This is the seam between the *model* and its *layout* in checkpoint conversion:
   pairs, in our parameter naming (``embedding.weight``, ``layers.0.attention.qkv.weight``, ...),
   each tensor the full (unsharded) parameter. It can be iterated several times and yields one
   tensor at a time (a Hugging Face directory read lazily, or an existing checkpoint memory-mapped);
-* :func:`write_checkpoint` cuts such a stream into the files of a layout (today: tensor
-  parallelism, one ``mp_rank_XX_model_states.pt`` per TP rank);
+* :func:`write_checkpoint` cuts such a stream into the files of a layout: one
+  ``mp_rank_XX_model_states.pt`` per TP rank, or under pipeline parallelism DeepSpeed's per-layer
+  files ``layer_II-model_RR-model_states.pt`` (layer ``II`` of the layer sequence, TP rank ``RR``;
+  the same files whatever the stage count) plus one ``mp_rank_XX`` file per model-parallel rank;
 * :func:`read_checkpoint` turns a checkpoint folder of any supported layout back into a source.
 
 Peak memory of a write is about one TP rank's shard plus one full tensor: the ranks are written one
 after the other, each from a fresh pass over the source (a source is re-read ``tp`` times rather
 than held in memory). Reading memory-maps every rank's file (``torch.load(mmap=True)``) and merges
 one tensor at a time.
-
-Pipeline parallelism (DeepSpeed's per-layer ``layer_XX-model_YY-model_states.pt`` files) plugs in
-here as another writer/reader pair; until then PP > 1 is rejected with a clear error.
 
 The files are what :mod:`megatron_qsparse.training.checkpointing` writes, so
 ``pretrain_qsparse.py --load DIR --finetune`` (weights only) starts from a converted checkpoint at
@@ -49,12 +48,20 @@ MODEL_ARGS = "model_args.yaml"
 VOCAB_TENSORS = ("embedding.weight", "output_layer.weight")
 
 
+LAYER_FILE = "layer_{:02d}-model_{:02d}-model_states.pt"
+
+
 def _check_layout(tp: int, pp: int, what: str) -> None:
     if tp < 1:
         raise ConfigError(f"--{what}tensor-parallel-size: got {tp}; use a positive integer")
-    if pp != 1:
-        raise ConfigError(f"--{what}pipeline-model-parallel-size: pipeline-parallel checkpoints "
-                          f"(PP = {pp}) are not supported by the converter yet; use 1")
+    if pp < 1:
+        raise ConfigError(f"--{what}pipeline-model-parallel-size: got {pp}; use a positive "
+                          "integer")
+
+
+def _save(obj, path: str) -> None:
+    torch.save(obj, path + ".part")
+    os.replace(path + ".part", path)
 
 
 def vocab_divisor(vocab_size: int, tp: int, preferred: int = 128) -> int:
@@ -110,8 +117,17 @@ def write_checkpoint(save_dir: str, cfg: Config, source: TensorSource, *, iterat
 
     from megatron_qsparse.training.checkpointing import LATEST, META_NAME, TMP_PREFIX, tag_for
 
-    tp = cfg.parallel.tensor_model_parallel_size
-    _check_layout(tp, cfg.parallel.pipeline_model_parallel_size, "target-")
+    from megatron_qsparse.model.gpt import pipeline_layer_names
+
+    tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
+    _check_layout(tp, pp, "target-")
+    layers = pipeline_layer_names(cfg.model)
+
+    def engine_state(mp_world: int) -> dict:
+        return {"dp_world_size": 1, "mp_world_size": mp_world, "global_steps": iteration,
+                "global_samples": 0, "skipped_steps": 0, "iteration": iteration,
+                "consumed_samples": 0, "ds_version": deepspeed.__version__}
+
     padded = padded_vocab_size(cfg.model.vocab_size, cfg)
     specs = partition_specs(cfg.model, padded, tp)
     tag = tag_for(iteration)
@@ -137,15 +153,21 @@ def write_checkpoint(save_dir: str, cfg: Config, source: TensorSource, *, iterat
             if missing:
                 raise ConfigError(f"the source has no tensor for {missing[:3]} "
                                   f"({len(missing)} missing); the model shape does not match")
-            state = {"module": module, "dp_world_size": 1, "mp_world_size": tp,
-                     "global_steps": iteration, "global_samples": 0, "skipped_steps": 0,
-                     "iteration": iteration, "consumed_samples": 0,
-                     "ds_version": deepspeed.__version__}
-            path = os.path.join(tmp, MODEL_FILE.format(rank))
-            torch.save(state, path + ".part")
-            os.replace(path + ".part", path)
-            del module, state
+            if pp == 1:
+                _save({"module": module, **engine_state(tp)},
+                      os.path.join(tmp, MODEL_FILE.format(rank)))
+            else:  # DeepSpeed's pipeline files: one per layer of the sequence
+                for idx, prefix in layers.items():
+                    part = {k[len(prefix):]: module.pop(k) for k in list(module)
+                            if k.startswith(prefix)}
+                    _save(part, os.path.join(tmp, LAYER_FILE.format(idx, rank)))
+                assert not module, f"tensors outside the layer sequence: {sorted(module)[:3]}"
+            del module
             logger.info("wrote tensor-parallel rank %d/%d", rank + 1, tp)
+        if pp > 1:  # the engine's own file of every model-parallel rank (weights: layer files)
+            for mp in range(tp * pp):
+                _save({"module": None, **engine_state(tp * pp)},
+                      os.path.join(tmp, MODEL_FILE.format(mp)))
         meta = {"iteration": iteration, "consumed_samples": 0,
                 "tensor_model_parallel_size": tp,
                 "pipeline_model_parallel_size": cfg.parallel.pipeline_model_parallel_size,
@@ -184,30 +206,42 @@ def read_checkpoint(path: str) -> tuple[Config, dict, TensorSource]:
     if int(meta.get("zero_stage", 0)) >= 3:
         raise ConfigError(f"--load: {folder} was saved under ZeRO-3, whose weights live in the "
                           "optimizer partitions; save with --zero-stage 0-2 to convert it")
-    files = [os.path.join(folder, MODEL_FILE.format(r)) for r in range(tp)]
-    for f in files:
-        if not os.path.isfile(f):
-            raise ConfigError(f"--load: {f} is missing; the checkpoint is incomplete")
+    pp = int(meta.get("pipeline_model_parallel_size", 1))
+    from megatron_qsparse.model.gpt import pipeline_layer_names
+
+    # (prefix, files of the TP ranks): the whole model in one group, or one group per layer
+    if pp == 1:
+        groups = [("", [os.path.join(folder, MODEL_FILE.format(r)) for r in range(tp)])]
+    else:
+        groups = [(prefix, [os.path.join(folder, LAYER_FILE.format(idx, r)) for r in range(tp)])
+                  for idx, prefix in pipeline_layer_names(cfg.model).items()]
+    for _, files in groups:
+        for f in files:
+            if not os.path.isfile(f):
+                raise ConfigError(f"--load: {f} is missing; the checkpoint is incomplete")
     cfg.parallel.tensor_model_parallel_size = tp
+    cfg.parallel.pipeline_model_parallel_size = pp
     padded = padded_vocab_size(cfg.model.vocab_size, cfg)
     model_cfg = copy.deepcopy(cfg.model)
 
-    def source():
-        states = []
+    def load(f: str) -> dict:
         with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            for f in files:
-                try:
-                    states.append(torch.load(f, map_location="cpu", weights_only=True,
-                                             mmap=True)["module"])
-                except Exception as e:  # noqa: BLE001 - one actionable line
-                    raise ConfigError(f"--load: cannot read {f} safely "
-                                      f"({str(e).strip().splitlines()[0]})") from None
+            try:
+                state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # noqa: BLE001 - one actionable line
+                raise ConfigError(f"--load: cannot read {f} safely "
+                                  f"({str(e).strip().splitlines()[0]})") from None
+        return state if pp > 1 else state["module"]
+
+    def source():
         specs = partition_specs(model_cfg, padded, tp)
-        for name in list(states[0]):
-            spec = specs.get(name)
-            parts = [s.pop(name) for s in states]
-            yield name, parts[0] if spec is None else merge_shards(parts, *spec)
-            del parts
+        for prefix, files in groups:  # one layer (or the whole model) at a time
+            states = [load(f) for f in files]
+            for name in list(states[0]):
+                spec = specs.get(prefix + name)
+                parts = [s.pop(name) for s in states]
+                yield prefix + name, parts[0] if spec is None else merge_shards(parts, *spec)
+                del parts
     return cfg, meta, source
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.e2e.test_pretrain_cli import TINY, pretrain, read_scalars
-from tests.helpers import ROOT, clean_env
+from tests.helpers import ROOT, clean_env, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -127,6 +127,22 @@ def test_pipeline_checkpoint_resumes_exactly(kjv_small, tmp_path):
     assert "resumed from" in out
     resumed = dict(read_scalars(str(tmp_path / "tb_res"))["lm-loss"])
     assert resumed == {3: full[3]}
+
+    # re-shard: PP 2 -> 1 keeps every tensor; files written by the converter at PP = 2 are
+    # accepted by DeepSpeed's pipeline engine (--finetune starts from those weights)
+    from megatron_qsparse.training.checkpointing import load_model
+
+    for target, pp in (("one", "1"), ("pp2", "2")):
+        run_cli(["tools/checkpoint_convert.py", "reshard", "--load", str(ckpt), "--save",
+                 str(tmp_path / target), "--target-pipeline-model-parallel-size", pp])
+    a, b = load_model(str(ckpt))[0].state_dict(), load_model(str(tmp_path / "one"))[0].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    out = launch(2, kjv_small, "--pipeline-model-parallel-size", "2", "--load",
+                 str(tmp_path / "pp2"), "--finetune", "--train-iters", "2",
+                 "--tensorboard-dir", str(tmp_path / "tb_ft"))
+    assert "fine-tuning from the weights of" in out
+    first = dict(read_scalars(str(tmp_path / "tb_ft"))["lm-loss"])[1]
+    assert first < full[1] - 0.1, (first, full)  # trained weights, not a fresh init
 
 
 @needs_launcher

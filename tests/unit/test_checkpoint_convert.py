@@ -125,6 +125,37 @@ def test_import_tp2_then_reshard_to_tp1(tool, models, tokens, tmp_path):
         torch.testing.assert_close(ours(tokens), ref(tokens).logits, **TOL)
 
 
+def test_import_tp2_pp2_then_reshard_to_one_shard(tool, models, tokens, tmp_path):
+    """Any TP x PP layout: DeepSpeed's per-layer pipeline files (one per TP rank) plus one
+    engine file per model-parallel rank; re-sharding back to TP = PP = 1 gives the same logits,
+    and PP = 2 at TP = 1 reads back directly."""
+    ref, hf_dir = models["llama"]
+    assert tool.main(["import-hf", "--hf-dir", hf_dir, "--save", str(tmp_path / "tp2pp2"),
+                      "--target-tensor-parallel-size", "2",
+                      "--target-pipeline-model-parallel-size", "2"]) == 0
+    folder = tmp_path / "tp2pp2" / "iter_0000000"
+    names = sorted(p.name for p in folder.iterdir())
+    # embedding, 2 blocks, final norm, untied head (llama) = layers 0..4, TP ranks 00 and 01
+    assert [n for n in names if n.startswith("layer_")] == [
+        f"layer_{i:02d}-model_{r:02d}-model_states.pt" for i in range(5) for r in range(2)]
+    assert [n for n in names if n.startswith("mp_rank_")] == [
+        f"mp_rank_{r:02d}_model_states.pt" for r in range(4)]
+    block = torch.load(folder / "layer_02-model_01-model_states.pt", weights_only=True)
+    assert block["mlp.gate_up.weight"].shape == (96, 64)  # layers.1, TP rank 1's [gate; up]
+    meta = json.loads((folder / "qsparse_meta.json").read_text())
+    assert (meta["tensor_model_parallel_size"], meta["pipeline_model_parallel_size"]) == (2, 2)
+
+    assert tool.main(["reshard", "--load", str(tmp_path / "tp2pp2"), "--save",
+                      str(tmp_path / "pp2"), "--target-pipeline-model-parallel-size", "2"]) == 0
+    assert tool.main(["reshard", "--load", str(tmp_path / "pp2"), "--save",
+                      str(tmp_path / "one")]) == 0
+    want = ref(tokens).logits.detach()
+    for ck in ("pp2", "one"):  # load_model merges a pipeline checkpoint at TP = 1
+        ours, _ = _ours(str(tmp_path / ck))
+        with torch.no_grad():
+            torch.testing.assert_close(ours(tokens), want, **TOL)
+
+
 def test_reshard_repads_vocabulary(tmp_path):
     """A vocabulary that TP = 3 does not divide gets zero padding rows; going back strips them."""
     from megatron_qsparse.config import ModelConfig, QSparseConfig
@@ -184,8 +215,9 @@ def test_writer_holds_one_source_tensor_at_a_time(tmp_path, models):
 def test_rejections(tool, models, tmp_path, capsys):
     _, hf_dir = models["llama"]
     assert tool.main(["import-hf", "--hf-dir", hf_dir, "--save", str(tmp_path / "x"),
-                      "--target-pipeline-model-parallel-size", "2"]) == 2
-    assert "pipeline" in capsys.readouterr().err
+                      "--target-pipeline-model-parallel-size", "5"]) == 2  # 2 blocks
+    assert "--pipeline-model-parallel-size: 5 stages for 2 transformer blocks" in \
+        capsys.readouterr().err
     assert tool.main(["import-hf", "--hf-dir", str(tmp_path), "--save", str(tmp_path / "y")]) == 2
     assert "config.json" in capsys.readouterr().err
     conf = hf.read_hf_config(hf_dir)
