@@ -39,7 +39,8 @@ def test_expert_parallel_zero2_launcher_matches_one_process(kjv_small, tmp_path)
     pretrain(kjv_small, *common, "--summary-json", str(one))
     two = tmp_path / "two.json"
     proc = subprocess.run(
-        [LAUNCHER, "--num_gpus", "2", "--master_port", str(29300 + os.getpid() % 300),
+        [sys.executable, LAUNCHER, "--num_gpus", "2", "--master_port",
+         str(29300 + os.getpid() % 300),
          "pretrain_qsparse.py", *TINY, "--data-path", kjv_small, *common,
          "--expert-model-parallel-size", "2", "--summary-json", str(two)],
         cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
