@@ -197,7 +197,8 @@ def _check_compatible(cfg: Config, meta: dict, path: str, dp_size: int, finetune
     saved = meta.get("config", {}).get("model", {})
     for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                 "num_query_groups", "kv_channels", "ffn_type", "vocab_size",
-                "untie_embeddings_and_output_weights", "add_bias_linear", "normalization"):
+                "untie_embeddings_and_output_weights", "add_bias_linear", "normalization",
+                "num_experts", "moe_router_topk", "moe_layer_freq"):
         ours = getattr(cfg.model, key)
         if key not in saved or saved[key] == ours or ours is None:
             continue
@@ -305,7 +306,15 @@ def load_model(path: str, map_location: str = "cpu"):
                               f"({str(e).strip().splitlines()[0]})") from None
     from megatron_qsparse.config import padded_vocab_size
 
+    module_state = dict(state["module"])
+    # MoE: DeepSpeed saves every expert to its own file, keyed by global expert index (whatever
+    # the expert-parallel size), and leaves the experts out of the module state
+    for name in sorted(os.listdir(folder)):
+        if name.startswith("layer_") and "_expert_" in name and name.endswith("_model_states.pt"):
+            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                module_state.update(torch.load(os.path.join(folder, name),
+                                               map_location=map_location, weights_only=True))
     model = GPTModel(cfg.model, cfg.qsparse, padded_vocab_size(cfg.model.vocab_size, cfg))
-    model.load_state_dict(state["module"])
+    model.load_state_dict(module_state)
     model.eval()
     return model, cfg

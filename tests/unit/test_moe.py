@@ -180,3 +180,25 @@ def test_optimizer_groups_split_expert_parameters():
     assert {id(p) for g in moe for p in g["params"]} == expert_ids
     assert all(g["name"] == "ep_size_1" for g in moe)
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_router_input_is_dense_unless_asked():
+    """By default the router sees the dense input; with --moe-router-sparsify-input the top-K
+    sparsified one (gate/up ratio), measured as its own density entry ``router``."""
+    from megatron_qsparse.sparsity import topk_sparsify
+    from megatron_qsparse.sparsity.topk import keep_count
+
+    x = torch.randn(2, 16, 32)
+    for sparsify in (False, True):
+        torch.manual_seed(7)
+        layer = MoELayer(cfg(moe_router_sparsify_input=sparsify), QSparseConfig(ratio=0.5), 0,
+                         ParallelState.single())
+        layer(x)
+        seen = topk_sparsify(x, keep_count(32, 0.5)) if sparsify else x
+        w = layer.moe.deepspeed_moe.gate.wg.weight
+        expected = torch.logsumexp(seen.reshape(-1, 32) @ w.t(), -1).square().mean()
+        torch.testing.assert_close(layer.l_z, expected)
+        d = collect_density(layer)
+        assert ("layer0/router" in d) == sparsify
+        if sparsify:
+            assert d["layer0/router"] == pytest.approx(0.5)
