@@ -13,6 +13,7 @@ import torch.distributed as dist
 from megatron_qsparse.config import ModelConfig, QSparseConfig
 from megatron_qsparse.model.moe import MoELayer
 from megatron_qsparse.parallel.state import ParallelState
+from megatron_qsparse.parallel.utils import grad_norm
 from megatron_qsparse.sparsity import collect_density
 
 
@@ -86,6 +87,10 @@ def ep_equivalence(k: int, policy: str, qmode: str, seed: int) -> dict:
             assert torch.equal(p.detach(), q.detach()), f"expert {j} {name}: weights differ"
             worst = max(worst, _rel(p.grad, q.grad))
     diffs["expert_grad"] = worst
+    # the gradient norm our fp32 ZeRO-0 optimizer clips with: experts summed over the EP group
+    norm = grad_norm(list(par_experts.parameters()), ParallelState.single())
+    ref_norm = torch.stack([q.grad.norm() for q in ref_experts.parameters()]).norm()
+    diffs["expert_grad_norm"] = _rel(torch.tensor(norm, dtype=torch.float64), ref_norm)
     assert collect_density(par)["kind/gate_up"] <= (0.5 + 1e-9 if qmode == "topk" else 1.0)
     return {"diffs": diffs, "dropped": dropped}
 

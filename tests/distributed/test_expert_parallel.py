@@ -5,7 +5,8 @@ all-to-all. The reference (EP = 1, all experts, the same weights) is applied to 
 tokens, since routing and capacity are computed per rank. Compared in fp64 with a relative
 tolerance of 1e-10 (of each tensor's largest entry): the output, the aux and z losses, the input
 and router gradients, and every expert's gradient (the reference's summed over both ranks'
-tokens). Top-K sparsity (ratio 0.5) runs inside the experts.
+tokens), and the experts' gradient norm our optimizer clips with (summed over the EP group).
+Top-K sparsity (ratio 0.5) runs inside the experts.
 """
 
 from __future__ import annotations
