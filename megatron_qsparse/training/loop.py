@@ -410,9 +410,10 @@ def _log_interval(state, writer, summary, it, interval_loss, interval_ok, interv
 
 
 def _moe_summary(per_layer: dict, state: TrainingState) -> dict:
-    """The MoE statistics of a log interval: per layer the fraction of routes each expert got
-    (summed over the data-parallel ranks: routing is per rank), the dropped fraction and the
-    aux / z losses (DP means); plus their means over layers. Empty for a dense model."""
+    """The MoE statistics of a log interval: per layer the fraction of routes each expert got,
+    the dropped fraction and the aux / z losses, each the mean over the data-parallel ranks
+    (routing is per rank; every rank routes as many tokens); plus their means over layers. Empty
+    for a dense model. Every rank must call this."""
     if not per_layer:
         return {}
     layers = sorted(per_layer)
