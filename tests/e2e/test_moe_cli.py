@@ -30,19 +30,21 @@ def imbalance(summary: dict) -> dict[str, float]:
 def test_expert_parallel_zero2_launcher_matches_one_process(kjv_small, tmp_path):
     """`deepspeed --num_gpus 2` with 4 experts split over EP = 2 and ZeRO-2 trains, and — with no
     token dropping and no router noise, so routing is per token — gives the losses of one process
-    holding all experts with the same global batch (gradient accumulation 2)."""
+    holding all experts with the same global batch (gradient accumulation 2); its checkpoint
+    loads as the one-process model."""
     common = ["--train-iters", "4", "--eval-iters", "0", "--log-interval", "2",
               "--global-batch-size", "8", "--micro-batch-size", "4", "--deterministic",
               "--num-experts", "4", "--moe-router-topk", "2", "--moe-token-drop-policy", "none",
               "--no-moe-top2-sampling", "--moe-z-loss-coeff", "1e-3", "--zero-stage", "2"]
     one = tmp_path / "one.json"
-    pretrain(kjv_small, *common, "--summary-json", str(one))
+    pretrain(kjv_small, *common, "--summary-json", str(one), "--save", str(tmp_path / "ck1"))
     two = tmp_path / "two.json"
     proc = subprocess.run(
         [sys.executable, LAUNCHER, "--num_gpus", "2", "--master_port",
          str(29300 + os.getpid() % 300),
          "pretrain_qsparse.py", *TINY, "--data-path", kjv_small, *common,
-         "--expert-model-parallel-size", "2", "--summary-json", str(two)],
+         "--expert-model-parallel-size", "2", "--summary-json", str(two),
+         "--save", str(tmp_path / "ck2")],
         cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
@@ -55,6 +57,19 @@ def test_expert_parallel_zero2_launcher_matches_one_process(kjv_small, tmp_path)
     for layer in ("0", "1"):
         assert sum(b["moe"]["layers"][layer]["load"]) == pytest.approx(1.0)
         assert b["moe"]["layers"][layer]["dropped"] == 0.0
+    # the EP = 2 checkpoint (each rank wrote its experts) loads as one model with every expert,
+    # the weights of the one-process run
+    import torch
+
+    from megatron_qsparse.training.checkpointing import load_model
+
+    m1, _ = load_model(str(tmp_path / "ck1"))
+    m2, _ = load_model(str(tmp_path / "ck2"))
+    s1, s2 = m1.state_dict(), m2.state_dict()
+    assert s1.keys() == s2.keys()
+    assert any("deepspeed_experts.3." in k for k in s2)
+    for k in s1:
+        torch.testing.assert_close(s2[k], s1[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_load_balancing_evens_expert_load(kjv_small, tmp_path):
