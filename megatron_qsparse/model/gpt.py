@@ -245,9 +245,15 @@ def flops_per_token(model_cfg: ModelConfig, vocab: int, seq_len: int,
 
 def describe(model_cfg: ModelConfig, vocab: int) -> str:
     """One-line summary of a model's size, for logs."""
+    from megatron_qsparse.config import moe_layer_indices
+
     dims = projection_shapes(model_cfg)
     n = model_cfg.num_layers * sum(i * o for i, o in dims.values())
-    return (f"{model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}, "
+    moe, E = len(moe_layer_indices(model_cfg)), model_cfg.num_experts or 1
+    ffn = sum(i * o for k, (i, o) in dims.items() if k in ("gate_up", "down"))
+    n += moe * ((E - 1) * ffn + model_cfg.hidden_size * E)
+    experts = (f", {E} experts (top-{model_cfg.moe_router_topk}) in {moe} blocks" if moe else "")
+    return (f"{model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}{experts}, "
             f"{n / 1e6:.1f}M projection params, vocab {vocab}, "
             f"{flops_per_token(model_cfg, vocab, model_cfg.seq_length) / 1e9:.2f} GFLOP/token")
 

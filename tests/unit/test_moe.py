@@ -202,3 +202,16 @@ def test_router_input_is_dense_unless_asked():
         assert ("layer0/router" in d) == sparsify
         if sparsify:
             assert d["layer0/router"] == pytest.approx(0.5)
+
+
+def test_describe_counts_every_expert():
+    from megatron_qsparse.model.gpt import describe
+
+    c = cfg(num_layers=2, moe_layer_freq=2, hidden_size=256, ffn_hidden_size=512)
+    torch.manual_seed(8)
+    model = GPTModel(c, QSparseConfig(), 64)
+    line = describe(c, 64)
+    assert "4 experts (top-2) in 1 blocks" in line
+    proj = count_parameters(model, non_embedding=True) - sum(
+        p.numel() for n, p in model.named_parameters() if "norm" in n)
+    assert proj > 2e6 and f"{proj / 1e6:.1f}M projection params" in line
