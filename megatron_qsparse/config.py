@@ -80,7 +80,7 @@ class ModelConfig:
         None, "Mixture of experts: number of experts per MoE layer (default: dense FFN).")
     moe_router_topk: int = arg(2, "MoE: experts each token is routed to (1 or 2).",
                                choices=(1, 2))
-    moe_layer_freq: int = arg(1, "MoE: block i (from 0) has an MoE FFN when N divides i (1: every block, "
+    moe_layer_freq: int = arg(1, "MoE: block i (from 0) has an MoE FFN when this number divides i (1: every block, "
                               "2: blocks 0, 2, 4, ...); the others keep the dense FFN.")
     moe_expert_capacity_factor: float = arg(
         1.0, "MoE: tokens an expert takes per step = factor x k x tokens / experts (at least "

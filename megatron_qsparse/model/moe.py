@@ -78,9 +78,10 @@ class _Expert(nn.Module):
 class MoELayer(nn.Module):
     """The FFN of one MoE block: ``forward(x [b, s, h]) -> [b, s, h]``.
 
-    ``ep_size`` experts groups: this rank holds experts ``ep_rank·E/ep .. (ep_rank+1)·E/ep - 1``
-    (DeepSpeed's layout: the expert-parallel group is consecutive ranks, so ``ep_rank = rank % ep``
-    for ranks laid out as data-parallel ranks).
+    With ``ep_size`` > 1 this rank holds experts ``ep_rank·E/ep .. (ep_rank+1)·E/ep - 1``.
+    ``ep_rank`` defaults to ``rank % ep``: DeepSpeed's expert-parallel groups are runs of
+    consecutive ranks (its default layout; TP = PP = 1 with MoE, so every rank is a data-parallel
+    rank), and DeepSpeed names each expert's checkpoint file by the same global index.
     """
 
     def __init__(self, cfg: ModelConfig, qcfg: QSparseConfig, layer: int,
