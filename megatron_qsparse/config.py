@@ -37,6 +37,8 @@ LR_DECAY_STYLES = ("constant", "linear", "cosine", "WSD")
 WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 DATA_FORMATS = ("gpt", "sft")
+MOE_DROP_POLICIES = ("position", "random", "none")
+MOE_NOISY_GATE_POLICIES = ("none", "jitter", "rsample")
 
 
 @dataclass
@@ -76,6 +78,36 @@ class ModelConfig:
         False, "Shorthand for --recompute-granularity selective (Megatron-LM's flag).")
     add_qkv_bias: bool = arg(
         False, "Give the q/k/v projections a bias (Qwen2), without biases elsewhere.")
+    # ---- mixture of experts (model/moe.py); experts are the same sparse MLPs as the dense FFN
+    num_experts: int | None = arg(
+        None, "Mixture of experts: number of experts per MoE layer (default: dense FFN).")
+    moe_router_topk: int = arg(2, "MoE: experts each token is routed to (1 or 2).",
+                               choices=(1, 2))
+    moe_layer_freq: int = arg(1, "MoE: block i (from 0) has an MoE FFN when this number divides i (1: every block, "
+                              "2: blocks 0, 2, 4, ...); the others keep the dense FFN.")
+    moe_expert_capacity_factor: float = arg(
+        1.0, "MoE: tokens an expert takes per step = factor x k x tokens / experts (at least "
+        "--moe-min-capacity); tokens beyond it are dropped (skip the FFN).")
+    moe_eval_capacity_factor: float | None = arg(
+        None, "MoE: capacity factor in evaluation; default: --moe-expert-capacity-factor.")
+    moe_min_capacity: int = arg(4, "MoE: the least capacity of an expert, in tokens.")
+    moe_token_drop_policy: str = arg(
+        "position", "MoE: which tokens an over-full expert keeps: the first ones (position), "
+        "random ones (random, top-1 only) or all (none: no capacity limit).",
+        choices=MOE_DROP_POLICIES)
+    moe_noisy_gate_policy: str = arg(
+        "none", "MoE: router noise in training: jitter (multiplicative input noise) or rsample "
+        "(Gumbel noise on the logits, top-1 only).", choices=MOE_NOISY_GATE_POLICIES)
+    moe_top2_sampling: bool = arg(
+        True, "MoE top-2: take the second expert by largest logit instead of sampling it "
+        "(Gumbel noise) in training.", flag="--no-moe-top2-sampling")
+    moe_aux_loss_coeff: float = arg(
+        0.01, "MoE: weight of the load-balancing auxiliary loss added to the training loss.")
+    moe_z_loss_coeff: float = arg(
+        0.0, "MoE: weight of the router z-loss mean(logsumexp(logits)^2) (0: off).")
+    moe_router_sparsify_input: bool = arg(
+        False, "MoE: feed the router the top-K sparsified input (the gate/up ratio) instead of "
+        "the dense one.")
 
     def resolved_recompute(self) -> str | None:
         """``full``, ``selective`` or None (no recomputation)."""
@@ -157,6 +189,9 @@ class ParallelConfig:
     distributed_backend: str = arg("auto", "torch.distributed backend; auto = nccl on GPU, gloo "
                                    "on CPU.", choices=("auto", "gloo", "nccl"))
     distributed_timeout_minutes: int = arg(10, "Timeout of collective operations, in minutes.")
+    expert_model_parallel_size: int = arg(
+        1, "MoE expert-parallel degree: the experts of a layer are split over this many "
+        "data-parallel ranks (tokens travel by all-to-all).")
 
 
 @dataclass
@@ -364,6 +399,8 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
                    f"asks for selective recomputation but --recompute-granularity is "
                    f"{m.recompute_granularity}", "pass only one of the two flags")
 
+    _validate_moe(m, q, cfg.parallel, world_size)
+
     # ---- parallel
     _positive("parallel", p, ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                               "distributed_timeout_minutes"))
@@ -494,6 +531,77 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     # ---- logging
     _positive("log", lg, ("log_interval",))
     return cfg
+
+
+def _validate_moe(m: ModelConfig, q: QSparseConfig, p: ParallelConfig,
+                  world_size: int | None) -> None:
+    ep = p.expert_model_parallel_size
+    if ep < 1:
+        raise _err("parallel", "expert_model_parallel_size", f"got {ep}", "use a positive integer")
+    if m.num_experts is None:
+        if ep > 1:
+            raise _err("parallel", "expert_model_parallel_size",
+                       "expert parallelism needs experts", "add --num-experts E or drop it")
+        return
+    E, k = m.num_experts, m.moe_router_topk
+    if E < 2:
+        raise _err("model", "num_experts", f"got {E}", "use at least 2 experts (or leave it unset "
+                   "for a dense FFN)")
+    if k > E:
+        raise _err("model", "moe_router_topk", f"top-{k} of {E} experts", "use k <= --num-experts")
+    if m.moe_layer_freq < 1:
+        raise _err("model", "moe_layer_freq", f"got {m.moe_layer_freq}", "use a positive integer")
+    for n in ("moe_expert_capacity_factor", "moe_eval_capacity_factor"):
+        v = getattr(m, n)
+        if v is not None and v <= 0:
+            raise _err("model", n, f"got {v}", "use a positive factor, e.g. 1.25")
+    if m.moe_min_capacity < 0:
+        raise _err("model", "moe_min_capacity", f"got {m.moe_min_capacity}", "use 0 or more")
+    for n in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
+        if getattr(m, n) < 0:
+            raise _err("model", n, f"got {getattr(m, n)}", "use 0 (off) or a positive weight")
+    if k == 2 and m.moe_token_drop_policy == "random":
+        raise _err("model", "moe_token_drop_policy", "random token selection is top-1 only "
+                   "(DeepSpeed's top-2 gate keeps tokens by position)",
+                   "use position or none, or --moe-router-topk 1")
+    if k == 2 and m.moe_noisy_gate_policy == "rsample":
+        raise _err("model", "moe_noisy_gate_policy", "rsample is top-1 only",
+                   "use jitter or none, or --moe-router-topk 1")
+    if E % ep:
+        raise _err("parallel", "expert_model_parallel_size",
+                   f"{E} experts do not split over {ep} expert-parallel ranks",
+                   "use a divisor of --num-experts")
+    if p.tensor_model_parallel_size > 1:
+        # Our experts are not tensor-parallel, and DeepSpeed's MoE with a TP mpu either drops
+        # duplicate tokens for non-TP experts or expects its own TP experts; see model/moe.py.
+        raise _err("parallel", "tensor_model_parallel_size", "MoE layers do not support tensor "
+                   "parallelism", "use --tensor-model-parallel-size 1 with --num-experts "
+                   "(scale experts with --expert-model-parallel-size)")
+    if p.pipeline_model_parallel_size > 1:
+        raise _err("parallel", "pipeline_model_parallel_size", "MoE layers do not support "
+                   "pipeline parallelism (the pipeline's loss sees only the last stage, not the "
+                   "routers' auxiliary losses)", "use --pipeline-model-parallel-size 1 with "
+                   "--num-experts")
+    if m.resolved_recompute() == "full":
+        raise _err("model", "recompute_granularity", "full recomputation re-runs the routers "
+                   "without gradient for their auxiliary losses", "use selective recomputation "
+                   "or none with --num-experts")
+    if p.zero_stage == 3:
+        raise _err("parallel", "zero_stage", "DeepSpeed's MoE does not support ZeRO-3",
+                   "use --zero-stage 0, 1 or 2 with --num-experts")
+    if world_size is not None:
+        dp = world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+        if dp % ep:
+            raise _err("parallel", "expert_model_parallel_size",
+                       f"data-parallel size {dp} is not divisible by {ep}",
+                       "launch a multiple of --expert-model-parallel-size processes")
+
+
+def moe_layer_indices(m: ModelConfig) -> list[int]:
+    """0-based indices of the blocks whose FFN is an MoE layer (empty for a dense model)."""
+    if m.num_experts is None:
+        return []
+    return [i for i in range(m.num_layers) if i % m.moe_layer_freq == 0]
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:

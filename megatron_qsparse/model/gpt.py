@@ -46,10 +46,17 @@ class GPTModel(nn.Module):
     ``torch.manual_seed(init_seed + i)``, exactly as DeepSpeed's pipeline module seeds its layers
     (:func:`build_pipeline_model`), so any pipeline split starts from the same weights. Without
     it the pieces draw one after another from the current generator.
+
+    Mixture of experts (``--num-experts``, :mod:`megatron_qsparse.model.moe`):
+    ``expert_parallel_size`` splits each MoE layer's experts over that many ranks. The forward
+    still returns the pure LM loss; the routers' weighted auxiliary losses of the latest forward
+    are :func:`~megatron_qsparse.model.moe.moe_aux_loss` ``(model)``, which the training loop
+    adds before ``backward``.
     """
 
     def __init__(self, model_cfg: ModelConfig, qsparse_cfg: QSparseConfig, vocab_size: int,
-                 parallel: ParallelState | None = None, init_seed: int | None = None):
+                 parallel: ParallelState | None = None, init_seed: int | None = None,
+                 expert_parallel_size: int = 1):
         super().__init__()
         self.config, self.qsparse_config, self.vocab_size = model_cfg, qsparse_cfg, vocab_size
         self.parallel = parallel if parallel is not None else get_parallel_state()
@@ -62,7 +69,8 @@ class GPTModel(nn.Module):
         layers = []
         for i in range(L):
             with _seeded(init_seed, 1 + i):
-                layers.append(TransformerBlock(model_cfg, qsparse_cfg, i, self.parallel))
+                layers.append(TransformerBlock(model_cfg, qsparse_cfg, i, self.parallel,
+                                               ep_size=expert_parallel_size))
         self.layers = nn.ModuleList(layers)
         self.final_norm = build_norm(model_cfg)
         self.output_layer = None
@@ -146,7 +154,9 @@ def count_parameters(model: nn.Module, non_embedding: bool = False) -> int:
     ``non_embedding`` leaves out the input embedding and the LM head (Kaplan's N, as in the
     Q-Sparse scaling law)."""
     skip = _lm_params(model) if non_embedding else set()
-    local = sum(full_numel(p) for p in _unique(model) if id(p) not in skip)
+    # an expert parameter stands for expert_parallel_size different ones (one per EP rank)
+    local = sum(full_numel(p) * getattr(p, "expert_parallel_size", 1)
+                for p in _unique(model) if id(p) not in skip)
     return int(_over_stages(model, local))
 
 
@@ -172,13 +182,25 @@ def activated_parameters(model: nn.Module, density: dict | float | None) -> floa
     ``density`` is :func:`~megatron_qsparse.sparsity.collect_density`'s dict (``layer<i>/<kind>``
     is used where present, else ``kind/<kind>``, else a bare ``<kind>`` key), one float for every
     projection, or None; a projection with no entry counts as dense.
+
+    In an MoE layer a token uses only the experts it is routed to: the experts count
+    ``k·kept/E`` of all experts' parameters (``k`` routed experts, ``kept`` the measured fraction
+    of routes within capacity, 1 before any forward), each expert projection again scaled by its
+    measured input density; the router counts fully.
     """
+    from megatron_qsparse.model.moe import moe_layers
+
     total = 0.0
     counted = _lm_params(model)
+    share: dict[int, float] = {}  # id(expert linear) -> fraction of all experts used per token
+    for moe in moe_layers(model):
+        frac = moe.topk * moe.kept_routes_fraction() / moe.num_experts * moe.ep_size
+        share.update({id(m): frac for m in moe.moe.deepspeed_moe.experts.modules()})
     for m in model.modules():
         if isinstance(m, (ColumnParallelLinear, RowParallelLinear)) and m.sparsifier is not None:
             rho = _density_of(density, m.sparsifier.kind, m.sparsifier.layer)
-            total += rho * full_numel(m.weight) + (full_numel(m.bias) if m.bias is not None else 0)
+            n = rho * full_numel(m.weight) + (full_numel(m.bias) if m.bias is not None else 0)
+            total += n * share.get(id(m), 1.0)
             counted.update(id(p) for p in m.parameters())
     total += sum(full_numel(p) for p in _unique(model) if id(p) not in counted)
     return _over_stages(model, total)
@@ -202,20 +224,36 @@ def flops_per_token(model_cfg: ModelConfig, vocab: int, seq_len: int,
     With ``density`` (as in :func:`activated_parameters`) the projection FLOPs of each kind are
     scaled by its input density — the nominal count of an ideal sparse kernel; attention and the
     LM head stay dense. Norms, activations and the softmax are ignored.
+
+    An MoE layer's FFN counts its ``k`` routed experts (``--moe-router-topk``) plus the router's
+    ``h × E`` matmul.
     """
+    from megatron_qsparse.config import moe_layer_indices
+
     L = model_cfg.num_layers
+    moe = set(moe_layer_indices(model_cfg))
     proj = 0.0
     for kind, (n_in, n_out) in projection_shapes(model_cfg).items():
-        proj += sum(_density_of(density, kind, i) for i in range(L)) * n_in * n_out
+        per = [_density_of(density, kind, i)
+               * (model_cfg.moe_router_topk if i in moe and kind in ("gate_up", "down") else 1)
+               for i in range(L)]
+        proj += sum(per) * n_in * n_out
+    proj += len(moe) * model_cfg.hidden_size * (model_cfg.num_experts or 0)
     attn = 12.0 * L * seq_len * model_cfg.num_attention_heads * model_cfg.resolved_kv_channels()
     return 6.0 * (proj + vocab * model_cfg.hidden_size) + attn
 
 
 def describe(model_cfg: ModelConfig, vocab: int) -> str:
     """One-line summary of a model's size, for logs."""
+    from megatron_qsparse.config import moe_layer_indices
+
     dims = projection_shapes(model_cfg)
     n = model_cfg.num_layers * sum(i * o for i, o in dims.values())
-    return (f"{model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}, "
+    moe, E = len(moe_layer_indices(model_cfg)), model_cfg.num_experts or 1
+    ffn = sum(i * o for k, (i, o) in dims.items() if k in ("gate_up", "down"))
+    n += moe * ((E - 1) * ffn + model_cfg.hidden_size * E)
+    experts = (f", {E} experts (top-{model_cfg.moe_router_topk}) in {moe} blocks" if moe else "")
+    return (f"{model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}{experts}, "
             f"{n / 1e6:.1f}M projection params, vocab {vocab}, "
             f"{flops_per_token(model_cfg, vocab, model_cfg.seq_length) / 1e9:.2f} GFLOP/token")
 

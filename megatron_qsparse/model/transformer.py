@@ -209,17 +209,21 @@ class MLP(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm block: ``x + drop(attn(norm(x)))``, then ``x + drop(mlp(norm(x)))``.
 
-    ``layer`` is the 0-based block index; it names the block's density statistics.
+    ``layer`` is the 0-based block index; it names the block's density statistics. With
+    ``--num-experts`` the FFN of the blocks ``--moe-layer-freq`` picks is an
+    :class:`~megatron_qsparse.model.moe.MoELayer` (``ep_size``: expert-parallel degree).
     """
 
     def __init__(self, cfg: ModelConfig, qcfg: QSparseConfig, layer: int,
-                 parallel: ParallelState | None = None):
+                 parallel: ParallelState | None = None, ep_size: int = 1):
         super().__init__()
+        from megatron_qsparse.model.moe import build_ffn
+
         self.layer = layer
         self.input_norm = build_norm(cfg)
         self.attention = Attention(cfg, qcfg, layer, parallel)
         self.post_attention_norm = build_norm(cfg)
-        self.mlp = MLP(cfg, qcfg, layer, parallel)
+        self.mlp = build_ffn(cfg, qcfg, layer, parallel, ep_size=ep_size)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -84,12 +84,16 @@ def collect_density(model: nn.Module, group=None) -> dict[str, float]:
     """Measured density since the last reset: ``{"kind/<kind>": d, "layer<i>/<kind>": d}``.
 
     Per-kind values pool the counts of all layers (token-weighted); layers are numbered from 0.
+    Sparsifiers sharing a (kind, layer), the experts of an MoE layer, are pooled the same way.
     Sparsifiers that recorded nothing (recording off) are left out. ``group``: a process group
     whose members hold different layers (the stages of a pipeline); their counts are gathered so
     every member returns the density of the whole model (all members must call this).
     """
-    counts = {(kind, layer): (float(st.nonzero), st.total)
-              for kind, layer, st in _stats(model) if st.total}
+    counts: dict = {}
+    for kind, layer, st in _stats(model):  # the experts of an MoE layer pool into one entry
+        if st.total:
+            nz, total = counts.get((kind, layer), (0.0, 0))
+            counts[(kind, layer)] = (nz + float(st.nonzero), total + st.total)
     if group is not None and torch.distributed.get_world_size(group) > 1:
         gathered = [None] * torch.distributed.get_world_size(group)
         torch.distributed.all_gather_object(gathered, counts, group=group)

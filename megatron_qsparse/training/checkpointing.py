@@ -198,7 +198,7 @@ def _check_compatible(cfg: Config, meta: dict, path: str, dp_size: int, finetune
     for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                 "num_query_groups", "kv_channels", "ffn_type", "vocab_size",
                 "untie_embeddings_and_output_weights", "add_bias_linear", "normalization",
-                "add_qkv_bias"):
+                "add_qkv_bias", "num_experts", "moe_router_topk", "moe_layer_freq"):
         ours = getattr(cfg.model, key)
         if key not in saved or saved[key] == ours or ours is None:
             continue
@@ -331,9 +331,15 @@ def load_model(path: str, map_location: str = "cpu"):
     state = read_model_state(folder, cfg, map_location)
     from megatron_qsparse.config import padded_vocab_size
 
+    module_state = dict(state)
+    # MoE: DeepSpeed saves every expert to its own file, keyed by global expert index (whatever
+    # the expert-parallel size), and leaves the experts out of the module state
+    for name in sorted(os.listdir(folder)):
+        if name.startswith("layer_") and "_expert_" in name and name.endswith("_model_states.pt"):
+            module_state.update(_safe_load(os.path.join(folder, name), map_location))
     model = GPTModel(cfg.model, cfg.qsparse, padded_vocab_size(cfg.model.vocab_size, cfg))
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(module_state)
     except RuntimeError as e:
         hint = (" (ZeRO-3 checkpoints hold partitioned weights: consolidate them with "
                 "DeepSpeed's zero_to_fp32.py first)" if meta.get("zero_stage") == 3 else "")

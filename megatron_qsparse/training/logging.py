@@ -84,6 +84,14 @@ def console_line(it: int, train_iters: int, stats: dict[str, Any]) -> str:
     parts.append(f"tokens/s: {stats['tokens_per_sec']:.0f}")
     if stats.get("tflops") is not None:
         parts.append(f"TFLOP/s/rank: {stats['tflops']:.3f} (activated {stats['tflops_activated']:.3f})")
+    if stats.get("activated_params") is not None:
+        parts.append(f"activated params: {stats['activated_params'] / 1e6:.3f}M")
+    if stats.get("activated_flops") is not None:
+        parts.append(f"activated FLOPs/token: {stats['activated_flops'] / 1e6:.2f}M")
+    if stats.get("moe"):
+        moe = stats["moe"]
+        parts.append(f"moe aux loss: {moe['aux']:.4f} | moe z loss: {moe['z']:.4f} | "
+                     f"moe dropped: {moe['dropped']:.3f}")
     if stats.get("memory_gb") is not None:
         parts.append(f"mem GB: {stats['memory_gb']:.2f}")
     if stats.get("density"):

@@ -13,6 +13,7 @@ from megatron_qsparse.config import grad_accumulation_steps
 from megatron_qsparse.data.sampler import build_pretraining_data_loader
 from megatron_qsparse.model.gpt import (activated_parameters, count_parameters, flops_per_token,
                                         mean_loss)
+from megatron_qsparse.model.moe import moe_aux_loss, moe_stats, reset_moe_stats
 from megatron_qsparse.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_qsparse.parallel.state import get_parallel_state
 from megatron_qsparse.parallel.utils import sum_squares_over_tp
@@ -256,7 +257,8 @@ def train(state: TrainingState) -> dict:
                 for micro in range(gas):
                     tokens, labels = get_batch(next(data_iter))
                     loss = mean_loss(engine(tokens, labels), labels)
-                    engine.backward(loss)
+                    aux = moe_aux_loss(model)  # MoE routers' weighted losses (None if dense)
+                    engine.backward(loss if aux is None else loss + aux)
                     if micro == gas - 1 and logs_now:
                         proj_norms.update(projection_grad_norms(model))
                     engine.step()
@@ -368,6 +370,7 @@ def _log_interval(state, writer, summary, it, interval_loss, interval_ok, interv
     act_flops = flops_per_token(cfg.model, vocab, cfg.model.seq_length, density or None)
     n_act = activated_parameters(model, density or None)
     skipped = getattr(state.optimizer, "skipped_iters", 0)
+    moe = _moe_summary(moe_stats(model), state)
     mem = memory_stats()
     stats = {"consumed_samples": state.consumed_samples,
              "ms_per_iter": 1000 * elapsed / interval_steps, "lr": state.scheduler.get_lr()[0],
@@ -375,7 +378,8 @@ def _log_interval(state, writer, summary, it, interval_loss, interval_ok, interv
              "tokens_per_sec": tokens_per_sec,
              "tflops": dense_flops * tokens_per_sec / state.world_size / 1e12,
              "tflops_activated": act_flops * tokens_per_sec / state.world_size / 1e12,
-             "activated_params": n_act, "density": shown, "skipped": skipped,
+             "activated_params": n_act, "activated_flops": act_flops, "moe": moe,
+             "density": shown, "skipped": skipped,
              "memory_gb": mem.get("memory/max-allocated-gb", mem.get("memory/max-rss-gb"))}
     logger.info(console_line(it, cfg.train.train_iters, stats))
     scalars = {"lm-loss": mean_loss, "learning-rate": stats["lr"], "grad-norm": grad_norm,
@@ -390,12 +394,46 @@ def _log_interval(state, writer, summary, it, interval_loss, interval_ok, interv
         scalars["loss-scale"] = float(scale_obj)
     scalars.update({f"density/{k}": v for k, v in density.items()})
     scalars.update({f"grad-norm/{k}": v for k, v in proj_norms.items()})
+    scalars["activated-flops-per-token"] = act_flops
+    for layer, st in moe.get("layers", {}).items():
+        scalars.update({f"moe/layer{layer}/expert{j}": f for j, f in enumerate(st["load"])})
+        scalars.update({f"moe/layer{layer}/dropped-fraction": st["dropped"],
+                        f"moe/layer{layer}/aux-loss": st["aux"],
+                        f"moe/layer{layer}/z-loss": st["z"]})
+    if moe:
+        scalars.update({"moe/aux-loss": moe["aux"], "moe/z-loss": moe["z"],
+                        "moe/dropped-fraction": moe["dropped"]})
     writer.scalars(scalars, it)
     if interval_ok:
         summary["train_loss"] = mean_loss
     summary["density"] = kinds
     summary["activated_params"] = n_act
+    summary["activated_flops_per_token"] = act_flops
+    if moe:
+        summary["moe"] = moe
     reset_density(model)
+    reset_moe_stats(model)
+
+
+def _moe_summary(per_layer: dict, state: TrainingState) -> dict:
+    """The MoE statistics of a log interval: per layer the fraction of routes each expert got,
+    the dropped fraction and the aux / z losses, each the mean over the data-parallel ranks
+    (routing is per rank; every rank routes as many tokens); plus their means over layers. Empty
+    for a dense model. Every rank must call this."""
+    if not per_layer:
+        return {}
+    layers = sorted(per_layer)
+    E = len(per_layer[layers[0]]["load"])
+    flat = [v for i in layers for v in
+            (*per_layer[i]["load"], per_layer[i]["dropped"], per_layer[i]["aux"], per_layer[i]["z"])]
+    if state.dp_size > 1:
+        flat = [v / state.dp_size for v in _all_reduce(flat, state)]
+    out, width = {}, E + 3
+    for n, i in enumerate(layers):
+        row = flat[n * width:(n + 1) * width]
+        out[i] = {"load": row[:E], "dropped": row[E], "aux": row[E + 1], "z": row[E + 2]}
+    mean = lambda key: sum(v[key] for v in out.values()) / len(out)  # noqa: E731
+    return {"layers": out, "aux": mean("aux"), "z": mean("z"), "dropped": mean("dropped")}
 
 
 def _log_eval(state: TrainingState, writer: Writer, it: int, index: int, dataset,

@@ -75,9 +75,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad:
             continue
         (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"}]
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+        groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
+    if any(getattr(p, "allreduce", True) is False for p in model.parameters()):
+        # MoE: expert parameters go to their own groups, so that DeepSpeed reduces (and ZeRO
+        # partitions) them over the expert-data-parallel group, not the data-parallel one
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+        groups = [g for g in groups if g["params"]]
     return groups
 
 
@@ -321,7 +328,8 @@ def build_model(cfg: Config, vocab_size: int, parallel=None) -> torch.nn.Module:
                                     init_seed=cfg.train.seed,
                                     partition_method=cfg.parallel.pipeline_partition_method)
     return GPTModel(cfg.model, cfg.qsparse, vocab_size, parallel=parallel,
-                    init_seed=cfg.train.seed)
+                    init_seed=cfg.train.seed,
+                    expert_parallel_size=cfg.parallel.expert_model_parallel_size)
 
 
 def setup(cfg: Config) -> TrainingState:

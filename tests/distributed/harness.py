@@ -69,8 +69,9 @@ class DistributedPool:
         self.inboxes = [ctx.Queue() for _ in range(self.world_size)]
         port = free_port()
         env_backup = dict(os.environ)
+        child_env = clean_env()  # computed before clearing: it copies the current environment
         os.environ.clear()
-        os.environ.update(clean_env())  # children inherit no launcher variables
+        os.environ.update(child_env)  # children inherit no launcher variables
         try:
             self.procs = [ctx.Process(target=_worker, daemon=True,
                                       args=(r, self.world_size, port, self.inboxes[r],
