@@ -29,7 +29,10 @@ needs_launcher = pytest.mark.skipif(not os.path.exists(LAUNCHER),
 COMMON = ["--num-layers", "4", "--train-iters", "3", "--eval-iters", "2", "--eval-interval", "3",
           "--log-interval", "1", "--micro-batch-size", "2", "--global-batch-size", "8",
           "--deterministic"]
-RTOL = 1e-5  # fp32: reductions run in another order under each layout
+# fp32: reductions run in another order under each layout; at a near-tie that can move one
+# activation across the top-K threshold and the loss by ~1e-5 relative (a wrong split, shard or
+# missing reduction shows at 1e-2 and above)
+RTOL = 1e-4
 _ports = itertools.count(29100 + os.getpid() % 400 * 2)
 
 
@@ -62,7 +65,7 @@ def _assert_same(got: dict, ref: dict) -> None:
     assert sorted(got["loss"]) == [1, 2, 3]
     for step, loss in ref["loss"].items():
         assert got["loss"][step] == pytest.approx(loss, rel=RTOL), (step, got["loss"], ref["loss"])
-        assert got["grad_norm"][step] == pytest.approx(ref["grad_norm"][step], rel=1e-4), step
+        assert got["grad_norm"][step] == pytest.approx(ref["grad_norm"][step], rel=1e-3), step
     a, b = ref["summary"], got["summary"]
     assert b["valid_loss"] == pytest.approx(a["valid_loss"], rel=RTOL)
     assert b["parameters"] == a["parameters"]  # counted over TP shards and pipeline stages once

@@ -42,13 +42,15 @@ def test_tp2_matches_one_process_and_resumes(kjv_small, tmp_path):
     launch(kjv_small, "--tensor-model-parallel-size", "2", "--summary-json", str(two),
            "--tensorboard-dir", str(tb_two), "--save", str(ckpt), "--save-interval", "2")
 
-    # TP = 2 (fp32): the losses of one process, tolerance 1e-5 relative
+    # TP = 2 (fp32): the losses of one process, tolerance 1e-4 relative (the all-reduce sums in
+    # another order; at a near-tie that can move one activation across the top-K threshold and
+    # the loss by ~1e-5; a wrong shard or a missing reduction shows at 1e-2 and above)
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     ref = dict(read_scalars(str(tb_one))["lm-loss"])
     got = dict(read_scalars(str(tb_two))["lm-loss"])
     assert sorted(got) == [1, 2, 3, 4]
     for step in got:
-        assert got[step] == pytest.approx(ref[step], rel=1e-5), (step, got, ref)
+        assert got[step] == pytest.approx(ref[step], rel=1e-4), (step, got, ref)
     assert b["parameters"] == a["parameters"]  # counted over the shards
     for k, v in a["density"].items():  # measured over whole rows
         assert b["density"][k] == pytest.approx(v, abs=2e-3), (k, b["density"], a["density"])
