@@ -127,6 +127,8 @@ def main() -> None:
     ap.add_argument("--global-batch-size", type=int, default=16)
     ap.add_argument("--micro-batch-size", type=int, default=2)
     ap.add_argument("--zero-stage", type=int, default=1, help="ZeRO stage of every layout")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads per process (default: cores / processes, at least 1)")
     args = ap.parse_args()
     python = sys.executable
     launcher = shutil.which("deepspeed") or os.path.join(os.path.dirname(python), "deepspeed")
@@ -142,7 +144,7 @@ def main() -> None:
             result = os.path.join(work, f"result{i}.json")
             env = {k: v for k, v in os.environ.items()
                    if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-            threads = max(1, cores // n)
+            threads = args.threads or max(1, cores // n)
             env.update(DS_ACCELERATOR="cpu", BENCH_THREADS=str(threads),
                        OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
             cmd = [launcher, "--num_gpus", str(n), "--master_port", str(29400 + i),
