@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[2:]))
+    # the deepspeed launcher passes --local_rank; LOCAL_RANK from the environment is what is used
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="{perplexity,lm-eval}")
     ppl = sub.add_parser("perplexity", help="Sliding-window perplexity and bits per byte.")
     ppl.add_argument("--load", required=True, help="Save directory (uses 'latest') or iter_* "
@@ -72,19 +74,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _distributed(ckpt_tp: int):
-    """The ParallelState when launched with several processes (one per TP shard), else None."""
+    """The ParallelState when launched with several processes (one per TP shard), else None.
+
+    Evaluation needs no DeepSpeed engine, so the process group is torch's own (gloo on CPU,
+    NCCL on GPUs) from the launcher's RANK / WORLD_SIZE / MASTER_* variables.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
-    from megatron_qsparse.config import Config
+    import torch
+
     from megatron_qsparse.parallel.state import initialize_model_parallel
-    from megatron_qsparse.training.setup import init_distributed
 
     world = int(os.environ["WORLD_SIZE"])
     if world != ckpt_tp:
         raise ConfigError(f"launched with {world} processes but the checkpoint has {ckpt_tp} "
                           f"tensor-parallel shard(s); launch {ckpt_tp} processes or run one "
                           "process (shards are merged)")
-    init_distributed(Config())
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return initialize_model_parallel(ckpt_tp, 1)
 
 
