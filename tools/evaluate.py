@@ -9,7 +9,11 @@ perplexity: sliding-window perplexity of a preprocessed dataset (--data-path PRE
   has shards (deepspeed --num_gpus TP tools/evaluate.py perplexity ...), one shard per process.
 
 lm-eval: lm-evaluation-harness's own command line (lm_eval 0.4.13) with our model registered as
-  `qsparse`; every argument after `lm-eval` goes to it.
+  `qsparse`; every argument after `lm-eval` goes to it, except --summary-json FILE (ours: the
+  measured density and activated parameters of the run).
+
+table: the paper's results table (rows: runs, columns: activated parameters, ARC-C, HellaSwag,
+  WinoGrande, MMLU, TruthfulQA, average) from folders written by examples/eval_paper_suite.sh.
 
 Examples:
   python tools/evaluate.py perplexity --load ckpt/ --jsonl valid.jsonl --stride 512 --json ppl.json
@@ -17,6 +21,7 @@ Examples:
       --split-name valid --max-tokens 1000000
   python tools/evaluate.py lm-eval --model qsparse --model_args load=ckpt/,sparsity=0.6 \\
       --tasks arc_challenge --num_fewshot 25 --batch_size 8
+  python tools/evaluate.py table --run dense=eval/dense --run "Q-Sparse S=0.4=eval/qs40"
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="\n".join(__doc__.splitlines()[2:]))
     # the deepspeed launcher passes --local_rank; LOCAL_RANK from the environment is what is used
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{perplexity,lm-eval}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{perplexity,lm-eval,table}")
     ppl = sub.add_parser("perplexity", help="Sliding-window perplexity and bits per byte.")
     ppl.add_argument("--load", required=True, help="Save directory (uses 'latest') or iter_* "
                      "folder.")
@@ -69,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="The checkpoint's SentencePiece model, if its stored path moved.")
     ppl.add_argument("--json", default=None, help="Also write the results to this JSON file.")
     sub.add_parser("lm-eval", help="lm-evaluation-harness with the `qsparse` model registered "
-                   "(arguments after it go to lm_eval).", add_help=False)
+                   "(arguments after it go to lm_eval; --summary-json FILE is ours).",
+                   add_help=False)
+    sub.add_parser("table", help="The paper's table (markdown) from eval_paper_suite.sh "
+                   "folders: --run LABEL=DIR ...", add_help=False)
     return p
 
 
@@ -186,24 +194,59 @@ def print_report(out: dict) -> None:
 
 
 def lm_eval_main(argv: list[str]) -> int:
-    """lm_eval's CLI (``lm_eval [run] --model qsparse ...``) with our adapter registered."""
-    import megatron_qsparse.evaluation.lm_eval_adapter as adapter  # noqa: F401 - registers it
+    """lm_eval's CLI (``lm_eval [run] --model qsparse ...``) with our adapter registered.
+
+    ``--summary-json FILE`` (ours, taken out before lm_eval sees the arguments) writes the
+    checkpoint, sparsity, measured density and activated parameters of the run.
+    """
+    summary_json = None
+    if "--summary-json" in argv:
+        i = argv.index("--summary-json")
+        if i + 1 >= len(argv):
+            raise ConfigError("--summary-json: needs a file name")
+        summary_json = argv[i + 1]
+        argv = argv[:i] + argv[i + 2:]
+    import megatron_qsparse.evaluation.lm_eval_adapter as adapter  # registers `qsparse`
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm_eval", *argv]
     cli_evaluate()
-    d = adapter.QSparseLM.last_density
-    if d:
+    s = adapter.QSparseLM.last_summary
+    if s:
+        d = s["density"]
         print("measured density over the run: " + "  ".join(
             f"{k} {d[f'kind/{k}']:.3f}" for k in PROJECTION_KINDS if f"kind/{k}" in d))
+        print(f"activated parameters per token: {s['activated_parameters']:,.0f} of "
+              f"{s['non_embedding_parameters']:,} non-embedding")
+        if summary_json:
+            from megatron_qsparse.atomic import write_text
+            write_text(summary_json, json.dumps(s, indent=1, sort_keys=True))
+    return 0
+
+
+def table_main(argv: list[str]) -> int:
+    """The paper's table (markdown) from eval_paper_suite.sh output folders."""
+    from megatron_qsparse.evaluation.table import markdown_table
+
+    p = argparse.ArgumentParser(prog="evaluate.py table", description=table_main.__doc__)
+    p.add_argument("--run", action="append", required=True, metavar="LABEL=DIR",
+                   help="A row: its label and the OUT folder of eval_paper_suite.sh (repeat).")
+    args = p.parse_args(argv)
+    runs = []
+    for item in args.run:
+        label, sep, folder = item.rpartition("=")  # labels may hold "=" (S=0.4)
+        if not sep or not label or not folder:
+            raise ConfigError(f"--run: {item!r} is not LABEL=DIR; e.g. --run 'Q-Sparse S=0.4=out'")
+        runs.append((label, folder))
+    print(markdown_table(runs))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "lm-eval":
+    if argv and argv[0] in ("lm-eval", "table"):
         try:
-            return lm_eval_main(argv[1:])
+            return (lm_eval_main if argv[0] == "lm-eval" else table_main)(argv[1:])
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

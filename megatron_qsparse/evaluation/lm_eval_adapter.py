@@ -49,9 +49,9 @@ class QSparseLM(TemplateLM):
     """A megatron-qsparse checkpoint for ``lm_eval`` (see the module docstring)."""
 
     backend = "causal"
-    #: density of the most recent request type of any instance (read by tools/evaluate.py after
+    #: :meth:`summary` of the instance that ran requests last (read by tools/evaluate.py after
     #: lm_eval's CLI, which does not hand back the model)
-    last_density: dict[str, float] = {}
+    last_summary: dict[str, Any] = {}
 
     def __init__(self, load: str | None = None, sparsity: float | None = None,
                  qsparse_mode: str | None = None, tokenizer_model: str | None = None,
@@ -129,9 +129,20 @@ class QSparseLM(TemplateLM):
         from megatron_qsparse.sparsity import collect_density
         return collect_density(self.model)
 
+    def summary(self) -> dict[str, Any]:
+        """Checkpoint, sparsity, measured density and activated parameters of the run so far."""
+        from megatron_qsparse.model.gpt import activated_parameters, count_parameters
+
+        q, d = self.eval_model.cfg.qsparse, self.density()
+        return {"checkpoint": self.eval_model.folder, "qsparse_mode": q.mode,
+                "qsparse_ratio": q.ratio if q.mode == "topk" else None,
+                "qsparse_block": q.block if q.mode == "block" else None, "density": d,
+                "activated_parameters": activated_parameters(self.model, d),
+                "non_embedding_parameters": count_parameters(self.model, non_embedding=True)}
+
     def _log_density(self, what: str) -> None:
-        d = self.density()
-        QSparseLM.last_density = d
+        QSparseLM.last_summary = self.summary()
+        d = QSparseLM.last_summary["density"]
         kinds = "  ".join(f"{k[5:]} {v:.3f}" for k, v in d.items() if k.startswith("kind/"))
         logger.info("measured density after %s: %s", what, kinds)
 

@@ -86,19 +86,29 @@ def test_perplexity_of_a_split_with_sparsity_override(checkpoint, kjv_small):
     assert bad.stderr.strip().splitlines()[-1].startswith("error: --stride: 64 is outside")
 
 
-def test_lm_eval_cli_runs_the_local_task(checkpoint, tmp_path):
-    proc = run_cli(["tools/evaluate.py", "lm-eval", "--model", "qsparse", "--model_args",
-                    f"load={checkpoint},sparsity=0.75", "--include_path",
-                    str(ROOT / "examples" / "lm_eval_tasks"), "--tasks", "qsparse_tiny_mc",
-                    "--batch_size", "4", "--output_path", str(tmp_path / "out")], **OFFLINE)
+def test_lm_eval_through_the_suite_script_on_the_local_task(checkpoint, tmp_path):
+    """examples/eval_paper_suite.sh -> tools/evaluate.py lm-eval -> lm_eval's CLI, offline."""
+    out = tmp_path / "suite"
+    proc = subprocess.run(["bash", "examples/eval_paper_suite.sh"], cwd=ROOT, text=True,
+                          capture_output=True, timeout=600,
+                          env=clean_env(CKPT=str(checkpoint), OUT=str(out), SPARSITY="0.75",
+                                        TASKS="qsparse_tiny_mc:2", BATCH_SIZE="4",
+                                        INCLUDE_PATH=str(ROOT / "examples" / "lm_eval_tasks"),
+                                        PY=sys.executable, **OFFLINE))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("|qsparse_tiny_mc")]
     assert rows and "acc" in rows[0], proc.stdout
     acc = float(rows[0].split("|")[7])
     assert 0.0 <= acc <= 1.0
     assert "measured density over the run: qkv 0.250  o 0.250  gate_up 0.250" in proc.stdout
-    results = list((tmp_path / "out").rglob("results_*.json"))
-    assert results and json.loads(results[0].read_text())["results"]["qsparse_tiny_mc"][
-        "acc,none"] == pytest.approx(acc, abs=1e-4)
+    results = list((out / "qsparse_tiny_mc").rglob("results_*.json"))
+    res = json.loads(results[0].read_text())
+    assert res["results"]["qsparse_tiny_mc"]["acc,none"] == pytest.approx(acc, abs=1e-4)
+    assert res["n-shot"]["qsparse_tiny_mc"] == 2
+    summary = json.loads((out / "qsparse_tiny_mc" / "qsparse_summary.json").read_text())
+    assert summary["qsparse_ratio"] == 0.75 and summary["density"]["kind/qkv"] == 0.25
+    assert summary["activated_parameters"] < 0.4 * summary["non_embedding_parameters"]
+    assert "| Model | Activated params |" in proc.stdout  # the table row (paper tasks: none run)
 
 
 @pytest.mark.skipif(not os.path.exists(LAUNCHER), reason="deepspeed launcher not installed")

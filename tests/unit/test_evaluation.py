@@ -280,3 +280,30 @@ def test_local_tasks_run_through_lm_evals_evaluator_offline(lm, em, monkeypatch)
     nbytes = sum(len(t.encode("utf-8")) for t in docs)
     assert res["qsparse_tiny_ppl"]["bits_per_byte,none"] == pytest.approx(
         nll / math.log(2) / nbytes, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------ the paper's table
+
+
+def test_paper_table_layout(tmp_path):
+    from megatron_qsparse.evaluation.table import PAPER_TASKS, markdown_table
+
+    scores = {"dense": [0.60, 0.80, 0.75, 0.62, 0.45], "qs": [0.58, 0.79, 0.74, 0.60, 0.46]}
+    for run, vals in scores.items():
+        for (col, task, shots, metric), v in zip(PAPER_TASKS, vals):
+            d = tmp_path / run / task / "model__x"
+            d.mkdir(parents=True)
+            (d / "results_2026.json").write_text(__import__("json").dumps(
+                {"results": {task: {metric: v, "other,none": 0.0}}}))
+            act = 7.0e9 if run == "dense" else 3.8e9
+            (tmp_path / run / task / "qsparse_summary.json").write_text(__import__("json").dumps(
+                {"activated_parameters": act, "non_embedding_parameters": 7_000_000_000}))
+    (tmp_path / "part" / "mmlu").mkdir(parents=True)
+    table = markdown_table([("Dense", str(tmp_path / "dense")),
+                            ("Q-Sparse S=0.4", str(tmp_path / "qs")),
+                            ("partial", str(tmp_path / "part"))]).splitlines()
+    assert table[0] == ("| Model | Activated params | ARC-C | HellaSwag | WinoGrande | MMLU | "
+                        "TruthfulQA | Avg |")
+    assert table[2] == "| Dense | 7.00B (100%) | 60.0 | 80.0 | 75.0 | 62.0 | 45.0 | 64.4 |"
+    assert table[3] == "| Q-Sparse S=0.4 | 3.80B (54%) | 58.0 | 79.0 | 74.0 | 60.0 | 46.0 | 63.4 |"
+    assert table[4] == "| partial | – | – | – | – | – | – | – |"
