@@ -160,6 +160,13 @@ def load_for_eval(path: str, *, qsparse_mode: str | None = None,
         raise ConfigError(f"--load: {folder} does not match the model of its own config "
                           f"(differing tensors: {', '.join(sorted(missing)[:4])}); it was saved "
                           "by another version")
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    for k, t in state.items():
+        if t.shape != shapes[k]:
+            hint = ("; a ZeRO-3 checkpoint holds partitioned weights: consolidate them first "
+                    "(DeepSpeed's zero_to_fp32.py)" if meta.get("zero_stage") == 3 else "")
+            raise ConfigError(f"--load: {folder}: tensor {k} has shape {tuple(t.shape)}, the "
+                              f"model of its config expects {tuple(shapes[k])}{hint}")
     model.load_state_dict(state, assign=True)
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     model.eval()

@@ -141,6 +141,15 @@ def test_loading_errors_are_one_line(tmp_path, ckpt):
         load_for_eval(str(tmp_path))
     with pytest.raises(ConfigError, match=r"--qsparse-ratio: sparsity ratio 1.5 is outside"):
         load_for_eval(ckpt, qsparse_ratio=1.5)
+    # weights that do not fit the model of the stored config
+    other = tmp_path / "other"
+    write_checkpoint(str(other), tiny_config())
+    meta_path = other / "iter_0000010" / "qsparse_meta.json"
+    meta = __import__("json").loads(meta_path.read_text())
+    meta["config"]["model"]["ffn_hidden_size"] = 64
+    meta_path.write_text(__import__("json").dumps(meta))
+    with pytest.raises(ConfigError, match=r"tensor layers.0.mlp.gate_up.weight has shape"):
+        load_for_eval(str(other))
 
 
 # ------------------------------------------------------------------------------ lm_eval adapter
