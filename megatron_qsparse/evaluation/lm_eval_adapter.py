@@ -81,10 +81,13 @@ class QSparseLM(TemplateLM):
         self.eval_model = eval_model
         self.model = eval_model.model
         self.tokenizer = tokenizer or build_eval_tokenizer(eval_model.cfg, tokenizer_model)
-        if str(batch_size) == "auto":
-            logger.warning("batch_size auto is not supported; using 8")
+        if str(batch_size).startswith("auto"):
+            logger.warning("batch_size %s is not supported; using 8", batch_size)
             batch_size = 8
-        self.batch_size = int(batch_size)
+        try:
+            self.batch_size = int(batch_size)
+        except ValueError:
+            raise ConfigError(f"--batch_size: {batch_size!r} is not a number; use e.g. 8") from None
         if self.batch_size < 1:
             raise ConfigError(f"--batch_size: got {batch_size}; use a positive number")
         self._max_length = int(max_length or eval_model.max_length)
