@@ -133,14 +133,19 @@ def load_for_eval(path: str, *, qsparse_mode: str | None = None,
                            cfg.parallel.tensor_model_parallel_size))
     ckpt_pp = int(meta.get("pipeline_model_parallel_size",
                            cfg.parallel.pipeline_model_parallel_size))
-    if ckpt_pp != 1:
-        raise ConfigError(f"--load: {folder} is split into {ckpt_pp} pipeline stages; merge it "
-                          "to one stage first (tools/checkpoint_convert.py)")
+    if ckpt_pp != 1 and ckpt_tp != 1:
+        raise ConfigError(f"--load: {folder} is split into {ckpt_tp} tensor-parallel shards x "
+                          f"{ckpt_pp} pipeline stages; re-shard it to one stage first "
+                          "(tools/checkpoint_convert.py reshard)")
     cfg = apply_sparsity_override(cfg, qsparse_mode, qsparse_ratio)
     run_tp = 1 if parallel is None else parallel.tp_size
     if run_tp == 1:
-        if ckpt_tp == 1:
-            state = _load_shard(folder, 0)
+        if ckpt_tp == 1:  # any pipeline split and MoE expert files are merged
+            from megatron_qsparse.training.checkpointing import read_model_state
+
+            stored = Config.from_dict(meta["config"])
+            stored.parallel.pipeline_model_parallel_size = ckpt_pp
+            state = read_model_state(folder, stored)
         else:
             logger.info("merging the %d tensor-parallel shards of %s into one", ckpt_tp, folder)
             state = gather_state_dicts([_load_shard(folder, r) for r in range(ckpt_tp)],

@@ -292,15 +292,23 @@ def _safe_load(path: str, map_location: str):
 
 def read_model_state(folder: str, cfg: Config, map_location: str = "cpu") -> dict:
     """The full model's state dict (:class:`GPTModel` names) from a tensor-parallel-size-1
-    checkpoint folder, whatever its pipeline split: DeepSpeed's ``mp_rank_00`` file, or, for a
-    pipeline checkpoint, its per-layer files (``layer_XX-model_00-model_states.pt``)."""
+    checkpoint folder, whatever its pipeline split: DeepSpeed's ``mp_rank_00`` file (plus one
+    file per MoE expert), or, for a pipeline checkpoint, its per-layer files
+    (``layer_XX-model_00-model_states.pt``)."""
     from megatron_qsparse.model.gpt import pipeline_layer_names
 
     if cfg.parallel.pipeline_model_parallel_size == 1:
         model_file = os.path.join(folder, "mp_rank_00_model_states.pt")
         if not os.path.isfile(model_file):
             raise ConfigError(f"--load: {model_file} is missing; the checkpoint is incomplete")
-        return _safe_load(model_file, map_location)["module"]
+        state = dict(_safe_load(model_file, map_location)["module"])
+        # MoE: DeepSpeed saves every expert to its own file, keyed by global expert index
+        # (whatever the expert-parallel size), and leaves the experts out of the module state
+        for name in sorted(os.listdir(folder)):
+            if name.startswith("layer_") and "_expert_" in name and \
+                    name.endswith("_model_states.pt"):
+                state.update(_safe_load(os.path.join(folder, name), map_location))
+        return state
     state = {}
     for idx, prefix in pipeline_layer_names(cfg.model).items():
         layer_file = os.path.join(folder, f"layer_{idx:02d}-model_00-model_states.pt")
@@ -331,12 +339,7 @@ def load_model(path: str, map_location: str = "cpu"):
     state = read_model_state(folder, cfg, map_location)
     from megatron_qsparse.config import padded_vocab_size
 
-    module_state = dict(state)
-    # MoE: DeepSpeed saves every expert to its own file, keyed by global expert index (whatever
-    # the expert-parallel size), and leaves the experts out of the module state
-    for name in sorted(os.listdir(folder)):
-        if name.startswith("layer_") and "_expert_" in name and name.endswith("_model_states.pt"):
-            module_state.update(_safe_load(os.path.join(folder, name), map_location))
+    module_state = state
     model = GPTModel(cfg.model, cfg.qsparse, padded_vocab_size(cfg.model.vocab_size, cfg))
     try:
         model.load_state_dict(module_state)

@@ -106,6 +106,11 @@ def test_layout_matches_one_process(kjv_small, reference, tmp_path, layout, zero
         with torch.no_grad():
             a, b = (m(toks[:, :-1], toks[:, 1:]).mean().item() for m in (got, ref))
         assert a == pytest.approx(b, rel=1e-4)
+        from megatron_qsparse.evaluation.loading import load_for_eval
+
+        evaluated = load_for_eval(str(tmp_path / "ckpt")).model  # evaluation reads it too
+        with torch.no_grad():
+            assert evaluated(toks[:, :-1], toks[:, 1:]).mean().item() == a
 
 
 @needs_launcher
