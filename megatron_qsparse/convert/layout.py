@@ -36,7 +36,7 @@ from typing import Callable, Iterator
 import torch
 
 from megatron_qsparse.atomic import write_text
-from megatron_qsparse.config import Config, ConfigError, padded_vocab_size
+from megatron_qsparse.config import Config, ConfigError, ModelConfig, flag_of, padded_vocab_size
 from megatron_qsparse.parallel.sharding import merge_shards, partition_specs, shard_tensor
 
 logger = logging.getLogger(__name__)
@@ -96,12 +96,16 @@ def model_args_yaml(cfg: Config) -> str:
     """The model shape as a ``pretrain_qsparse.py --config`` file (flags without dashes)."""
     lines = ["# Model shape of this checkpoint: pass it to pretrain_qsparse.py with --config",
              "# (flags given on the command line override it)."]
+    defaults = ModelConfig()
     for key, value in cfg.to_dict()["model"].items():
         if value is None:
             continue
+        flag = flag_of("model", key)[2:]
         if isinstance(value, bool):
+            if getattr(defaults, key) is True:  # a switch that turns it off: --no-...
+                value = not value
             value = "true" if value else "false"
-        lines.append(f"{key.replace('_', '-')}: {value}")
+        lines.append(f"{flag}: {value}")
     return "\n".join(lines) + "\n"
 
 

@@ -8,6 +8,7 @@ tests/hf_models.py). Export -> transformers load, and TP 2 -> 1 re-sharding, kee
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import weakref
@@ -154,6 +155,24 @@ def test_import_tp2_pp2_then_reshard_to_one_shard(tool, models, tokens, tmp_path
         ours, _ = _ours(str(tmp_path / ck))
         with torch.no_grad():
             torch.testing.assert_close(ours(tokens), want, **TOL)
+
+
+def test_model_args_yaml_round_trips_through_the_cli(tmp_path):
+    """The --config file written next to a converted checkpoint parses back to the same model
+    (every field's flag spelling, switches that turn a default off included)."""
+    from megatron_qsparse.arguments import parse
+    from megatron_qsparse.convert.layout import model_args_yaml
+
+    cfg = Config()
+    cfg.model.num_layers, cfg.model.add_qkv_bias, cfg.model.ffn_type = 3, True, "swiglu"
+    for f in dataclasses.fields(cfg.model):  # flip every switch away from its default
+        if isinstance(getattr(cfg.model, f.name), bool) and f.name != "add_qkv_bias":
+            setattr(cfg.model, f.name, not getattr(cfg.model, f.name))
+    cfg.model.recompute_activations = False  # conflicts with granularity otherwise
+    path = tmp_path / "model_args.yaml"
+    path.write_text(model_args_yaml(cfg))
+    back = parse(["--config", str(path), "--data-path", "d", "--tokenizer-type", "ByteTokenizer"])
+    assert back.model == cfg.model
 
 
 def test_reshard_repads_vocabulary(tmp_path):
