@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -34,3 +35,8 @@ def run_cli(args: list[str], timeout: int = 600, check: bool = True, **env) -> s
         raise AssertionError(f"{args[0]} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}"
                              f"\nstderr:\n{proc.stderr[-4000:]}")
     return proc
+
+
+def load_tool(name: str):
+    """``tools/<name>.py`` as a module (``tools.<name>``; the repo root is on pytest's path)."""
+    return importlib.import_module(f"tools.{name}")

@@ -4,13 +4,11 @@ reference sparsified forward of them for the Q-Sparse import tests."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import math
-import os
 
 import torch
 
-from tests.helpers import ROOT
+from tests.helpers import load_tool
 
 VOCAB = 300  # divisible by 2 and 4: no padding rows at TP = 1, 2
 BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -49,12 +47,7 @@ def build_hf_model(arch: str, path: str, seed: int = 0):
 
 def converter():
     """``tools/checkpoint_convert.py`` as a module."""
-    spec = importlib.util.spec_from_file_location("checkpoint_convert",
-                                                  os.path.join(ROOT, "tools",
-                                                               "checkpoint_convert.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_tool("checkpoint_convert")
 
 
 def reference_topk(x: torch.Tensor, ratio: float) -> torch.Tensor:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from megatron_qsparse.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+from tests.helpers import load_tool
 from tests.unit.megatron_format import megatron_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -16,12 +17,7 @@ TOOL = os.path.join(REPO, "tools", "merge_datasets.py")
 
 
 def _main(argv):
-    sys.path.insert(0, REPO)
-    try:
-        from tools.merge_datasets import main
-    finally:
-        sys.path.remove(REPO)
-    return main(argv)
+    return load_tool("merge_datasets").main(argv)
 
 
 def _write(prefix, docs, dtype=np.uint16):

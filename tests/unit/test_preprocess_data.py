@@ -11,6 +11,7 @@ import pytest
 
 from megatron_qsparse.data.indexed_dataset import IndexedDataset
 from megatron_qsparse.data.tokenizer import build_tokenizer
+from tests.helpers import load_tool
 from tests.unit.megatron_format import megatron_bytes, read_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -69,11 +70,7 @@ def test_preprocess_with_bad_lines_and_workers(tmp_path):
 
 
 def test_preprocess_gzip_in_process(tmp_path, capsys):
-    sys.path.insert(0, REPO)
-    try:
-        from tools.preprocess_data import main
-    finally:
-        sys.path.remove(REPO)
+    main = load_tool("preprocess_data").main
     good, lines = corpus_lines()
     src = tmp_path / "corpus.jsonl.gz"
     with gzip.open(src, "wt", encoding="utf-8") as f:
@@ -108,12 +105,7 @@ def test_preprocess_errors(tmp_path):
 
 # ----------------------------------------------------------------------------- format, bad input
 def _main(argv):
-    sys.path.insert(0, REPO)
-    try:
-        from tools.preprocess_data import main
-    finally:
-        sys.path.remove(REPO)
-    return main(argv)
+    return load_tool("preprocess_data").main(argv)
 
 
 def _sp_args(src, out, *extra):
@@ -257,11 +249,7 @@ def test_progress_line(tmp_path):
     good, lines = corpus_lines()
     src = tmp_path / "c.jsonl"
     src.write_text("\n".join(lines * 20) + "\n", encoding="utf-8")
-    sys.path.insert(0, REPO)
-    try:
-        import tools.preprocess_data as tool
-    finally:
-        sys.path.remove(REPO)
+    tool = load_tool("preprocess_data")
     r = run_tool(*_sp_args(str(src), tmp_path / "o", "--log-interval", "100"))
     assert r.returncode == 0, r.stderr
     progress = [x for x in r.stderr.splitlines() if x.startswith("processed ")]
@@ -282,11 +270,7 @@ def _square(x):
 def test_bounded_imap_keeps_order_and_bounds_memory():
     from multiprocessing import Pool
 
-    sys.path.insert(0, REPO)
-    try:
-        from tools.preprocess_data import bounded_imap
-    finally:
-        sys.path.remove(REPO)
+    bounded_imap = load_tool("preprocess_data").bounded_imap
     pulled = []
 
     def tasks():

@@ -3,19 +3,14 @@ malformed CSVs are refused clearly."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, run_cli
+from tests.helpers import load_tool, run_cli
 
-_spec = importlib.util.spec_from_file_location("scaling_law", ROOT / "tools" / "scaling_law.py")
-sl = importlib.util.module_from_spec(_spec)
-sys.modules["scaling_law"] = sl  # dataclasses look the module up while the class is built
-_spec.loader.exec_module(sl)
+sl = load_tool("scaling_law")
 
 TRUE = sl.Law(E=1.7, B=250.0, C=3.0, alpha=0.32, beta=0.9)
 SIZES = np.geomspace(3e7, 3e9, 6)

@@ -15,6 +15,7 @@ from megatron_qsparse.data.tokenizer import (
     Tokenizer,
     build_tokenizer,
 )
+from tests.helpers import load_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL = os.path.join(REPO, "examples", "data", "kjv_sp4k.model")
@@ -147,11 +148,7 @@ def test_train_tokenizer_sample_of_sharded_compressed_corpus(tmp_path):
 
 
 def test_reservoir_sample_is_seeded_ordered_and_bounded(tmp_path):
-    sys.path.insert(0, REPO)
-    try:
-        from tools.train_tokenizer import sample_sentences
-    finally:
-        sys.path.remove(REPO)
+    sample_sentences = load_tool("train_tokenizer").sample_sentences
     src = tmp_path / "c.jsonl"
     src.write_text("".join(json.dumps({"text": f"Sentence {i}."}) + "\n" for i in range(1000)))
     a = sample_sentences([str(src)], "text", 100, 50, seed=1)
