@@ -195,8 +195,10 @@ def write_checkpoint(save_dir: str, cfg: Config, source: TensorSource, *, iterat
 def read_checkpoint(path: str) -> tuple[Config, dict, TensorSource]:
     """``(config, meta, source)`` of a checkpoint (a save directory or one ``iter_*`` folder).
 
-    The source yields full (TP = 1) tensors; each rank's file is memory-mapped, so reading holds
-    about one full tensor in memory beyond the page cache.
+    The source yields full (TP = 1) tensors in :class:`GPTModel` naming, whatever the TP x PP
+    split (MoE expert files included); each file is memory-mapped, so reading holds about one full
+    tensor in memory beyond the page cache. The one reader of our checkpoints outside training
+    (conversion, ``checkpointing.load_model``, evaluation).
     """
     from megatron_qsparse.training.checkpointing import (META_NAME, _deepspeed_safe_globals,
                                                          resolve_checkpoint)
@@ -213,13 +215,18 @@ def read_checkpoint(path: str) -> tuple[Config, dict, TensorSource]:
     pp = int(meta.get("pipeline_model_parallel_size", 1))
     from megatron_qsparse.model.gpt import pipeline_layer_names
 
-    # (prefix, files of the TP ranks): the whole model in one group, or one group per layer
+    # (prefix, files of the TP ranks, tensors under "module"): the whole model in one group, or
+    # one group per layer; MoE adds one file per expert (DeepSpeed keeps the experts out of the
+    # module state, keyed by global expert index whatever the expert-parallel size)
     if pp == 1:
-        groups = [("", [os.path.join(folder, MODEL_FILE.format(r)) for r in range(tp)])]
+        groups = [("", [os.path.join(folder, MODEL_FILE.format(r)) for r in range(tp)], True)]
+        groups += [("", [os.path.join(folder, name)], False) for name in sorted(os.listdir(folder))
+                   if name.startswith("layer_") and "_expert_" in name
+                   and name.endswith("_model_states.pt")]
     else:
-        groups = [(prefix, [os.path.join(folder, LAYER_FILE.format(idx, r)) for r in range(tp)])
-                  for idx, prefix in pipeline_layer_names(cfg.model).items()]
-    for _, files in groups:
+        groups = [(prefix, [os.path.join(folder, LAYER_FILE.format(idx, r)) for r in range(tp)],
+                   False) for idx, prefix in pipeline_layer_names(cfg.model).items()]
+    for _, files, _ in groups:
         for f in files:
             if not os.path.isfile(f):
                 raise ConfigError(f"--load: {f} is missing; the checkpoint is incomplete")
@@ -228,19 +235,19 @@ def read_checkpoint(path: str) -> tuple[Config, dict, TensorSource]:
     padded = padded_vocab_size(cfg.model.vocab_size, cfg)
     model_cfg = copy.deepcopy(cfg.model)
 
-    def load(f: str) -> dict:
+    def load(f: str, in_module: bool) -> dict:
         with torch.serialization.safe_globals(_deepspeed_safe_globals()):
             try:
                 state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # noqa: BLE001 - one actionable line
                 raise ConfigError(f"--load: cannot read {f} safely "
                                   f"({str(e).strip().splitlines()[0]})") from None
-        return state if pp > 1 else state["module"]
+        return state["module"] if in_module else state
 
     def source():
-        specs = partition_specs(model_cfg, padded, tp)
-        for prefix, files in groups:  # one layer (or the whole model) at a time
-            states = [load(f) for f in files]
+        specs = partition_specs(model_cfg, padded, tp) if tp > 1 else {}  # nothing to merge
+        for prefix, files, in_module in groups:  # one layer (or the whole model) at a time
+            states = [load(f, in_module) for f in files]
             for name in list(states[0]):
                 spec = specs.get(prefix + name)
                 parts = [s.pop(name) for s in states]

@@ -143,9 +143,7 @@ def load_for_eval(path: str, *, qsparse_mode: str | None = None,
         if ckpt_tp == 1:  # any pipeline split and MoE expert files are merged
             from megatron_qsparse.training.checkpointing import read_model_state
 
-            stored = Config.from_dict(meta["config"])
-            stored.parallel.pipeline_model_parallel_size = ckpt_pp
-            state = read_model_state(folder, stored)
+            state = read_model_state(folder)
         else:
             logger.info("merging the %d tensor-parallel shards of %s into one", ckpt_tp, folder)
             state = gather_state_dicts([_load_shard(folder, r) for r in range(ckpt_tp)],

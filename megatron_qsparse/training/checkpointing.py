@@ -281,42 +281,15 @@ def resolve_checkpoint(path: str) -> str:
                       f"save directory with a '{LATEST}' file")
 
 
-def _safe_load(path: str, map_location: str):
-    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-        try:
-            return torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise ConfigError(f"--load: cannot read {path} safely "
-                              f"({str(e).strip().splitlines()[0]})") from None
+def read_model_state(folder: str, map_location: str = "cpu") -> dict:
+    """The full model's state dict (:class:`GPTModel` names) of a checkpoint folder, whatever its
+    tensor/pipeline split and MoE expert files (:func:`megatron_qsparse.convert.layout.
+    read_checkpoint`, the one reader of our checkpoints outside training)."""
+    from megatron_qsparse.convert.layout import read_checkpoint
 
-
-def read_model_state(folder: str, cfg: Config, map_location: str = "cpu") -> dict:
-    """The full model's state dict (:class:`GPTModel` names) from a tensor-parallel-size-1
-    checkpoint folder, whatever its pipeline split: DeepSpeed's ``mp_rank_00`` file (plus one
-    file per MoE expert), or, for a pipeline checkpoint, its per-layer files
-    (``layer_XX-model_00-model_states.pt``)."""
-    from megatron_qsparse.model.gpt import pipeline_layer_names
-
-    if cfg.parallel.pipeline_model_parallel_size == 1:
-        model_file = os.path.join(folder, "mp_rank_00_model_states.pt")
-        if not os.path.isfile(model_file):
-            raise ConfigError(f"--load: {model_file} is missing; the checkpoint is incomplete")
-        state = dict(_safe_load(model_file, map_location)["module"])
-        # MoE: DeepSpeed saves every expert to its own file, keyed by global expert index
-        # (whatever the expert-parallel size), and leaves the experts out of the module state
-        for name in sorted(os.listdir(folder)):
-            if name.startswith("layer_") and "_expert_" in name and \
-                    name.endswith("_model_states.pt"):
-                state.update(_safe_load(os.path.join(folder, name), map_location))
-        return state
-    state = {}
-    for idx, prefix in pipeline_layer_names(cfg.model).items():
-        layer_file = os.path.join(folder, f"layer_{idx:02d}-model_00-model_states.pt")
-        if not os.path.isfile(layer_file):
-            raise ConfigError(f"--load: {layer_file} is missing; the pipeline checkpoint is "
-                              "incomplete")
-        for name, tensor in _safe_load(layer_file, map_location).items():
-            state[prefix + name] = tensor
+    state = dict(read_checkpoint(folder)[2]())
+    if map_location != "cpu":
+        state = {k: v.to(map_location) for k, v in state.items()}
     return state
 
 
@@ -336,17 +309,14 @@ def load_model(path: str, map_location: str = "cpu"):
         raise ConfigError(f"--load: {folder} is split for tensor parallelism "
                           f"({cfg.parallel.tensor_model_parallel_size} ranks); merge it to one "
                           "shard first")
-    state = read_model_state(folder, cfg, map_location)
+    state = read_model_state(folder, map_location)
     from megatron_qsparse.config import padded_vocab_size
 
-    module_state = state
     model = GPTModel(cfg.model, cfg.qsparse, padded_vocab_size(cfg.model.vocab_size, cfg))
     try:
-        model.load_state_dict(module_state)
+        model.load_state_dict(state)
     except RuntimeError as e:
-        hint = (" (ZeRO-3 checkpoints hold partitioned weights: consolidate them with "
-                "DeepSpeed's zero_to_fp32.py first)" if meta.get("zero_stage") == 3 else "")
         raise ConfigError(f"--load: the weights in {folder} do not fit the model its config "
-                          f"describes{hint}: {str(e).strip().splitlines()[0]}") from None
+                          f"describes: {str(e).strip().splitlines()[0]}") from None
     model.eval()
     return model, cfg
