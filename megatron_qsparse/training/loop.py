@@ -40,6 +40,12 @@ def get_batch(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[:, :-1].contiguous(), labels.contiguous()
 
 
+def _pipeline_group(state: TrainingState):
+    """The pipeline process group when the model is split into stages, else None."""
+    p = state.parallel
+    return p.pp_group if p is not None and p.pp_size > 1 else None
+
+
 def _pairs(data_iter):
     """``(inputs, labels)`` micro-batches, the form DeepSpeed's pipeline engine reads (its first
     stage takes the inputs, its last the labels)."""
@@ -127,7 +133,7 @@ def evaluate(state: TrainingState, dataset, eval_index: int) -> float | None:
         start = 0
     loader = build_pretraining_data_loader(dataset, start, cfg.train.micro_batch_size,
                                            state.dp_rank, state.dp_size)
-    if state.parallel is not None and state.parallel.pp_size > 1:
+    if _pipeline_group(state) is not None:
         # the pipeline engine averages over the micro-batches and data-parallel ranks and
         # broadcasts the loss to every stage
         with recording(state.model, False):
@@ -203,7 +209,7 @@ def train(state: TrainingState) -> dict:
     run_start = time.time()
 
     data_iter = None
-    pipelined = state.parallel is not None and state.parallel.pp_size > 1
+    pipelined = _pipeline_group(state) is not None
     proj_norms: dict = {}
 
     def record_projection_norms(_optimizer) -> None:
@@ -360,10 +366,8 @@ def _log_interval(state, writer, summary, it, interval_loss, interval_ok, interv
                   elapsed, grad_norm, proj_norms, scale, gbs, tokens_per_step, dense_flops,
                   vocab, spikes) -> None:
     cfg, model = state.cfg, state.model
-    mean_loss = interval_loss / interval_ok if interval_ok else float("nan")
-    density = collect_density(model, group=state.parallel.pp_group
-                              if state.parallel is not None and state.parallel.pp_size > 1
-                              else None)
+    interval_mean = interval_loss / interval_ok if interval_ok else float("nan")
+    density = collect_density(model, group=_pipeline_group(state))
     kinds = {k: v for k, v in density.items() if k.startswith("kind/")}
     shown = density if cfg.log.log_sparsity_per_layer else kinds
     tokens_per_sec = tokens_per_step * interval_steps / elapsed
@@ -374,7 +378,7 @@ def _log_interval(state, writer, summary, it, interval_loss, interval_ok, interv
     mem = memory_stats()
     stats = {"consumed_samples": state.consumed_samples,
              "ms_per_iter": 1000 * elapsed / interval_steps, "lr": state.scheduler.get_lr()[0],
-             "global_batch_size": gbs, "loss": mean_loss, "grad_norm": grad_norm,
+             "global_batch_size": gbs, "loss": interval_mean, "grad_norm": grad_norm,
              "tokens_per_sec": tokens_per_sec,
              "tflops": dense_flops * tokens_per_sec / state.world_size / 1e12,
              "tflops_activated": act_flops * tokens_per_sec / state.world_size / 1e12,
@@ -382,7 +386,7 @@ def _log_interval(state, writer, summary, it, interval_loss, interval_ok, interv
              "density": shown, "skipped": skipped,
              "memory_gb": mem.get("memory/max-allocated-gb", mem.get("memory/max-rss-gb"))}
     logger.info(console_line(it, cfg.train.train_iters, stats))
-    scalars = {"lm-loss": mean_loss, "learning-rate": stats["lr"], "grad-norm": grad_norm,
+    scalars = {"lm-loss": interval_mean, "learning-rate": stats["lr"], "grad-norm": grad_norm,
                "tokens-per-sec": tokens_per_sec, "iteration-time-ms": stats["ms_per_iter"],
                "tflops-per-gpu/dense": stats["tflops"],
                "tflops-per-gpu/activated": stats["tflops_activated"],
@@ -405,7 +409,7 @@ def _log_interval(state, writer, summary, it, interval_loss, interval_ok, interv
                         "moe/dropped-fraction": moe["dropped"]})
     writer.scalars(scalars, it)
     if interval_ok:
-        summary["train_loss"] = mean_loss
+        summary["train_loss"] = interval_mean
     summary["density"] = kinds
     summary["activated_params"] = n_act
     summary["activated_flops_per_token"] = act_flops
