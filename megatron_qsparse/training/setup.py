@@ -51,8 +51,31 @@ def init_distributed(cfg: Config) -> None:
         deepspeed.init_distributed(
             dist_backend=backend, auto_mpi_discovery=False, verbose=False,
             timeout=timedelta(minutes=cfg.parallel.distributed_timeout_minutes))
+        _unlink_deepspeed_shm()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def _unlink_deepspeed_shm() -> None:
+    """Remove this rank's name of DeepSpeed's CPU shared-memory all-reduce buffer.
+
+    On CPU, when all ranks are local (the launcher sets ``LOCAL_SIZE``), ``deepspeed.comm``
+    creates ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`` (69 MB) per rank,
+    maps every rank's buffer, and never unlinks them: each launch left ~70 MB x ranks in
+    ``/dev/shm`` (RAM) behind, 19 GB after a day of test runs. Once every rank has mapped the
+    others' buffers (they do so inside ``init_distributed``, before this barrier) the names can
+    go: the mappings stay valid and the memory is freed when the last process exits.
+    """
+    path = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_"
+            f"{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_"
+            f"{torch.distributed.get_rank()}")
+    if not os.path.exists(path):
+        return
+    torch.distributed.barrier()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def set_seed(seed: int) -> None:
