@@ -139,23 +139,33 @@ def bench_e2e(args) -> None:
     from megatron_qsparse.inference import InferenceModel, generate
     from megatron_qsparse.model.gpt import GPTModel, count_parameters
 
-    print(f"{'width':>5} {'params':>7} {'model':18} {'decode tok/s':>13} {'x dense':>8}")
+    print(f"{'width':>5} {'params':>7} {'model':15} {'decode path':15} {'decode tok/s':>13} "
+          f"{'x dense':>8}")
+    paths = [("compiled step", dict(compiled_step=True)),
+             ("layer by layer", dict(compiled_step=False))]
+    if not args.no_reference:
+        paths.append(("reference", dict(sparse_kernel=False)))
+    results = []
     for width in args.widths:
         cfg, vocab = demo_configs(width)
         torch.manual_seed(0)
-        dense = GPTModel(cfg, QSparseConfig(mode="none"), vocab).eval()
-        state = dense.state_dict()
+        dense_model = GPTModel(cfg, QSparseConfig(mode="none"), vocab)
+        n = count_parameters(dense_model)
+        state = dense_model.state_dict()
+        del dense_model
         prompt = torch.randint(0, vocab, (16,), generator=torch.Generator().manual_seed(1)).tolist()
-        models = [("dense", InferenceModel(dense))]
-        for s in args.e2e_ratios:
-            for kernel in (True, False) if not args.no_reference else (True,):
-                m = GPTModel(cfg, QSparseConfig(mode="topk", ratio=s), vocab)
+        models = []  # (label, path, dense label, InferenceModel)
+        for path, kw in paths:
+            for mode, s in [("none", None)] + [("topk", s) for s in args.e2e_ratios]:
+                if mode == "none" and path == "reference":
+                    continue  # the dense reference is the dense layer-by-layer path
+                m = GPTModel(cfg, QSparseConfig(mode=mode, ratio=s or 0.5), vocab)
                 m.load_state_dict(state)
-                label = f"Q-Sparse S={s}" + ("" if kernel else " ref")
-                models.append((label, InferenceModel(m.eval(), sparse_kernel=kernel)))
-        del state
+                label = "dense" if s is None else f"Q-Sparse S={s}"
+                base = "compiled step" if path == "compiled step" else "layer by layer"
+                models.append((label, path, base, InferenceModel(m.eval(), **kw)))
         fns = [lambda m=m: generate(m, prompt, args.tokens + 1).decode_tokens_per_second
-               for _, m in models]
+               for *_, m in models]
         tps = [[] for _ in models]
         for rep in range(args.e2e_repeats + 1):
             for i, f in enumerate(fns):
@@ -163,11 +173,19 @@ def bench_e2e(args) -> None:
                 if rep:  # the first round is the warm-up
                     tps[i].append(v)
         med = [statistics.median(t) for t in tps]
-        n = count_parameters(dense)
-        for (label, _), v in zip(models, med):
-            print(f"{width:5d} {n / 1e6:6.1f}M {label:18} {v:13.1f} {v / med[0]:7.2f}x",
-                  flush=True)
-        del models, dense, fns
+        dense = {path: v for (label, path, _, _), v in zip(models, med) if label == "dense"}
+        for (label, path, base, _), v in zip(models, med):
+            print(f"{width:5d} {n / 1e6:6.1f}M {label:15} {path:15} {v:13.1f} "
+                  f"{v / dense[base]:7.2f}x", flush=True)
+            results.append({"width": width, "model": label, "path": path,
+                            "speedup": v / dense[base]})
+        del models, fns, state
+    demo = [r for r in results if r["width"] == 128 and r["path"] == "compiled step"
+            and r["model"] == "Q-Sparse S=0.6"]
+    if demo:
+        v = demo[0]["speedup"]
+        print(f"demo model (width 128), compiled step, S=0.6: {v:.2f}x dense (target >= 1.5: "
+              f"{'PASS' if v >= 1.5 else 'FAIL'})")
 
 
 def main(argv=None) -> int:
@@ -182,8 +200,8 @@ def main(argv=None) -> int:
     p.add_argument("--widths", type=int, nargs="+", default=[128, 1024, 2048],
                    help="Hidden sizes of the demo-shaped model for the end-to-end part.")
     p.add_argument("--e2e-ratios", type=float, nargs="+", default=[0.6])
-    p.add_argument("--tokens", type=int, default=32, help="Decode steps per generation.")
-    p.add_argument("--e2e-repeats", type=int, default=3, help="Generations per model (median).")
+    p.add_argument("--tokens", type=int, default=64, help="Decode steps per generation.")
+    p.add_argument("--e2e-repeats", type=int, default=5, help="Generations per model (median).")
     p.add_argument("--no-reference", action="store_true",
                    help="Skip the Q-Sparse reference path (kernel off) in the end-to-end part.")
     args = p.parse_args(argv)

@@ -5,7 +5,9 @@ The tokenizer is the checkpoint's (its --tokenizer-type / --tokenizer-model; a r
 path is looked up from the current directory, then the repository root). Each projection keeps
 the sparsifier it was trained with; with --sparse-kernel on (default) one-token decode steps read
 only the weight rows of the kept inputs (compiled CPU kernel), the prompt runs as dense matmuls on
-the sparsified inputs. Batch size 1.
+the sparsified inputs. With --compiled-step on (default) each decode step is one compiled call for
+the whole model where it covers the model (fp32, plain Top-K or dense projections), else the
+projections run one kernel call each. Batch size 1.
 
 Examples:
   python tools/generate.py --load ckpt/ --prompt "In the beginning" --max-new-tokens 64 --greedy
@@ -41,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="Seed of the sampler.")
     p.add_argument("--sparse-kernel", choices=("on", "off"), default="on",
                    help="Sparse GEMV for decode steps (off: dense matmuls on sparsified inputs).")
+    p.add_argument("--compiled-step", choices=("on", "off"), default="on",
+                   help="One compiled call per decode step for the whole model (off: layer by "
+                        "layer, one kernel call per projection). Needs --sparse-kernel on.")
     p.add_argument("--decode-weight-dtype", choices=("model", "bfloat16"), default="model",
                    help="Storage of the input-major decode weights (bfloat16 halves the traffic).")
     p.add_argument("--ignore-eod", action="store_true", help="Keep going past end-of-document.")
@@ -73,7 +78,8 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.decode_weight_dtype == "bfloat16" else None
     model, cfg = load_inference_model(args.load, sparse_kernel=args.sparse_kernel == "on",
-                                      weight_dtype=dtype)
+                                      weight_dtype=dtype,
+                                      compiled_step=args.compiled_step == "on")
     tok = _tokenizer(cfg, args.tokenizer_model)
     prompt = tok.tokenize(args.prompt) if args.prompt else []
     if not prompt:

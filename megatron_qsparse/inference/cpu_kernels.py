@@ -48,6 +48,11 @@ def unavailable_reason() -> str | None:
     return _EXT.error
 
 
+def extension():
+    """The compiled module (None when unavailable); the decode step's class lives there."""
+    return _EXT.get()
+
+
 def isa() -> str:
     """Instruction set of the kernel's inner loops (``avx512``, ``avx2``, ``baseline``)."""
     module = _EXT.get()

@@ -79,7 +79,6 @@ def generate(model: InferenceModel, prompt: list[int], max_new_tokens: int, *,
     t0 = time.perf_counter()
     logits = model(torch.tensor([prompt], device=device), cache, last_only=True)[0, -1]
     out.prefill_seconds = time.perf_counter() - t0
-    buf = torch.empty(1, 1, dtype=torch.long, device=device)
     t0 = time.perf_counter()
     for step in range(max_new_tokens):
         nxt = sample_next(logits[:vocab_size] if vocab_size else logits, greedy=greedy,
@@ -90,8 +89,7 @@ def generate(model: InferenceModel, prompt: list[int], max_new_tokens: int, *,
             break
         if step == max_new_tokens - 1:
             break
-        buf.fill_(nxt)
-        logits = model(buf, cache, last_only=True)[0, -1]
+        logits = model.decode_token(nxt, cache)
         out.decode_tokens += 1
     out.decode_seconds = time.perf_counter() - t0
     return out

@@ -60,21 +60,32 @@ class InferenceModel(nn.Module):
     """
 
     def __init__(self, model: GPTModel, *, sparse_kernel: bool = True,
-                 weight_dtype: torch.dtype | None = None):
+                 weight_dtype: torch.dtype | None = None, compiled_step: bool = True):
         super().__init__()
         if model.parallel.tp_size != 1:
             raise ValueError("InferenceModel: tensor-parallel models are not supported; merge the "
                              "checkpoint to tensor-parallel size 1")
         self.model = model.eval()
         set_recording(model, False)  # no density bookkeeping per token
-        self.sparse_kernel = sparse_kernel and not _is_dense(model)
-        if self.sparse_kernel:
+        dense = _is_dense(model)
+        self.sparse_kernel = sparse_kernel and not dense
+        # a dense model gets input-major DecodeLinear layers too when the compiled step will use
+        # them (one weight copy either way)
+        if self.sparse_kernel or (sparse_kernel and compiled_step and dense):
             for layer in model.layers:
                 a, m = layer.attention, layer.mlp
                 a.qkv = DecodeLinear(a.qkv, weight_dtype=weight_dtype)
                 a.o = DecodeLinear(a.o, weight_dtype=weight_dtype)
                 m.gate_up = DecodeLinear(m.gate_up, weight_dtype=weight_dtype)
                 m.down = DecodeLinear(m.down, weight_dtype=weight_dtype)
+        self.step, self.step_unavailable = None, "off"
+        if sparse_kernel and compiled_step:
+            from megatron_qsparse.inference.compiled_step import build_compiled_step
+
+            self.step, self.step_unavailable = build_compiled_step(model)
+            if self.step is None:
+                logger.info("compiled decode step not used (%s): decoding layer by layer",
+                            self.step_unavailable)
         cfg = model.config
         att = model.layers[0].attention
         self.nq, self.nkv, self.hd = att.nq, att.nkv, att.hd
@@ -82,8 +93,11 @@ class InferenceModel(nn.Module):
         self.num_layers = cfg.num_layers
 
     def decode_paths(self) -> dict[str, int]:
-        """How many projections take each decode path (see ``DecodeLinear.path``); ``dense`` for
-        a dense model, ``reference`` (the training layers) with ``sparse_kernel=False``."""
+        """How many projections take each decode path: ``compiled-step`` (all, when the compiled
+        step runs the token), else per layer (see ``DecodeLinear.path``); ``dense`` for a dense
+        model's own layers, ``reference`` (the training layers) with ``sparse_kernel=False``."""
+        if self.step is not None:
+            return {"compiled-step": 4 * self.num_layers}
         paths = Counter(m.path() for m in self.model.modules() if isinstance(m, DecodeLinear))
         if not paths:
             paths["dense" if _is_dense(self.model) else "reference"] = 4 * self.num_layers
@@ -126,6 +140,10 @@ class InferenceModel(nn.Module):
         pos = cache.length
         if pos + s > cache.max_len:
             raise ValueError(f"KV cache full: {pos} + {s} tokens > {cache.max_len} positions")
+        if self.step is not None and b == 1 and s == 1 and tokens.device.type == "cpu":
+            logits = self.step.step(int(tokens), pos, cache.k, cache.v)
+            cache.length = pos + 1
+            return logits.view(1, 1, -1)
         m = self.model
         h = m.embedding(tokens)
         for i, layer in enumerate(m.layers):
@@ -137,10 +155,25 @@ class InferenceModel(nn.Module):
         return F.linear(m.final_norm(h), m.output_weight())
 
 
+    def decode_token(self, token: int, cache: KVCache) -> torch.Tensor:
+        """fp32-or-model-dtype logits ``[V]`` of one token (batch 1) at the next cache position;
+        the generation loop's call (no tensor round trips when the compiled step runs it)."""
+        pos = cache.length
+        if self.step is None:
+            tokens = torch.tensor([[token]], device=self.model.embedding.weight.device)
+            return self(tokens, cache, last_only=True)[0, -1]
+        if pos >= cache.max_len:
+            raise ValueError(f"KV cache full: {pos} + 1 tokens > {cache.max_len} positions")
+        logits = self.step.step(token, pos, cache.k, cache.v)
+        cache.length = pos + 1
+        return logits
+
+
 def load_inference_model(path: str, *, sparse_kernel: bool = True,
-                         weight_dtype: torch.dtype | None = None):
+                         weight_dtype: torch.dtype | None = None, compiled_step: bool = True):
     """``(InferenceModel, Config)`` from a checkpoint folder (see ``checkpointing.load_model``)."""
     from megatron_qsparse.training.checkpointing import load_model
 
     model, cfg = load_model(path)
-    return InferenceModel(model, sparse_kernel=sparse_kernel, weight_dtype=weight_dtype), cfg
+    return InferenceModel(model, sparse_kernel=sparse_kernel, weight_dtype=weight_dtype,
+                          compiled_step=compiled_step), cfg

@@ -25,12 +25,15 @@ def test_generate_greedy_kernel_on_and_off_agree(checkpoint):
     args = ["tools/generate.py", "--load", str(checkpoint), "--prompt", "In the beginning God",
             "--max-new-tokens", "12", "--greedy", "--ignore-eod"]
     on = run_cli(args)
+    layers = run_cli(args + ["--compiled-step", "off"])
     off = run_cli(args + ["--sparse-kernel", "off"])
     assert on.stdout.startswith("In the beginning God")
     assert len(on.stdout.strip()) > len("In the beginning God")
-    assert on.stdout == off.stdout  # same greedy tokens with and without the sparse GEMV
+    # same greedy tokens: compiled step, per-projection sparse GEMV, training forward
+    assert on.stdout == layers.stdout == off.stdout
     assert "12 tokens" in on.stderr and "decode" in on.stderr and "tokens/s" in on.stderr
-    assert "8 fused-topk" in on.stderr and "topk S=0.6" in on.stderr
+    assert "8 compiled-step" in on.stderr and "topk S=0.6" in on.stderr
+    assert "8 fused-topk" in layers.stderr
     assert "8 reference" in off.stderr
 
 

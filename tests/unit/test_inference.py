@@ -135,3 +135,100 @@ def test_bf16_decode_weights_stay_close():
     got = cached_logits(im, tokens, prefill=4)
     assert got.dtype == torch.float32
     assert torch.allclose(got, full, atol=5e-2, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the compiled decode step (one C++ call per token) against the layer-by-layer path
+
+STEP_VARIANTS = {
+    "dense": (QSparseConfig(mode="none"), {}),
+    "topk-gqa": (QSparseConfig(ratio=0.6), {}),
+    "topk-mha": (QSparseConfig(ratio=0.6), {"groups": 4}),
+    "per-kind-swiglu-untied": (QSparseConfig(ratio=0.5, qkv_ratio=0.3, down_ratio=0.8),
+                               {"ffn": "swiglu", "untie_embeddings_and_output_weights": True}),
+    "layernorm-biases": (QSparseConfig(ratio=0.4),
+                         {"normalization": "LayerNorm", "add_bias_linear": True}),
+    "qkv-bias-mqa": (QSparseConfig(ratio=0.7), {"groups": 1, "add_qkv_bias": True}),
+}
+
+
+def _twin(qcfg, kw, **im_kw):
+    """The same model twice: compiled step on and off."""
+    kw = dict(kw)
+    groups = kw.pop("groups", 2)
+    a, b = build(qcfg, groups, **kw), build(qcfg, groups, **kw)
+    if kw.get("add_bias_linear") or kw.get("add_qkv_bias") or kw.get("normalization"):
+        with torch.no_grad():  # biases and norm shifts start at 0; make them matter
+            g = torch.Generator().manual_seed(5)
+            for (n, p), q in zip(a.named_parameters(), b.parameters()):
+                if n.endswith("bias"):
+                    p.normal_(0, 0.1, generator=g)
+                    q.copy_(p)
+    return (InferenceModel(a, compiled_step=True, **im_kw),
+            InferenceModel(b, compiled_step=False, **im_kw))
+
+
+@pytest.mark.parametrize("name", sorted(STEP_VARIANTS))
+def test_compiled_step_equals_layer_by_layer(name):
+    """Prefill by the layers, then 24 decode steps: logits and KV cache equal the layer-by-layer
+    path (fp32 summation order: atol 1e-4), same greedy tokens."""
+    qcfg, kw = STEP_VARIANTS[name]
+    fast, slow = _twin(qcfg, kw)
+    assert fast.step is not None, fast.step_unavailable
+    assert fast.decode_paths() == {"compiled-step": 8}
+    assert "compiled-step" not in slow.decode_paths()
+    prompt = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(6))
+    cf, cs = fast.new_cache(1, 40), slow.new_cache(1, 40)
+    with torch.inference_mode():
+        lf = fast(prompt, cf, last_only=True)[0, -1]
+        ls = slow(prompt, cs, last_only=True)[0, -1]
+        for _ in range(24):
+            tok = int(ls.argmax())
+            assert int(lf.argmax()) == tok
+            lf, ls = fast.decode_token(tok, cf), slow.decode_token(tok, cs)
+            assert lf.shape == ls.shape == (VOCAB,)
+            assert torch.allclose(lf, ls, atol=1e-4, rtol=0), float((lf - ls).abs().max())
+    assert cf.length == cs.length == 33
+    assert torch.allclose(cf.k, cs.k, atol=1e-5) and torch.allclose(cf.v, cs.v, atol=1e-5)
+
+
+def test_compiled_step_bf16_weights_and_generation():
+    """bf16 decode weights go through the step too; generate() gives the layer path's tokens."""
+    fast, slow = _twin(QSparseConfig(ratio=0.6), {}, weight_dtype=torch.bfloat16)
+    assert fast.step is not None
+    a = generate(fast, [3, 1, 4, 1, 5], 20)
+    b = generate(slow, [3, 1, 4, 1, 5], 20)
+    assert a.tokens == b.tokens and a.decode_tokens == 19
+
+
+@pytest.mark.parametrize("qcfg, reason", [
+    (QSparseConfig(ratio=0.5, quantize_activations=True), "int8"),
+    (QSparseConfig(mode="block", block="2:4"), "block"),
+    (QSparseConfig(mode="relu"), "relu"),
+    (QSparseConfig(ratio=0.5, rescale="l2"), "rescale"),
+    (QSparseConfig(ratio=0.5, bitnet=True), "BitNet"),
+])
+def test_compiled_step_falls_back_to_layers(qcfg, reason):
+    im = InferenceModel(build(qcfg))
+    assert im.step is None and reason in im.step_unavailable
+    assert "compiled-step" not in im.decode_paths()
+    out = generate(im, [1, 2, 3], 4)  # still decodes, layer by layer
+    assert len(out.tokens) == 4
+
+
+def test_compiled_step_errors():
+    im = InferenceModel(build(QSparseConfig(ratio=0.6)))
+    cache = im.new_cache(1, 4)
+    with torch.inference_mode():
+        im(torch.tensor([[1, 2, 3]]), cache)
+        with pytest.raises(RuntimeError, match="outside"):
+            im.step.step(VOCAB, 3, cache.k, cache.v)
+        im.decode_token(7, cache)
+        with pytest.raises(ValueError, match="KV cache full"):
+            im.decode_token(7, cache)
+        with pytest.raises(RuntimeError, match="cache"):
+            im.step.step(1, 0, cache.k[:, :, :1], cache.v)
+    from megatron_qsparse.sparsity.kernels import use_kernels
+    with use_kernels(False):
+        off = InferenceModel(build(QSparseConfig(ratio=0.6)))
+    assert off.step is None and "switched off" in off.step_unavailable

@@ -9,10 +9,14 @@
 //   gemv_topk     fused: exact Top-K of |x| (topk_select.h, the selection of the training
 //                 sparsifier, ties to the lower index), then the sparse product;
 //   gemv_nonzero  any sparsifier: the kept set is the nonzero entries of an already sparse x;
-//   gemv_ternary  BitNet b1.58: 2-bit packed ternary weights (4 per byte), times alpha.
+//   gemv_ternary  BitNet b1.58: 2-bit packed ternary weights (4 per byte), times alpha;
+//   DecodeStep    a whole token of the model in one call (decode_step.h).
+//
+// The machinery (gathers, products, ISA dispatch, thread pool) is in gemv_core.h; this file holds
+// the tensor-level entry points and the Python bindings, and is the one translation unit.
 //
 // Work split: threads take blocks of outputs from a shared counter (no reduction between threads;
-// see Pool below for why not OpenMP). Inside a block, runs of up to kChunk outputs are accumulated
+// see Pool in gemv_core.h for why not OpenMP). Inside a block, runs of up to kChunk outputs are accumulated
 // in an L1-resident buffer over the kept rows, four rows at a time (four weight streams in flight,
 // a quarter of the accumulator traffic), prefetching the next four rows.
 // The inner loops are compiled three times (AVX-512, AVX2+FMA, baseline x86-64) and picked at
@@ -20,349 +24,14 @@
 
 #include <torch/extension.h>
 
-#include <ATen/Parallel.h>  // at::get_num_threads
+#include <string>
 
-#include <algorithm>
-#include <atomic>
-#include <condition_variable>
-#include <functional>
-#include <memory>
-#include <mutex>
-#include <thread>
-#include <unistd.h>
-#include <cstdint>
-#include <cstring>
-#include <vector>
-
-#include "topk_select.h"
+#include "gemv_core.h"
+#include "decode_step.h"
 
 namespace {
 
-constexpr int64_t kChunk = 2048;  // outputs accumulated per block: 8 KB of fp32, stays in L1
-constexpr int64_t kAlign = 16;    // thread slices start on 64-byte boundaries of fp32 outputs
-
-// The kept inputs of one token: their indices (ascending) and values (fp32).
-struct Kept {
-  std::vector<int64_t> idx;
-  std::vector<float> val;
-  void clear() { idx.clear(); val.clear(); }
-};
-
-inline float bf16_to_float(uint16_t b) {
-  uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-template <typename WT> inline float wload(const WT* p, int64_t c);
-template <> inline float wload<float>(const float* p, int64_t c) { return p[c]; }
-template <> inline float wload<uint16_t>(const uint16_t* p, int64_t c) {
-  return bf16_to_float(p[c]);
-}
-
-// acc[0:len) = sum_r val[r] * w[idx[r]·ld + c0 + (0:len)]. Rows go four at a time; while one
-// group is summed, the next group's segments are prefetched line by line (into L2), so the
-// memory system always has the next rows in flight when the current ones are done.
-template <typename WT>
-inline __attribute__((always_inline)) void dense_block(const float* __restrict val,
-                                                       const int64_t* __restrict idx, int64_t nk,
-                                                       const WT* __restrict w, int64_t ld,
-                                                       int64_t c0, int64_t len,
-                                                       float* __restrict acc) {
-  constexpr int64_t kLine = 64 / sizeof(WT);  // weights per cache line
-  for (int64_t c = 0; c < len; ++c) acc[c] = 0.f;
-  int64_t r = 0;
-  for (; r + 4 <= nk; r += 4) {
-    const WT* __restrict p0 = w + idx[r] * ld + c0;
-    const WT* __restrict p1 = w + idx[r + 1] * ld + c0;
-    const WT* __restrict p2 = w + idx[r + 2] * ld + c0;
-    const WT* __restrict p3 = w + idx[r + 3] * ld + c0;
-    const int64_t nx = r + 8 <= nk ? r + 4 : r;  // the next group (itself at the end: harmless)
-    const WT* q0 = w + idx[nx] * ld + c0;
-    const WT* q1 = w + idx[nx + 1] * ld + c0;
-    const WT* q2 = w + idx[nx + 2] * ld + c0;
-    const WT* q3 = w + idx[nx + 3] * ld + c0;
-    const float v0 = val[r], v1 = val[r + 1], v2 = val[r + 2], v3 = val[r + 3];
-    int64_t c = 0;
-    for (; c + kLine <= len; c += kLine) {
-      __builtin_prefetch(q0 + c, 0, 1);
-      __builtin_prefetch(q1 + c, 0, 1);
-      __builtin_prefetch(q2 + c, 0, 1);
-      __builtin_prefetch(q3 + c, 0, 1);
-      for (int64_t j = c; j < c + kLine; ++j)
-        acc[j] += (v0 * wload(p0, j) + v1 * wload(p1, j)) + (v2 * wload(p2, j) + v3 * wload(p3, j));
-    }
-    for (; c < len; ++c)
-      acc[c] += (v0 * wload(p0, c) + v1 * wload(p1, c)) + (v2 * wload(p2, c) + v3 * wload(p3, c));
-  }
-  for (; r < nk; ++r) {
-    const WT* __restrict p0 = w + idx[r] * ld + c0;
-    const float v0 = val[r];
-    for (int64_t c = 0; c < len; ++c) acc[c] += v0 * wload(p0, c);
-  }
-}
-
-// Ternary rows packed 4 per byte: byte b of a row holds the codes (t + 1, t in {-1, 0, 1}) of
-// outputs b, b + P, b + 2P, b + 3P in bits 0-1, 2-3, 4-5, 6-7 (P = bytes per row). One byte range
-// [b0, b0 + len) thus feeds four contiguous output ranges: acc[q·len + j] is output q·P + b0 + j.
-inline __attribute__((always_inline)) void ternary_block(const float* __restrict val,
-                                                         const int64_t* __restrict idx, int64_t nk,
-                                                         const uint8_t* __restrict w, int64_t ld,
-                                                         int64_t b0, int64_t len,
-                                                         float* __restrict acc) {
-  for (int64_t c = 0; c < 4 * len; ++c) acc[c] = 0.f;
-  float* __restrict a0 = acc;
-  float* __restrict a1 = acc + len;
-  float* __restrict a2 = acc + 2 * len;
-  float* __restrict a3 = acc + 3 * len;
-  int64_t r = 0;
-  for (; r + 2 <= nk; r += 2) {
-    const uint8_t* __restrict p = w + idx[r] * ld + b0;
-    const uint8_t* __restrict q = w + idx[r + 1] * ld + b0;
-    const float u = val[r], v = val[r + 1];
-    for (int64_t j = 0; j < len; ++j) {
-      const int32_t x = p[j], y = q[j];
-      a0[j] += u * static_cast<float>((x & 3) - 1) + v * static_cast<float>((y & 3) - 1);
-      a1[j] += u * static_cast<float>(((x >> 2) & 3) - 1) + v * static_cast<float>(((y >> 2) & 3) - 1);
-      a2[j] += u * static_cast<float>(((x >> 4) & 3) - 1) + v * static_cast<float>(((y >> 4) & 3) - 1);
-      a3[j] += u * static_cast<float>((x >> 6) - 1) + v * static_cast<float>((y >> 6) - 1);
-    }
-  }
-  for (; r < nk; ++r) {
-    const uint8_t* __restrict p = w + idx[r] * ld + b0;
-    const float u = val[r];
-    for (int64_t j = 0; j < len; ++j) {
-      const int32_t x = p[j];
-      a0[j] += u * static_cast<float>((x & 3) - 1);
-      a1[j] += u * static_cast<float>(((x >> 2) & 3) - 1);
-      a2[j] += u * static_cast<float>(((x >> 4) & 3) - 1);
-      a3[j] += u * static_cast<float>((x >> 6) - 1);
-    }
-  }
-}
-
-// The same loops compiled for three instruction sets; picked once by the CPU's features.
-#define QS_CLONES(NAME, TARGET)                                                                  \
-  template <typename WT>                                                                         \
-  TARGET void NAME##_dense(const float* val, const int64_t* idx, int64_t nk, const WT* w,       \
-                           int64_t ld, int64_t c0, int64_t len, float* acc) {                   \
-    dense_block<WT>(val, idx, nk, w, ld, c0, len, acc);                                          \
-  }                                                                                              \
-  TARGET void NAME##_ternary(const float* val, const int64_t* idx, int64_t nk, const uint8_t* w, \
-                             int64_t ld, int64_t b0, int64_t len, float* acc) {                 \
-    ternary_block(val, idx, nk, w, ld, b0, len, acc);                                            \
-  }
-QS_CLONES(avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))))
-QS_CLONES(avx2, __attribute__((target("avx2,fma"))))
-QS_CLONES(base, )
-#undef QS_CLONES
-
-enum class Isa { kBase, kAvx2, kAvx512 };
-
-Isa detect_isa() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl"))
-    return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-#endif
-  return Isa::kBase;
-}
-
-const Isa kIsa = detect_isa();
-
-template <typename WT>
-void run_dense(const float* val, const int64_t* idx, int64_t nk, const WT* w, int64_t ld,
-               int64_t c0, int64_t len, float* acc) {
-  switch (kIsa) {
-    case Isa::kAvx512: return avx512_dense<WT>(val, idx, nk, w, ld, c0, len, acc);
-    case Isa::kAvx2: return avx2_dense<WT>(val, idx, nk, w, ld, c0, len, acc);
-    default: return base_dense<WT>(val, idx, nk, w, ld, c0, len, acc);
-  }
-}
-
-void run_ternary(const float* val, const int64_t* idx, int64_t nk, const uint8_t* w, int64_t ld,
-                 int64_t b0, int64_t len, float* acc) {
-  switch (kIsa) {
-    case Isa::kAvx512: return avx512_ternary(val, idx, nk, w, ld, b0, len, acc);
-    case Isa::kAvx2: return avx2_ternary(val, idx, nk, w, ld, b0, len, acc);
-    default: return base_ternary(val, idx, nk, w, ld, b0, len, acc);
-  }
-}
-
-// Threads. A decode GEMV takes 0.1-20 ms, so a fork-join region (OpenMP) that waits for every
-// thread is fragile: on a machine where other processes hold the cores, one descheduled thread
-// stalls the whole product for a scheduler time slice (4-12 ms measured). Instead, output blocks
-// are handed out from a shared counter; the calling thread works too, and returns as soon as every
-// block is *done*: a helper that wakes late finds no block left and goes back to sleep without
-// being waited for. Worst case: the caller alone, i.e. single-threaded speed. The helpers are
-// persistent (condition variable), their number follows torch.get_num_threads().
-class Pool {
- public:
-  static Pool& get() {
-    // Never destroyed: helpers are detached and sleep at exit. A forked child (e.g. a DataLoader
-    // worker) has none of the parent's helpers and maybe a mutex locked at fork time: it starts
-    // its own pool.
-    static Pool* pool = nullptr;
-    static pid_t owner = 0;
-    if (pool == nullptr || owner != getpid()) {
-      pool = new Pool();
-      owner = getpid();
-    }
-    return *pool;
-  }
-
-  // fn(begin, end) over [0, units) in blocks of `block` units, on up to `threads` threads.
-  template <typename Fn>
-  void run(int64_t units, int64_t block, int64_t threads, Fn& fn) {
-    if (threads <= 1 || units <= block) {
-      fn(int64_t(0), units);
-      return;
-    }
-    auto job = std::make_shared<Job>();
-    job->units = units;
-    job->block = block;
-    job->fn = [&fn](int64_t b, int64_t e) { fn(b, e); };
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      ensure_helpers(threads - 1);
-      job_ = job;
-      ++generation_;
-      wanted_ = threads - 1;
-    }
-    cv_.notify_all();
-    job->work();
-    for (int spin = 0; job->done.load(std::memory_order_acquire) < units; ++spin) {
-      if (spin > 256) std::this_thread::yield();
-    }
-    std::lock_guard<std::mutex> lock(mutex_);
-    wanted_ = 0;  // a helper that has not woken yet stays asleep
-    if (job_ == job) job_.reset();
-  }
-
- private:
-  struct Job {
-    std::atomic<int64_t> next{0}, done{0};
-    int64_t units = 0, block = 1;
-    std::function<void(int64_t, int64_t)> fn;  // only called while the caller waits (see run)
-    void work() {
-      for (int64_t b = next.fetch_add(block); b < units; b = next.fetch_add(block)) {
-        const int64_t e = std::min(units, b + block);
-        fn(b, e);
-        done.fetch_add(e - b, std::memory_order_release);
-      }
-    }
-  };
-
-  void ensure_helpers(int64_t n) {
-    while (static_cast<int64_t>(helpers_) < std::min<int64_t>(n, 63)) {
-      std::thread([this] { loop(); }).detach();
-      ++helpers_;
-    }
-  }
-
-  void loop() {
-    uint64_t seen = 0;
-    for (;;) {
-      std::shared_ptr<Job> job;
-      {
-        std::unique_lock<std::mutex> lock(mutex_);
-        cv_.wait(lock, [&] { return generation_ != seen && wanted_ > 0 && job_; });
-        seen = generation_;
-        --wanted_;
-        job = job_;
-      }
-      job->work();  // a finished job has no block left: returns at once
-    }
-  }
-
-  std::mutex mutex_;
-  std::condition_variable cv_;
-  std::shared_ptr<Job> job_;
-  uint64_t generation_ = 0;
-  int64_t wanted_ = 0;
-  size_t helpers_ = 0;
-};
-
-// Split `units` output units over torch's thread count: ~8 blocks per thread, each of at least
-// 64K multiply-adds; tiny products run on the calling thread.
-template <typename Fn>
-void for_blocks(int64_t units, int64_t macs_per_unit, Fn fn) {
-  const int64_t total = units * macs_per_unit;
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(),
-                                            std::max<int64_t>(1, total >> 16));
-  const int64_t block = std::max<int64_t>(
-      std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, macs_per_unit)),
-      units / (8 * threads));
-  Pool::get().run(units, block, threads, fn);
-}
-
-// y[0:n) = W_kept^T val (+ bias), W input-major [d, n] of type WT.
-template <typename WT>
-void product(const Kept& kept, const WT* w, int64_t n, const float* bias, float* y) {
-  const int64_t nk = static_cast<int64_t>(kept.idx.size());
-  const int64_t units = (n + kAlign - 1) / kAlign;
-  for_blocks(units, nk * kAlign, [&](int64_t ub, int64_t ue) {
-    float acc[kChunk];
-    const int64_t end = std::min(n, ue * kAlign);
-    for (int64_t c = ub * kAlign; c < end; c += kChunk) {
-      const int64_t len = std::min(kChunk, end - c);
-      run_dense<WT>(kept.val.data(), kept.idx.data(), nk, w, n, c, len, acc);
-      for (int64_t j = 0; j < len; ++j) y[c + j] = acc[j] + (bias ? bias[c + j] : 0.f);
-    }
-  });
-}
-
-// Ternary: packed [d, P] with P = ceil(n / 4); y = alpha · (T_kept^T val) (+ bias).
-void product_ternary(const Kept& kept, const uint8_t* w, int64_t n, int64_t P, float alpha,
-                     const float* bias, float* y) {
-  const int64_t nk = static_cast<int64_t>(kept.idx.size());
-  const int64_t units = (P + kAlign - 1) / kAlign;
-  for_blocks(units, nk * 4 * kAlign, [&](int64_t ub, int64_t ue) {
-    constexpr int64_t kBytes = kChunk / 4;
-    float acc[4 * kBytes];
-    const int64_t end = std::min(P, ue * kAlign);
-    for (int64_t b = ub * kAlign; b < end; b += kBytes) {
-      const int64_t len = std::min(kBytes, end - b);
-      run_ternary(kept.val.data(), kept.idx.data(), nk, w, P, b, len, acc);
-      for (int64_t q = 0; q < 4; ++q) {
-        for (int64_t j = 0; j < len; ++j) {
-          const int64_t c = q * P + b + j;
-          if (c < n) y[c] = alpha * acc[q * len + j] + (bias ? bias[c] : 0.f);
-        }
-      }
-    }
-  });
-}
-
-// Kept set = the nonzero entries of x (any sparsifier's output). NaN counts as nonzero.
-void gather_nonzero(const float* x, int64_t d, Kept& kept) {
-  kept.clear();
-  for (int64_t i = 0; i < d; ++i) {
-    if (x[i] != 0.f) {
-      kept.idx.push_back(i);
-      kept.val.push_back(x[i]);
-    }
-  }
-}
-
-// Kept set = the Top-K of |x| (exactly the training sparsifier's selection), zeros left out since
-// they add nothing.
-void gather_topk(const float* x, int64_t d, int64_t k, qsparse::TopKSelect<uint32_t>& sel,
-                 Kept& kept) {
-  kept.clear();
-  const uint32_t* bits = reinterpret_cast<const uint32_t*>(x);
-  const qsparse::Threshold<uint32_t> th = sel.find(bits, d, k);
-  for (int64_t i = 0; i < d; ++i) {
-    const uint32_t a = bits[i] & 0x7fffffffu;
-    if (a != 0 && (a > th.t || (a == th.t && i < th.limit))) {
-      kept.idx.push_back(i);
-      kept.val.push_back(x[i]);
-    }
-  }
-}
+using namespace qsparse_gemv;
 
 at::Tensor as_rows(const at::Tensor& x, int64_t d, const char* what) {
   TORCH_CHECK(x.device().is_cpu(), what, ": expected a CPU tensor");
@@ -391,8 +60,6 @@ at::Tensor run_rows(const at::Tensor& x, const at::Tensor& w, const c10::optiona
   const float* b = bias_ptr(bias, n, bkeep);
   at::Tensor y = at::empty({xr.size(0), n}, xr.options());
   Kept kept;
-  kept.idx.reserve(d);
-  kept.val.reserve(d);
   for (int64_t r = 0; r < xr.size(0); ++r) {
     select(xr.data_ptr<float>() + r * d, d, kept);
     float* yr = y.data_ptr<float>() + r * n;
@@ -464,4 +131,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("n"), pybind11::arg("alpha"),
           pybind11::arg("bias"));
   mod.def("isa", &isa_name, "Instruction set the inner loops run with");
+  pybind11::class_<DecodeStep>(mod, "DecodeStep", "One token of the whole model (decode_step.h)")
+      .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, bool, double, bool,
+                          at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>,
+                          std::vector<at::Tensor>, std::vector<int64_t>, std::vector<at::Tensor>>(),
+           pybind11::arg("hidden"), pybind11::arg("nq"), pybind11::arg("nkv"), pybind11::arg("hd"),
+           pybind11::arg("ffn"), pybind11::arg("rmsnorm"), pybind11::arg("eps"),
+           pybind11::arg("swiglu"), pybind11::arg("embedding"), pybind11::arg("head_t"),
+           pybind11::arg("cos"), pybind11::arg("sin"), pybind11::arg("weights"),
+           pybind11::arg("biases"), pybind11::arg("keeps"), pybind11::arg("norms"))
+      .def("step", &DecodeStep::step, "Logits [V] of one token at one position",
+           pybind11::arg("token"), pybind11::arg("pos"), pybind11::arg("k_cache"),
+           pybind11::arg("v_cache"))
+      .def_property_readonly("vocab", &DecodeStep::vocab);
 }

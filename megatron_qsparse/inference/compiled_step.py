@@ -1,0 +1,114 @@
+"""The compiled decode step: one C++ call per generated token (``csrc/decode_step.h``).
+
+The layer-by-layer decode path runs a few hundred small PyTorch calls per token (norms, views,
+RoPE, attention, splits, residual adds, one kernel call per projection). On small models their
+dispatch costs more than the projections themselves, so sparsity hardly shows in tokens/s. The
+compiled step does a whole token — embedding, every block (norm, Top-K + sparse GEMV per
+projection, RoPE, KV-cache append, grouped-query attention, FFN activation, residuals), final
+norm and LM head — in one call, on the same input-major weights (:class:`~.linear.DecodeLinear`)
+and the same :class:`~.model.KVCache` as the layer-by-layer path, so a prefill by the layers and
+decode steps by the compiled code mix freely.
+
+It covers the models and modes most runs use: fp32 models (projection weights fp32 or bf16),
+RMSNorm or LayerNorm, relu2_glu or swiglu FFN, optional biases, GQA/MHA, and per projection
+plain Top-K (no int8, no L2 rescale; each projection's own K) or no sparsifier (dense).
+:func:`build_compiled_step` returns None and the reason for anything else (BitNet, int8 / rescaled
+Top-K, Block N:M, ReLU mode, MoE blocks, fp64/bf16 models, no compiled kernels); such models
+decode layer by layer.
+
+The logits equal the layer-by-layer path's up to fp32 summation order
+(``tests/unit/test_inference.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megatron_qsparse.inference import cpu_kernels
+from megatron_qsparse.inference.linear import DecodeLinear
+from megatron_qsparse.model.transformer import MLP, LayerNorm, RMSNorm, _rope_tables
+from megatron_qsparse.sparsity import kernels as _kernels
+from megatron_qsparse.sparsity.activations import relu2_glu, swiglu
+
+_EMPTY = torch.empty(0)
+
+
+def _keep(p: DecodeLinear) -> int | str:
+    """Inputs the projection keeps per token (0: every nonzero one), or why it cannot run."""
+    sp = p.sparsifier
+    if p.bitnet:
+        return "BitNet b1.58 weights"
+    if sp is None or sp.mode == "none":
+        return 0
+    if sp.mode != "topk":
+        return f"--qsparse-mode {sp.mode}"
+    if sp.quantize:
+        return "int8 quantized Top-K"
+    if sp.rescale != "none":
+        return f"Top-K with --qsparse-rescale {sp.rescale}"
+    return sp.keep(p.in_features)
+
+
+def _norm_tensors(norm: nn.Module) -> list[torch.Tensor] | str:
+    if isinstance(norm, RMSNorm):
+        return [norm.weight.detach(), _EMPTY]
+    if isinstance(norm, LayerNorm):
+        return [norm.weight.detach(), norm.bias.detach()]
+    return f"normalization {type(norm).__name__}"
+
+
+def build_compiled_step(model: nn.Module) -> tuple[object | None, str]:
+    """``(step, "")`` for a :class:`~megatron_qsparse.model.gpt.GPTModel` whose projections are
+    :class:`DecodeLinear` layers, or ``(None, reason)`` when the compiled step does not cover it.
+
+    ``step.step(token, pos, k_cache, v_cache)`` returns the fp32 logits ``[V]`` of one token.
+    """
+    if not cpu_kernels.available():
+        return None, f"compiled kernels unavailable ({cpu_kernels.unavailable_reason()})"
+    if not _kernels._enabled:
+        return None, "compiled kernels switched off (sparsity.kernels.use_kernels(False))"
+    emb = model.embedding.weight
+    if emb.device.type != "cpu" or emb.dtype != torch.float32:
+        return None, f"model is {emb.dtype} on {emb.device.type} (the compiled step runs fp32 on CPU)"
+    cfg = model.config
+    act = model.layers[0].mlp.act if isinstance(model.layers[0].mlp, MLP) else None
+    if act not in (relu2_glu, swiglu):
+        return None, "FFN is not a dense relu2_glu / swiglu MLP (e.g. MoE)"
+    norm_type = type(model.final_norm)
+    weights, biases, keeps, norms = [], [], [], []
+    for layer in model.layers:
+        if any(type(n) is not norm_type for n in (layer.input_norm, layer.post_attention_norm)):
+            return None, "normalization differs between layers"
+        if not isinstance(layer.mlp, MLP) or layer.mlp.act is not act:
+            return None, "FFN differs between blocks (e.g. MoE)"
+        a, m = layer.attention, layer.mlp
+        for p in (a.qkv, a.o, m.gate_up, m.down):
+            if not isinstance(p, DecodeLinear):
+                return None, "projections are not DecodeLinear layers"
+            k = _keep(p)
+            if isinstance(k, str):
+                return None, k
+            weights.append(p.wt)
+            biases.append(_EMPTY if p.bias is None else p.bias.float().contiguous())
+            keeps.append(k)
+        for n in (layer.input_norm, layer.post_attention_norm):
+            t = _norm_tensors(n)
+            if isinstance(t, str):
+                return None, t
+            norms += t
+    t = _norm_tensors(model.final_norm)
+    if isinstance(t, str):
+        return None, t
+    norms += t
+    att = model.layers[0].attention
+    cos, sin = _rope_tables(att.rotary.dim, att.rotary.max_positions, att.rotary.base,
+                            torch.device("cpu"))
+    head_t = model.output_weight().detach().float().t().contiguous()  # input-major [h, V]
+    step = cpu_kernels.extension().DecodeStep(
+        hidden=cfg.hidden_size, nq=att.nq, nkv=att.nkv, hd=att.hd, ffn=model.layers[0].mlp.ffn,
+        rmsnorm=isinstance(model.final_norm, RMSNorm), eps=float(model.final_norm.eps),
+        swiglu=act is swiglu, embedding=emb.detach().contiguous(), head_t=head_t,
+        cos=cos.contiguous(), sin=sin.contiguous(), weights=weights, biases=biases, keeps=keeps,
+        norms=[n.float().contiguous() if n.numel() else n for n in norms])
+    return step, ""

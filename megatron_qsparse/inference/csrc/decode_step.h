@@ -1,0 +1,296 @@
+// The compiled decode step: one call computes a whole token of a LLaMA-style model (embedding,
+// every block, final norm, LM head) for batch size 1, reading the same weights and writing the same
+// KV cache as the layer-by-layer path of megatron_qsparse/inference/model.py.
+//
+// Why: at small widths a token is a few hundred tiny PyTorch calls (norms, views, RoPE, SDPA,
+// splits, residual adds, one kernel call per projection), each costing microseconds of dispatch,
+// so the projections (where sparsity saves work) are a minority of the time and a sparse model
+// decodes barely faster than a dense one. Here everything between the projections is a few
+// plain loops, so a token costs about its weight traffic: dense reads every row of every
+// projection, Q-Sparse reads the rows of its Top-K inputs (gemv_core.h), and the dense LM head is
+// shared by both.
+//
+// Per block (pre-norm, as model/transformer.py):
+//   a = norm(h); [q; k; v] = P_qkv(a); RoPE(q, k) at position pos (rotate_half pairs i, i + hd/2);
+//   append k, v to the cache; y_j = softmax(q_j · K_g^T / sqrt(hd)) V_g for query head j, group
+//   g = j / (nq / nkv); h += P_o(y); a = norm(h); [gate; up] = P_gate_up(a);
+//   h += P_down(act(gate, up)), act = up ⊙ relu(gate)^2 (relu2_glu) or silu(gate) ⊙ up (swiglu).
+// P(x) keeps the Top-K of |x| (k > 0: the training selection, ties to the lower index, zeros left
+// out) or every nonzero input (k == 0: mode none), then reads only those rows.
+// Everything is fp32; projection weights may be stored bf16 (converted as they are read).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "gemv_core.h"
+
+namespace qsparse_gemv {
+
+// Small vector loops of the step, compiled for AVX-512, AVX2 and baseline x86-64 and picked at
+// load time (GCC function multiversioning), like the GEMV's inner loops.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define QS_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define QS_MULTIVERSION
+#endif
+
+// Grouped-query attention of one token over `len` cached positions: for query head j (group
+// g = j / (nq / nkv)), y_j = softmax(q_j K_g^T · scale) V_g; K, V are [nkv, max_len, hd] rows.
+QS_MULTIVERSION void attention(const float* __restrict q, const float* __restrict K,
+                               const float* __restrict V, int64_t nq, int64_t nkv, int64_t hd,
+                               int64_t max_len, int64_t len, float scale, float* __restrict p,
+                               float* __restrict y) {
+  const int64_t group = nq / nkv;
+  for (int64_t j = 0; j < nq; ++j) {
+    const float* qj = q + j * hd;
+    const float* Kg = K + (j / group) * max_len * hd;
+    const float* Vg = V + (j / group) * max_len * hd;
+    float mx = -INFINITY;
+    for (int64_t t = 0; t < len; ++t) {
+      const float* kt = Kg + t * hd;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = 0; i < hd; ++i) s += qj[i] * kt[i];
+      p[t] = s * scale;
+      mx = std::max(mx, p[t]);
+    }
+    float sum = 0.f;
+    for (int64_t t = 0; t < len; ++t) {
+      p[t] = std::exp(p[t] - mx);
+      sum += p[t];
+    }
+    const float inv = 1.f / sum;
+    float* yj = y + j * hd;
+    for (int64_t i = 0; i < hd; ++i) yj[i] = 0.f;
+    for (int64_t t = 0; t < len; ++t) {
+      const float w = p[t] * inv;
+      const float* vt = Vg + t * hd;
+#pragma omp simd
+      for (int64_t i = 0; i < hd; ++i) yj[i] += w * vt[i];
+    }
+  }
+}
+
+// y = w ⊙ x / sqrt(mean(x²) + eps)
+QS_MULTIVERSION void rms_norm(const float* __restrict x, const float* __restrict w, float eps,
+                              float* __restrict y, int64_t n) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+  const float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] = w[i] * (x[i] * inv);
+}
+
+// One projection: its input-major weight [in, out] (fp32 or bf16), bias (or empty), and how many
+// inputs it keeps (0: every nonzero one).
+struct Projection {
+  at::Tensor wt, bias;
+  int64_t keep = 0;
+  int64_t in = 0, out = 0;
+};
+
+class DecodeStep {
+ public:
+  // `layers`: 4 projections per block in the order qkv, o, gate_up, down, as (wt, bias, keep);
+  // `norms`: per block the input and post-attention norm (weight, bias) = 4 tensors per block,
+  // then the final norm's (weight, bias); a bias is an empty tensor for RMSNorm.
+  DecodeStep(int64_t hidden, int64_t nq, int64_t nkv, int64_t hd, int64_t ffn, bool rmsnorm,
+             double eps, bool swiglu, at::Tensor embedding, at::Tensor head_t, at::Tensor cos,
+             at::Tensor sin, std::vector<at::Tensor> weights, std::vector<at::Tensor> biases,
+             std::vector<int64_t> keeps, std::vector<at::Tensor> norms)
+      : h_(hidden), nq_(nq), nkv_(nkv), hd_(hd), ffn_(ffn), rms_(rmsnorm),
+        eps_(static_cast<float>(eps)), swiglu_(swiglu),
+        scale_(1.f / std::sqrt(static_cast<float>(hd))), emb_(embedding), head_(head_t),
+        cos_(cos), sin_(sin), norms_(std::move(norms)),
+        sel_(std::max<int64_t>(2 * ffn, hidden) + 1) {
+    TORCH_CHECK(nq > 0 && nkv > 0 && nq % nkv == 0 && hd % 2 == 0, "decode step: bad heads");
+    TORCH_CHECK(weights.size() % 4 == 0 && weights.size() == biases.size() &&
+                    weights.size() == keeps.size(), "decode step: 4 projections per block");
+    layers_ = static_cast<int64_t>(weights.size() / 4);
+    TORCH_CHECK(norms_.size() == static_cast<size_t>(4 * layers_ + 2),
+                "decode step: expected ", 4 * layers_ + 2, " norm tensors, got ", norms_.size());
+    check_f32(emb_, "embedding", 2);
+    TORCH_CHECK(emb_.size(1) == h_, "decode step: embedding width ", emb_.size(1), " != ", h_);
+    vocab_ = emb_.size(0);
+    check_f32(head_, "LM head", 2);
+    TORCH_CHECK(head_.size(0) == h_, "decode step: the LM head must be input-major [hidden, V]");
+    check_f32(cos_, "rotary cos", 2);
+    check_f32(sin_, "rotary sin", 2);
+    TORCH_CHECK(cos_.size(1) == hd_ && sin_.sizes() == cos_.sizes(), "decode step: rotary tables");
+    for (size_t i = 0; i < norms_.size(); ++i) {
+      if (norms_[i].numel() == 0) {
+        TORCH_CHECK(rms_ && i % 2 == 1, "decode step: LayerNorm needs a bias");
+        continue;
+      }
+      check_f32(norms_[i], "norm", 1);
+      TORCH_CHECK(norms_[i].numel() == h_, "decode step: norm of ", norms_[i].numel(), " != ", h_);
+    }
+    const int64_t q = (nq_ + 2 * nkv_) * hd_;
+    const int64_t shapes[4][2] = {{h_, q}, {nq_ * hd_, h_}, {h_, 2 * ffn_}, {ffn_, h_}};
+    for (size_t i = 0; i < weights.size(); ++i) {
+      Projection p;
+      p.wt = weights[i];
+      p.bias = biases[i];
+      p.keep = keeps[i];
+      p.in = shapes[i % 4][0];
+      p.out = shapes[i % 4][1];
+      TORCH_CHECK(p.wt.dim() == 2 && p.wt.is_contiguous() && p.wt.device().is_cpu() &&
+                      (p.wt.scalar_type() == at::kFloat || p.wt.scalar_type() == at::kBFloat16),
+                  "decode step: projection weights must be contiguous CPU fp32/bf16");
+      TORCH_CHECK(p.wt.size(0) == p.in && p.wt.size(1) == p.out, "decode step: projection ", i,
+                  " is ", p.wt.sizes(), ", expected [", p.in, ", ", p.out, "] (input-major)");
+      if (p.bias.numel()) {
+        check_f32(p.bias, "bias", 1);
+        TORCH_CHECK(p.bias.numel() == p.out, "decode step: bias size");
+      }
+      TORCH_CHECK(p.keep >= 0 && p.keep <= p.in, "decode step: keep ", p.keep, " of ", p.in);
+      proj_.push_back(p);
+    }
+    x_.resize(h_);
+    a_.resize(std::max<int64_t>(h_, nq_ * hd_));
+    qkv_.resize(q);
+    gu_.resize(2 * ffn_);
+    tmp_.resize(h_);
+  }
+
+  // Logits [V] (fp32) of `token` at position `pos`, after writing its keys/values at `pos` of the
+  // caches k, v [layers, batch, nkv, max_len, hd] (batch row 0).
+  at::Tensor step(int64_t token, int64_t pos, const at::Tensor& kc, const at::Tensor& vc) {
+    TORCH_CHECK(token >= 0 && token < vocab_, "decode step: token ", token, " outside [0, ",
+                vocab_, ")");
+    check_cache(kc, "key");
+    check_cache(vc, "value");
+    const int64_t max_len = kc.size(3);
+    TORCH_CHECK(pos >= 0 && pos < max_len, "decode step: position ", pos, " outside the cache (",
+                max_len, ")");
+    TORCH_CHECK(pos < cos_.size(0), "decode step: position ", pos, " beyond the rotary table");
+    const int64_t cache_layer = kc.stride(0);  // one layer's [batch, nkv, max_len, hd]
+    float* K = kc.data_ptr<float>();
+    float* V = vc.data_ptr<float>();
+    float* x = x_.data();
+    std::memcpy(x, emb_.data_ptr<float>() + token * h_, h_ * sizeof(float));
+    const int64_t hq = nq_ * hd_, hk = nkv_ * hd_;
+    for (int64_t l = 0; l < layers_; ++l) {
+      const Projection* p = &proj_[4 * l];
+      // attention
+      norm(x, norms_[4 * l], norms_[4 * l + 1], a_.data());
+      project(p[0], a_.data(), qkv_.data());
+      float* q = qkv_.data();
+      float* k = q + hq;
+      float* v = k + hk;
+      rope(q, nq_, pos);
+      rope(k, nkv_, pos);
+      float* Kl = K + l * cache_layer;
+      float* Vl = V + l * cache_layer;
+      for (int64_t g = 0; g < nkv_; ++g) {
+        std::memcpy(Kl + (g * max_len + pos) * hd_, k + g * hd_, hd_ * sizeof(float));
+        std::memcpy(Vl + (g * max_len + pos) * hd_, v + g * hd_, hd_ * sizeof(float));
+      }
+      scores_.resize(std::max<int64_t>(scores_.size(), pos + 1));
+      attention(q, Kl, Vl, nq_, nkv_, hd_, max_len, pos + 1, scale_, scores_.data(), a_.data());
+      project(p[1], a_.data(), tmp_.data());
+      for (int64_t i = 0; i < h_; ++i) x[i] += tmp_[i];
+      // FFN
+      norm(x, norms_[4 * l + 2], norms_[4 * l + 3], a_.data());
+      project(p[2], a_.data(), gu_.data());
+      float* gate = gu_.data();
+      float* up = gate + ffn_;
+      if (swiglu_) {
+        for (int64_t i = 0; i < ffn_; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+      } else {
+        for (int64_t i = 0; i < ffn_; ++i) {
+          const float r = gate[i] > 0.f ? gate[i] : 0.f;
+          gate[i] = up[i] * (r * r);
+        }
+      }
+      project(p[3], gate, tmp_.data());
+      for (int64_t i = 0; i < h_; ++i) x[i] += tmp_[i];
+    }
+    norm(x, norms_[4 * layers_], norms_[4 * layers_ + 1], a_.data());
+    gather_all(a_.data(), h_, all_);
+    at::Tensor logits = at::empty({vocab_}, emb_.options());
+    product<float>(all_, head_.data_ptr<float>(), vocab_, nullptr, logits.data_ptr<float>());
+    return logits;
+  }
+
+  int64_t vocab() const { return vocab_; }
+
+ private:
+  static void check_f32(const at::Tensor& t, const char* what, int64_t dim) {
+    TORCH_CHECK(t.dim() == dim && t.is_contiguous() && t.device().is_cpu() &&
+                    t.scalar_type() == at::kFloat,
+                "decode step: ", what, " must be a contiguous CPU fp32 tensor of ", dim, " dims");
+  }
+
+  void check_cache(const at::Tensor& c, const char* what) const {
+    TORCH_CHECK(c.dim() == 5 && c.is_contiguous() && c.device().is_cpu() &&
+                    c.scalar_type() == at::kFloat && c.size(0) == layers_ && c.size(2) == nkv_ &&
+                    c.size(4) == hd_,
+                "decode step: the ", what, " cache must be a contiguous fp32 [", layers_,
+                ", batch, ", nkv_, ", max_len, ", hd_, "] tensor");
+  }
+
+  // y = w ⊙ normalize(x) (+ b): RMSNorm x / sqrt(mean(x²) + eps), or LayerNorm.
+  void norm(const float* x, const at::Tensor& w, const at::Tensor& b, float* y) const {
+    const float* wp = w.data_ptr<float>();
+    if (rms_) return rms_norm(x, wp, eps_, y, h_);
+    float mean = 0.f;
+    for (int64_t i = 0; i < h_; ++i) mean += x[i];
+    mean /= static_cast<float>(h_);
+    float var = 0.f;
+    for (int64_t i = 0; i < h_; ++i) var += (x[i] - mean) * (x[i] - mean);
+    const float inv = 1.f / std::sqrt(var / static_cast<float>(h_) + eps_);
+    const float* bp = b.data_ptr<float>();
+    for (int64_t i = 0; i < h_; ++i) y[i] = wp[i] * ((x[i] - mean) * inv) + bp[i];
+  }
+
+  // The kept inputs of p (Top-K or nonzero), then the product over their rows.
+  void project(const Projection& p, const float* x, float* y) {
+    if (p.keep > 0 && p.keep < p.in) {
+      gather_topk(x, p.in, p.keep, sel_, kept_);
+    } else {
+      gather_nonzero(x, p.in, kept_);
+    }
+    const float* b = p.bias.numel() ? p.bias.data_ptr<float>() : nullptr;
+    if (p.wt.scalar_type() == at::kFloat) {
+      product<float>(kept_, p.wt.data_ptr<float>(), p.out, b, y);
+    } else {
+      product<uint16_t>(kept_, static_cast<const uint16_t*>(p.wt.const_data_ptr()), p.out, b, y);
+    }
+  }
+
+  // RoPE in place on `heads` heads of hd features at position pos (rotate_half convention).
+  void rope(float* t, int64_t heads, int64_t pos) const {
+    const float* c = cos_.data_ptr<float>() + pos * hd_;
+    const float* s = sin_.data_ptr<float>() + pos * hd_;
+    const int64_t half = hd_ / 2;
+    for (int64_t j = 0; j < heads; ++j) {
+      float* r = t + j * hd_;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = r[i], b = r[i + half];
+        r[i] = a * c[i] - b * s[i];
+        r[i + half] = b * c[i + half] + a * s[i + half];
+      }
+    }
+  }
+
+  int64_t h_, nq_, nkv_, hd_, ffn_, layers_ = 0, vocab_ = 0;
+  bool rms_;
+  float eps_;
+  bool swiglu_;
+  float scale_;
+  at::Tensor emb_, head_, cos_, sin_;
+  std::vector<at::Tensor> norms_;
+  std::vector<Projection> proj_;
+  qsparse::TopKSelect<uint32_t> sel_;
+  Kept kept_, all_;
+  std::vector<float> x_, a_, qkv_, gu_, tmp_, scores_;
+};
+
+}  // namespace qsparse_gemv
