@@ -170,6 +170,7 @@ class DecodeStep {
     TORCH_CHECK(pos >= 0 && pos < max_len, "decode step: position ", pos, " outside the cache (",
                 max_len, ")");
     TORCH_CHECK(pos < cos_.size(0), "decode step: position ", pos, " beyond the rotary table");
+    Pool::Hot hot;  // helpers stay awake between this step's products (and into the next token)
     const int64_t cache_layer = kc.stride(0);  // one layer's [batch, nkv, max_len, hd]
     float* K = kc.data_ptr<float>();
     float* V = vc.data_ptr<float>();

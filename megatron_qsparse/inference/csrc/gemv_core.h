@@ -195,10 +195,12 @@ void run_ternary(const float* val, const int64_t* idx, int64_t nk, const uint8_t
 // being waited for. Worst case: the caller alone, i.e. single-threaded speed. The helpers are
 // persistent, their number follows torch.get_num_threads().
 //
-// Waking a sleeping thread (futex) takes 5-50 us, as long as a whole small product, so after each
-// job a helper spins for kSpinMicros watching for the next one before it sleeps: the products of
-// one decode step (and of consecutive tokens) start microseconds apart, and a spinning helper
-// joins at once. Idle helpers cost nothing after that window.
+// Waking a sleeping thread (futex) takes 5-50 us, as long as a whole small product. Inside the
+// compiled decode step (Pool::Hot scope) products start microseconds apart, so after such a job a
+// helper spins for kSpinMicros watching for the next one (also across consecutive tokens) before it
+// sleeps. After a job of the per-projection kernels it sleeps at once: there, PyTorch's own OpenMP
+// threads run between our calls, and a spinning helper would take their core (measured: the
+// sparse GEMV table lost 10-25%).
 class Pool {
  public:
   static Pool& get() {
@@ -214,6 +216,13 @@ class Pool {
     return *pool;
   }
 
+  // While one exists on the calling thread, jobs it issues leave their helpers spinning.
+  struct Hot {
+    bool prev;
+    Hot() : prev(hot_flag()) { hot_flag() = true; }
+    ~Hot() { hot_flag() = prev; }
+  };
+
   // fn(begin, end) over [0, units) in blocks of `block` units, on up to `threads` threads.
   template <typename Fn>
   void run(int64_t units, int64_t block, int64_t threads, Fn& fn) {
@@ -224,6 +233,7 @@ class Pool {
     auto job = std::make_shared<Job>();
     job->units = units;
     job->block = block;
+    job->spin = hot_flag();
     job->fn = [&fn](int64_t b, int64_t e) { fn(b, e); };
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -247,9 +257,15 @@ class Pool {
  private:
   static constexpr int64_t kSpinMicros = 200;
 
+  static bool& hot_flag() {
+    static thread_local bool hot = false;
+    return hot;
+  }
+
   struct Job {
     std::atomic<int64_t> next{0}, done{0};
     int64_t units = 0, block = 1;
+    bool spin = false;  // issued inside a Hot scope
     std::function<void(int64_t, int64_t)> fn;  // only called while the caller waits (see run)
     void work() {
       for (int64_t b = next.fetch_add(block); b < units; b = next.fetch_add(block)) {
@@ -267,14 +283,16 @@ class Pool {
     }
   }
 
-  // Wait until generation_ moves past `seen`: spin first, then sleep on the condition variable.
-  void wait_for_job(uint64_t seen) {
-    const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicros);
+  // Wait until generation_ moves past `seen`: spin first (if `spin`), then sleep on the condition
+  // variable.
+  void wait_for_job(uint64_t seen, bool spin) {
+    const auto until = std::chrono::steady_clock::now() +
+                       std::chrono::microseconds(spin ? kSpinMicros : 0);
     for (int64_t i = 1; generation_.load(std::memory_order_acquire) == seen; ++i) {
 #if defined(__x86_64__) || defined(__i386__)
       __builtin_ia32_pause();
 #endif
-      if ((i & 1023) == 0 && std::chrono::steady_clock::now() > until) {
+      if ((!spin || (i & 1023) == 0) && std::chrono::steady_clock::now() > until) {
         std::unique_lock<std::mutex> lock(mutex_);
         sleeping_.fetch_add(1, std::memory_order_acq_rel);
         cv_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
@@ -286,8 +304,9 @@ class Pool {
 
   void loop() {
     uint64_t seen = 0;
+    bool spin = false;
     for (;;) {
-      wait_for_job(seen);
+      wait_for_job(seen, spin);
       std::shared_ptr<Job> job;
       {
         std::lock_guard<std::mutex> lock(mutex_);
@@ -297,7 +316,10 @@ class Pool {
           job = job_;
         }
       }
-      if (job) job->work();  // a finished job has no block left: returns at once
+      if (job) {
+        job->work();  // a finished job has no block left: returns at once
+        spin = job->spin;
+      }
     }
   }
 
