@@ -17,15 +17,17 @@ a burst of load from other processes hits both columns alike; times are medians 
 
 **Part 2, end to end**: greedy decode tokens/s of the demo model's architecture
 (examples/configs/demo_tiny.yaml: 4 layers, 4 heads / 2 KV groups, relu2_glu FFN, tied
-embeddings, the 4k SentencePiece vocabulary) dense vs Q-Sparse top-K with the sparse kernel (and
-the Q-Sparse reference path, kernel off), same weights (random init; speed does not depend on
-training), a 16-token prompt then ``--tokens`` decode steps through :func:`generate` with its KV
-cache. At the demo's width 128 the weights (0.8 M parameters, 3 MB) sit in cache and per-token
-Python work dominates, so the demo-shaped model is also run at a width where weight traffic
-dominates (``--widths``, default 128, 1024 and 2048).
+embeddings, the 4k SentencePiece vocabulary) dense vs Q-Sparse top-K, same weights (random init;
+speed does not depend on training), a 16-token prompt then ``--tokens`` decode steps through
+:func:`generate` with its KV cache, on each decode path: the compiled step (one C++ call per
+token), layer by layer (one kernel call per projection), and the Q-Sparse reference (kernel off,
+the training forward). "x dense" divides by the dense model on the same path (the reference by
+the dense layers). At the demo's width 128 the tied LM head is 40% of a token's multiply-adds and
+stays dense, so the demo-shaped model is also run at widths where the projections dominate
+(``--widths``, default 128, 1024 and 2048).
 
 Usage: ``python bench/bench_decode.py [--repeats N] [--threads N] [--extra] [--skip-gemv]
-[--skip-e2e] [--widths 128 2048] [--tokens 32]``.
+[--skip-e2e] [--widths 128 2048] [--tokens 64] [--e2e-repeats 5] [--no-reference]``.
 """
 
 from __future__ import annotations
