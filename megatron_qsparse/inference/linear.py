@@ -86,12 +86,15 @@ class DecodeLinear(nn.Module):
 
     def path(self) -> str:
         """Which decode path this layer takes: ``fused-topk``, ``sparsify+nonzero-gemv``,
-        ``sparsify+ternary-gemv`` or ``reference``."""
+        ``nonzero-gemv`` (no sparsifier), ``sparsify+ternary-gemv`` or ``reference``."""
         if not (self.sparse_kernel and cpu_kernels.available()):
             return "reference"
         if self.bitnet:
             return "sparsify+ternary-gemv"
-        return "fused-topk" if self.fused else "sparsify+nonzero-gemv"
+        if self.fused:
+            return "fused-topk"
+        return "nonzero-gemv" if self.sparsifier is None or self.sparsifier.mode == "none" \
+            else "sparsify+nonzero-gemv"
 
     def _sparse_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.sparsifier is not None:

@@ -10,7 +10,11 @@ adds only what generation needs and leaves the training code paths untouched:
   with RoPE at the right absolute positions (``offset``);
 * every sparse projection replaced by a :class:`~megatron_qsparse.inference.linear.DecodeLinear`
   (input-major weight, sparse GEMV for single tokens) unless ``sparse_kernel=False``; a dense
-  model (``--qsparse-mode none`` without BitNet) keeps its layers, out-major, as the dense baseline.
+  model (``--qsparse-mode none`` without BitNet) gets them only for the compiled step, else keeps
+  its layers, out-major;
+* the compiled decode step (:mod:`~megatron_qsparse.inference.compiled_step`, ``compiled_step=True``
+  by default): one C++ call computes a whole single-token step on those weights and this cache,
+  where it covers the model (``step_unavailable`` says why not otherwise).
 
 :func:`load_inference_model` builds it from a checkpoint (tensor-parallel size 1).
 """
@@ -141,9 +145,7 @@ class InferenceModel(nn.Module):
         if pos + s > cache.max_len:
             raise ValueError(f"KV cache full: {pos} + {s} tokens > {cache.max_len} positions")
         if self.step is not None and b == 1 and s == 1 and tokens.device.type == "cpu":
-            logits = self.step.step(int(tokens), pos, cache.k, cache.v)
-            cache.length = pos + 1
-            return logits.view(1, 1, -1)
+            return self.decode_token(int(tokens), cache).view(1, 1, -1)
         m = self.model
         h = m.embedding(tokens)
         for i, layer in enumerate(m.layers):
@@ -154,10 +156,9 @@ class InferenceModel(nn.Module):
             h = h[:, -1:]
         return F.linear(m.final_norm(h), m.output_weight())
 
-
     def decode_token(self, token: int, cache: KVCache) -> torch.Tensor:
-        """fp32-or-model-dtype logits ``[V]`` of one token (batch 1) at the next cache position;
-        the generation loop's call (no tensor round trips when the compiled step runs it)."""
+        """Logits ``[V]`` of one token (batch 1) at the next cache position: the generation
+        loop's call (no tensor round trips when the compiled step runs it)."""
         pos = cache.length
         if self.step is None:
             tokens = torch.tensor([[token]], device=self.model.embedding.weight.device)
