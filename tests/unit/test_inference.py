@@ -149,6 +149,8 @@ STEP_VARIANTS = {
     "layernorm-biases": (QSparseConfig(ratio=0.4),
                          {"normalization": "LayerNorm", "add_bias_linear": True}),
     "qkv-bias-mqa": (QSparseConfig(ratio=0.7), {"groups": 1, "add_qkv_bias": True}),
+    # attention width 4 x 64 = 256 > hidden 64 and > 2 x ffn: the widest Top-K input is o's
+    "wide-heads-narrow-ffn": (QSparseConfig(ratio=0.5), {"kv_channels": 64, "ffn_hidden_size": 64}),
 }
 
 

@@ -22,6 +22,7 @@
 
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -108,7 +109,7 @@ class DecodeStep {
         eps_(static_cast<float>(eps)), swiglu_(swiglu),
         scale_(1.f / std::sqrt(static_cast<float>(hd))), emb_(embedding), head_(head_t),
         cos_(cos), sin_(sin), norms_(std::move(norms)),
-        sel_(std::max<int64_t>(2 * ffn, hidden) + 1) {
+        sel_(std::max({hidden, nq * hd, ffn}) + 1) {  // widest projection input
     TORCH_CHECK(nq > 0 && nkv > 0 && nq % nkv == 0 && hd % 2 == 0, "decode step: bad heads");
     TORCH_CHECK(weights.size() % 4 == 0 && weights.size() == biases.size() &&
                     weights.size() == keeps.size(), "decode step: 4 projections per block");
@@ -259,11 +260,7 @@ class DecodeStep {
       gather_nonzero(x, p.in, kept_);
     }
     const float* b = p.bias.numel() ? p.bias.data_ptr<float>() : nullptr;
-    if (p.wt.scalar_type() == at::kFloat) {
-      product<float>(kept_, p.wt.data_ptr<float>(), p.out, b, y);
-    } else {
-      product<uint16_t>(kept_, static_cast<const uint16_t*>(p.wt.const_data_ptr()), p.out, b, y);
-    }
+    product_tensor(kept_, p.wt, p.out, b, y);
   }
 
   // RoPE in place on `heads` heads of hd features at position pos (rotate_half convention).

@@ -333,13 +333,10 @@ class Pool {
 };
 
 // Split `units` output units over torch's thread count: ~8 blocks per thread, each of at least
-// kMinBlockMacs multiply-adds; tiny products run on the calling thread.
-#ifndef QS_MIN_BLOCK_SHIFT
-#define QS_MIN_BLOCK_SHIFT 16
-#endif
+// 64K multiply-adds; tiny products run on the calling thread.
 template <typename Fn>
 void for_blocks(int64_t units, int64_t macs_per_unit, Fn fn) {
-  constexpr int kShift = QS_MIN_BLOCK_SHIFT;
+  constexpr int kShift = 16;  // 64K multiply-adds (smaller splits measured slower, even spinning)
   const int64_t total = units * macs_per_unit;
   const int64_t threads = std::min<int64_t>(at::get_num_threads(),
                                             std::max<int64_t>(1, total >> kShift));
@@ -363,6 +360,19 @@ void product(const Kept& kept, const WT* w, int64_t n, const float* bias, float*
       for (int64_t j = 0; j < len; ++j) y[c + j] = acc[j] + (bias ? bias[c + j] : 0.f);
     }
   });
+}
+
+// product() on a weight tensor of either storage type (fp32, or bf16 read as its raw bits).
+inline void product_tensor(const Kept& kept, const at::Tensor& w, int64_t n, const float* bias,
+                           float* y) {
+  if (w.scalar_type() == at::kFloat) {
+    product<float>(kept, w.data_ptr<float>(), n, bias, y);
+  } else if (w.scalar_type() == at::kBFloat16) {
+    product<uint16_t>(kept, static_cast<const uint16_t*>(w.const_data_ptr()), n, bias, y);
+  } else {
+    TORCH_CHECK(false, "sparse gemv: weight dtype must be float32 or bfloat16, got ",
+                w.scalar_type());
+  }
 }
 
 // Ternary: packed [d, P] with P = ceil(n / 4); y = alpha · (T_kept^T val) (+ bias).

@@ -62,15 +62,7 @@ at::Tensor run_rows(const at::Tensor& x, const at::Tensor& w, const c10::optiona
   Kept kept;
   for (int64_t r = 0; r < xr.size(0); ++r) {
     select(xr.data_ptr<float>() + r * d, d, kept);
-    float* yr = y.data_ptr<float>() + r * n;
-    if (w.scalar_type() == at::kFloat) {
-      product<float>(kept, w.data_ptr<float>(), n, b, yr);
-    } else if (w.scalar_type() == at::kBFloat16) {
-      product<uint16_t>(kept, static_cast<const uint16_t*>(w.const_data_ptr()), n, b, yr);
-    } else {
-      TORCH_CHECK(false, "sparse gemv: weight dtype must be float32 or bfloat16, got ",
-                  w.scalar_type());
-    }
+    product_tensor(kept, w, n, b, y.data_ptr<float>() + r * n);
   }
   return y;
 }
