@@ -31,7 +31,6 @@ def arg(default: Any, help: str, *, flag: str | None = None, choices: tuple | No
 
 
 PROJECTION_KINDS = ("qkv", "o", "gate_up", "down")
-SPARSITY_MODES = ("topk", "block", "relu", "none")
 FFN_TYPES = ("relu2_glu", "swiglu")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "WSD")
 WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
@@ -131,9 +130,8 @@ class ModelConfig:
 class QSparseConfig:
     """How the input of every linear projection is sparsified (see DESIGN.md, "The method")."""
 
-    mode: str = arg("topk", "Sparsifier on linear inputs: per-token top-K by |x|, block N:M, "
-                    "ReLU (ablation) or none (dense).", flag="--qsparse-mode",
-                    choices=SPARSITY_MODES)
+    mode: str = arg("topk", "Sparsifier on linear inputs (a method registered in "
+                    "megatron_qsparse/sparsity/methods/).", flag="--qsparse-mode")
     ratio: float = arg(0.4, "Sparsity ratio S: fraction of input features zeroed (keep "
                        "K = d - floor(S*d)).", flag="--qsparse-ratio")
     qkv_ratio: float | None = arg(None, "Sparsity ratio for the q/k/v projections' input; "
@@ -157,6 +155,10 @@ class QSparseConfig:
                        "activations (STE).", flag="--bitnet")
     warmup_iters: int = arg(0, "Ramp the sparsity ratio linearly from 0 to its target over this "
                             "many iterations (continue-training).", flag="--qsparse-warmup-iters")
+    calibration: dict | None = arg(
+        None, "JSON file of per-projection values a method was calibrated with (e.g. the "
+        "thresholds of --qsparse-mode threshold, written by tools/calibrate_thresholds.py into "
+        "the checkpoint it saves).", flag="--qsparse-calibration")
 
     def ratio_for(self, kind: str) -> float:
         """The target sparsity ratio of one projection kind (``qkv``, ``o``, ``gate_up``, ``down``)."""
@@ -375,24 +377,8 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
         if v is not None and not 0.0 <= v < 1.0:
             raise _err("qsparse", name, f"sparsity ratio {v} is outside [0, 1)",
                        "give the fraction of features to zero, e.g. 0.4")
-    if q.mode == "block":
-        parts = q.block.split(":")
-        ok = len(parts) == 2 and all(s.strip().isdigit() for s in parts)
-        if not ok or not 0 < int(parts[0]) <= int(parts[1]):
-            raise _err("qsparse", "block", f"{q.block!r} is not an N:M pattern with 0 < N <= M",
-                       "write it as e.g. 2:4")
-    if q.mode in ("relu", "none") and any(getattr(q, f"{k}_ratio") is not None
-                                          for k in PROJECTION_KINDS):
-        raise _err("qsparse", "mode", f"per-projection ratios have no effect with mode {q.mode!r}",
-                   "drop the --qsparse-*-ratio flags or use --qsparse-mode topk")
     if q.warmup_iters < 0:
         raise _err("qsparse", "warmup_iters", f"got {q.warmup_iters}", "use 0 or more iterations")
-    if q.mode == "none" and q.warmup_iters:
-        raise _err("qsparse", "warmup_iters", "a sparsity warm-up needs a sparsifier",
-                   "set --qsparse-mode topk or drop --qsparse-warmup-iters")
-    if q.rescale != "none" and q.mode != "topk":
-        raise _err("qsparse", "rescale", f"rescaling applies to top-K only, mode is {q.mode!r}",
-                   "use --qsparse-mode topk or --qsparse-rescale none")
 
     if m.recompute_activations and m.recompute_granularity not in (None, "selective"):
         raise _err("model", "recompute_activations",
@@ -413,17 +399,6 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
                 raise _err("model", name, f"{value} is not divisible by "
                            f"--tensor-model-parallel-size {tp}",
                            f"use a multiple of {tp} or a tensor-parallel size that divides it")
-        if q.mode == "block":
-            n_keep, m_group = q.block_nm()
-            widths = {"attention output": m.num_attention_heads * m.resolved_kv_channels() // tp,
-                      "FFN down": m.resolved_ffn_hidden_size() // tp}
-            for what, width in widths.items():
-                if width % m_group:
-                    raise _err("qsparse", "block",
-                               f"the {what} projection's input is split into slices of {width} "
-                               f"features under --tensor-model-parallel-size {tp}, not "
-                               f"divisible by M={m_group}",
-                               "pick an M that divides every slice or a smaller TP size")
     if pp > 1:
         if pp > m.num_layers:
             raise _err("parallel", "pipeline_model_parallel_size",
@@ -530,7 +505,20 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
 
     # ---- logging
     _positive("log", lg, ("log_interval",))
+
+    for check in _CHECKS:  # the sparsifier method's own rules (sparsity/methods/)
+        check(cfg, world_size)
     return cfg
+
+
+_CHECKS: list = []
+
+
+def register_check(check) -> None:
+    """Add ``check(cfg, world_size)`` to :func:`validate`: packages below this leaf module (the
+    sparsifier registry, ``sparsity/methods/``) contribute the rules they own this way."""
+    if check not in _CHECKS:
+        _CHECKS.append(check)
 
 
 def _validate_moe(m: ModelConfig, q: QSparseConfig, p: ParallelConfig,

@@ -20,7 +20,7 @@ from torch import nn
 
 from megatron_qsparse.config import QSparseConfig
 from megatron_qsparse.convert.hf import qsparse_config_from_hf
-from megatron_qsparse.sparsity.topk import build_sparsifier
+from megatron_qsparse.sparsity import build_sparsifier
 
 _KINDS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o",
           "gate_proj": "gate_up", "up_proj": "gate_up", "down_proj": "down"}
