@@ -28,7 +28,7 @@ import sys
 
 import torch
 
-from megatron_qsparse.config import PROJECTION_KINDS, ConfigError
+from megatron_qsparse.config import PROJECTION_KINDS, Config, ConfigError, DataConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,7 +123,9 @@ def calibrate_checkpoint(args) -> dict:
     for kind in PROJECTION_KINDS:
         setattr(q, f"{kind}_ratio", None)
     q.warmup_iters, q.rescale = 0, "none"
-    validate(new)
+    # check the model and sparsity settings (a converted checkpoint records no data settings)
+    validate(Config(model=new.model, qsparse=q, parallel=new.parallel,
+                    data=DataConfig(data_path=["unused"], tokenizer_type="ByteTokenizer")))
     state = model.state_dict()
     out = write_checkpoint(args.save, new, lambda: iter(state.items()),
                            extra_meta={"calibrated_from": folder})
