@@ -21,7 +21,8 @@ from megatron_qsparse.sparsity import (collect_density, recording, reset_density
                                        set_sparsity_scale)
 from megatron_qsparse.training import checkpointing
 from megatron_qsparse.training.logging import Writer, console_line, memory_stats
-from megatron_qsparse.training.setup import TrainingState, device, optimizer_clips
+from megatron_qsparse.training.optim import optimizer_clips
+from megatron_qsparse.training.setup import TrainingState, device
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import torch
 
 from megatron_qsparse.arguments import parse
 from megatron_qsparse.config import ConfigError
-from megatron_qsparse.training.setup import (GuardedAdamW, LRScheduler, deepspeed_config,
-                                             param_groups)
+from megatron_qsparse.training.deepspeed_config import deepspeed_config
+from megatron_qsparse.training.optim import GuardedAdamW, LRScheduler, param_groups
 
 
 def cfg_of(*argv, data="unused"):
