@@ -96,7 +96,8 @@ def device() -> torch.device:
 
 @dataclass
 class TrainingState:
-    """What the loop needs, built by :func:`setup`."""
+    """What the :class:`~megatron_qsparse.training.trainer.Trainer` needs, built by
+    :func:`setup`."""
 
     cfg: Config
     engine: Any
