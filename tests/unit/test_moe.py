@@ -16,7 +16,7 @@ from megatron_qsparse.model.moe import MoELayer, _Expert, moe_aux_loss, moe_laye
 from megatron_qsparse.model.transformer import MLP
 from megatron_qsparse.parallel.state import ParallelState
 from megatron_qsparse.sparsity import collect_density
-from megatron_qsparse.training.setup import param_groups
+from megatron_qsparse.training.optim import param_groups
 
 BASE = ["--data-path", "data/x_text_document", "--tokenizer-type", "ByteTokenizer"]
 
