@@ -17,7 +17,7 @@ from megatron_qsparse.model.gpt import mean_loss
 from megatron_qsparse.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_qsparse.parallel.state import get_parallel_state
 from megatron_qsparse.parallel.utils import sum_squares_over_tp
-from megatron_qsparse.sparsity import recording
+from megatron_qsparse.sparsity import describe, recording, summary
 from megatron_qsparse.training.setup import TrainingState, device
 
 logger = logging.getLogger(__name__)
@@ -215,6 +215,9 @@ def moe_summary(per_layer: dict, state: TrainingState) -> dict:
 
 
 def sparsity_summary(cfg: Config) -> dict:
-    """The run summary's description of the sparsifier: its ratio and mode."""
-    return {"sparsity_ratio": cfg.qsparse.ratio if cfg.qsparse.mode == "topk" else 0.0,
-            "sparsity_mode": cfg.qsparse.mode}
+    """The run summary's description of the sparsifier: its ratio (0 for methods without one;
+    ``tools/scaling_law.py runs`` reads it), mode and one-line description."""
+    q = cfg.qsparse
+    ratio = summary(q)["qsparse_ratio"]
+    return {"sparsity_ratio": 0.0 if ratio is None else ratio, "sparsity_mode": q.mode,
+            "sparsity": describe(q)}
