@@ -166,7 +166,7 @@ def perplexity(args) -> dict:
            "checkpoint_tensor_parallel_size": em.checkpoint_tp,
            "tensor_parallel_size": 1 if parallel is None else parallel.tp_size,
            "seconds": elapsed}
-    from megatron_qsparse.model.gpt import activated_parameters, count_parameters
+    from megatron_qsparse.model.accounting import activated_parameters, count_parameters
     out["activated_parameters"] = activated_parameters(em.model, r.density)
     out["non_embedding_parameters"] = count_parameters(em.model, non_embedding=True)
     return out

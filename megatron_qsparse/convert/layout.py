@@ -37,7 +37,8 @@ import torch
 
 from megatron_qsparse.atomic import write_text
 from megatron_qsparse.config import Config, ConfigError, ModelConfig, flag_of, padded_vocab_size
-from megatron_qsparse.parallel.sharding import merge_shards, partition_specs, shard_tensor
+from megatron_qsparse.model.sharding import partition_specs
+from megatron_qsparse.parallel.sharding import merge_shards, shard_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ def write_checkpoint(save_dir: str, cfg: Config, source: TensorSource, *, iterat
 
     from megatron_qsparse.training.checkpointing import LATEST, META_NAME, TMP_PREFIX, tag_for
 
-    from megatron_qsparse.model.gpt import pipeline_layer_names
+    from megatron_qsparse.model.pipeline import pipeline_layer_names
 
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     _check_layout(tp, pp, "target-")
@@ -213,7 +214,7 @@ def read_checkpoint(path: str) -> tuple[Config, dict, TensorSource]:
         raise ConfigError(f"--load: {folder} was saved under ZeRO-3, whose weights live in the "
                           "optimizer partitions; save with --zero-stage 0-2 to convert it")
     pp = int(meta.get("pipeline_model_parallel_size", 1))
-    from megatron_qsparse.model.gpt import pipeline_layer_names
+    from megatron_qsparse.model.pipeline import pipeline_layer_names
 
     # (prefix, files of the TP ranks, tensors under "module"): the whole model in one group, or
     # one group per layer; MoE adds one file per expert (DeepSpeed keeps the experts out of the

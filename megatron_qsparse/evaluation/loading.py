@@ -4,7 +4,7 @@ Tensor-parallel checkpoints (one ``mp_rank_XX_model_states.pt`` per TP rank) are
 two ways:
 
 - one process (``parallel`` None or TP = 1): the shards are merged into the full TP = 1 weights in
-  memory (:func:`~megatron_qsparse.parallel.sharding.gather_state_dicts`). Our TP top-K is the
+  memory (:func:`~megatron_qsparse.model.sharding.gather_state_dicts`). Our TP top-K is the
   unsplit row's top-K element for element, so the merged model computes what the TP model does;
 - under a launcher with TP = the checkpoint's TP (``parallel`` from
   :func:`~megatron_qsparse.parallel.state.initialize_model_parallel`): every rank loads only its
@@ -124,7 +124,7 @@ def load_for_eval(path: str, *, qsparse_mode: str | None = None,
     to load this rank's shard; None (or TP = 1) merges all shards into one process.
     """
     from megatron_qsparse.model.gpt import GPTModel
-    from megatron_qsparse.parallel.sharding import gather_state_dicts
+    from megatron_qsparse.model.sharding import gather_state_dicts
     from megatron_qsparse.parallel.state import ParallelState
 
     folder, meta = _read_meta(path)
