@@ -108,13 +108,13 @@ def _distributed(ckpt_tp: int):
 def perplexity(args) -> dict:
     import torch
 
+    from megatron_qsparse.checkpoint import read_meta
     from megatron_qsparse.data.gpt_dataset import parse_split, split_document_ranges
-    from megatron_qsparse.evaluation.loading import (_read_meta, build_eval_tokenizer,
-                                                     load_for_eval)
+    from megatron_qsparse.evaluation.loading import build_eval_tokenizer, load_for_eval
     from megatron_qsparse.evaluation.perplexity import (indexed_stream, jsonl_stream,
                                                         sliding_window_nll)
 
-    _, meta = _read_meta(args.load)
+    _, meta = read_meta(args.load)
     parallel = _distributed(int(meta.get("tensor_model_parallel_size", 1)))
     device = "cpu"
     if torch.cuda.is_available():
