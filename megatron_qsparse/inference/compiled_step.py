@@ -104,7 +104,7 @@ def build_compiled_step(model: nn.Module) -> tuple[object | None, str]:
     norms += t
     att = model.layers[0].attention
     cos, sin = rope_tables(att.rotary.dim, att.rotary.max_positions, att.rotary.base,
-                            torch.device("cpu"))
+                           torch.device("cpu"))
     head_t = model.output_weight().detach().float().t().contiguous()  # input-major [h, V]
     step = cpu_kernels.extension().DecodeStep(
         hidden=cfg.hidden_size, nq=att.nq, nkv=att.nkv, hd=att.hd, ffn=model.layers[0].mlp.ffn,

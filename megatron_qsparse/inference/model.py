@@ -172,7 +172,8 @@ class InferenceModel(nn.Module):
 
 def load_inference_model(path: str, *, sparse_kernel: bool = True,
                          weight_dtype: torch.dtype | None = None, compiled_step: bool = True):
-    """``(InferenceModel, Config)`` from a checkpoint folder (see :func:`~megatron_qsparse.checkpoint.load_model`)."""
+    """``(InferenceModel, Config)`` from a checkpoint folder (see
+    :func:`~megatron_qsparse.checkpoint.load_model`)."""
     from megatron_qsparse.checkpoint import load_model
 
     model, cfg = load_model(path)

@@ -49,8 +49,9 @@ class GPTModel(nn.Module):
     ``init_seed``: when given, piece ``i`` of the layer sequence (0 the embedding, ``1..L`` the
     blocks, ``L+1`` the final norm, ``L+2`` the untied head) is initialised from
     ``torch.manual_seed(init_seed + i)``, exactly as DeepSpeed's pipeline module seeds its layers
-    (:func:`~megatron_qsparse.model.pipeline.build_pipeline_model`), so any pipeline split starts from the same weights. Without
-    it the pieces draw one after another from the current generator.
+    (:func:`~megatron_qsparse.model.pipeline.build_pipeline_model`), so any pipeline split starts
+    from the same weights. Without it the pieces draw one after another from the current
+    generator.
 
     Mixture of experts (``--num-experts``, :mod:`megatron_qsparse.model.moe`):
     ``expert_parallel_size`` splits each MoE layer's experts over that many ranks. The forward

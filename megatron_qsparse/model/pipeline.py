@@ -66,7 +66,8 @@ def pipeline_specs(model_cfg: ModelConfig, qsparse_cfg: QSparseConfig, vocab_siz
 
 
 def pipeline_layer_names(model_cfg: ModelConfig) -> dict[int, str]:
-    """Spec index -> the :class:`~megatron_qsparse.model.gpt.GPTModel` prefix of its parameters (checkpoint conversion)."""
+    """Spec index -> the :class:`~megatron_qsparse.model.gpt.GPTModel` prefix of its parameters
+    (checkpoint conversion)."""
     L = model_cfg.num_layers
     names = {0: "embedding.", L + 1: "final_norm."}
     names.update({1 + i: f"layers.{i}." for i in range(L)})
@@ -83,8 +84,8 @@ def build_pipeline_model(model_cfg: ModelConfig, qsparse_cfg: QSparseConfig, voc
     Stages follow ``parallel.topology``; ``partition_method`` ``uniform`` gives every stage the same
     number of transformer blocks (the first also holds the embedding, the last the norm and the
     head), ``parameters`` balances parameter counts. Layer ``i`` is initialised from
-    ``init_seed + i`` (as :class:`~megatron_qsparse.model.gpt.GPTModel` with the same ``init_seed``). Full recomputation
-    (``--recompute-granularity full``) checkpoints every block.
+    ``init_seed + i`` (as :class:`~megatron_qsparse.model.gpt.GPTModel` with the same
+    ``init_seed``). Full recomputation (``--recompute-granularity full``) checkpoints every block.
     """
     from deepspeed.pipe import PipelineModule
 
