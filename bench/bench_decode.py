@@ -139,7 +139,8 @@ def demo_configs(width: int):
 def bench_e2e(args) -> None:
     from megatron_qsparse.config import QSparseConfig
     from megatron_qsparse.inference import InferenceModel, generate
-    from megatron_qsparse.model.gpt import GPTModel, count_parameters
+    from megatron_qsparse.model.accounting import count_parameters
+    from megatron_qsparse.model.gpt import GPTModel
 
     print(f"{'width':>5} {'params':>7} {'model':15} {'decode path':15} {'decode tok/s':>13} "
           f"{'x dense':>8}")

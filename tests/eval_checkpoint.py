@@ -11,7 +11,7 @@ import torch
 
 from megatron_qsparse.config import Config, padded_vocab_size
 from megatron_qsparse.model.gpt import GPTModel
-from megatron_qsparse.parallel.sharding import shard_state_dict
+from megatron_qsparse.model.sharding import shard_state_dict
 from tests.helpers import TOKENIZER
 
 

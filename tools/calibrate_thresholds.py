@@ -93,7 +93,7 @@ def calibrate_checkpoint(args) -> dict:
     from megatron_qsparse.convert.layout import write_checkpoint
     from megatron_qsparse.sparsity import describe
     from megatron_qsparse.sparsity.methods.threshold import calibrate, threshold_at
-    from megatron_qsparse.training.checkpointing import load_model, resolve_checkpoint
+    from megatron_qsparse.checkpoint import load_model, resolve_checkpoint
 
     if not 0.0 <= args.sparsity < 1.0:
         raise ConfigError(f"--sparsity: {args.sparsity} is outside [0, 1); give the fraction of "

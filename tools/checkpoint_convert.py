@@ -150,8 +150,8 @@ def import_hf(args) -> str:
 
 
 def export_hf(args) -> str:
+    from megatron_qsparse.checkpoint import read_checkpoint
     from megatron_qsparse.convert import hf
-    from megatron_qsparse.convert.layout import read_checkpoint
 
     cfg, meta, source = read_checkpoint(args.load)
     base = (meta.get("converted_from") or {}).get("hf_config")
@@ -166,7 +166,8 @@ def export_hf(args) -> str:
 
 
 def reshard(args) -> str:
-    from megatron_qsparse.convert.layout import read_checkpoint, repad_vocab, write_checkpoint
+    from megatron_qsparse.checkpoint import read_checkpoint
+    from megatron_qsparse.convert.layout import repad_vocab, write_checkpoint
 
     cfg, meta, source = read_checkpoint(args.load)
     _layout(cfg, args)

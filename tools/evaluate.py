@@ -109,13 +109,13 @@ def _distributed(ckpt_tp: int):
 def perplexity(args) -> dict:
     import torch
 
+    from megatron_qsparse.checkpoint import read_meta
     from megatron_qsparse.data.gpt_dataset import parse_split, split_document_ranges
-    from megatron_qsparse.evaluation.loading import (_read_meta, build_eval_tokenizer,
-                                                     load_for_eval)
+    from megatron_qsparse.evaluation.loading import build_eval_tokenizer, load_for_eval
     from megatron_qsparse.evaluation.perplexity import (indexed_stream, jsonl_stream,
                                                         sliding_window_nll)
 
-    _, meta = _read_meta(args.load)
+    _, meta = read_meta(args.load)
     parallel = _distributed(int(meta.get("tensor_model_parallel_size", 1)))
     device = "cpu"
     if torch.cuda.is_available():
@@ -167,7 +167,7 @@ def perplexity(args) -> dict:
            "checkpoint_tensor_parallel_size": em.checkpoint_tp,
            "tensor_parallel_size": 1 if parallel is None else parallel.tp_size,
            "seconds": elapsed}
-    from megatron_qsparse.model.gpt import activated_parameters, count_parameters
+    from megatron_qsparse.model.accounting import activated_parameters, count_parameters
     out["activated_parameters"] = activated_parameters(em.model, r.density)
     out["non_embedding_parameters"] = count_parameters(em.model, non_embedding=True)
     return out

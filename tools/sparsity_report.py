@@ -47,12 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def report(args) -> dict:
+    from megatron_qsparse.checkpoint import load_model
     from megatron_qsparse.config import validate
     from megatron_qsparse.data.gpt_dataset import build_train_valid_test_datasets
     from megatron_qsparse.data.sampler import build_pretraining_data_loader
-    from megatron_qsparse.model.gpt import GPTModel, activated_parameters, count_parameters
+    from megatron_qsparse.model.accounting import activated_parameters, count_parameters
+    from megatron_qsparse.model.gpt import GPTModel
     from megatron_qsparse.sparsity import collect_density, reset_density, set_recording
-    from megatron_qsparse.training.checkpointing import load_model
 
     model, cfg = load_model(args.load)
     if args.qsparse_mode is not None or args.qsparse_ratio is not None:

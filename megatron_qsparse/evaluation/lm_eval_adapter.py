@@ -134,7 +134,7 @@ class QSparseLM(TemplateLM):
 
     def summary(self) -> dict[str, Any]:
         """Checkpoint, sparsity, measured density and activated parameters of the run so far."""
-        from megatron_qsparse.model.gpt import activated_parameters, count_parameters
+        from megatron_qsparse.model.accounting import activated_parameters, count_parameters
         from megatron_qsparse.sparsity import summary
 
         q, d = self.eval_model.cfg.qsparse, self.density()

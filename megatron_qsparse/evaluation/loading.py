@@ -4,19 +4,19 @@ Tensor-parallel checkpoints (one ``mp_rank_XX_model_states.pt`` per TP rank) are
 two ways:
 
 - one process (``parallel`` None or TP = 1): the shards are merged into the full TP = 1 weights in
-  memory (:func:`~megatron_qsparse.parallel.sharding.gather_state_dicts`). Our TP top-K is the
+  memory (:func:`~megatron_qsparse.model.sharding.gather_state_dicts`). Our TP top-K is the
   unsplit row's top-K element for element, so the merged model computes what the TP model does;
 - under a launcher with TP = the checkpoint's TP (``parallel`` from
   :func:`~megatron_qsparse.parallel.state.initialize_model_parallel`): every rank loads only its
   own shard and the parallel layers run as in training.
 
-Loading is safe: JSON metadata and ``torch.load(weights_only=True)``.
+Loading is safe: JSON metadata and ``torch.load(weights_only=True)`` (checkpoints are found and
+read through :mod:`megatron_qsparse.checkpoint`).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -24,8 +24,13 @@ from typing import Any
 
 import torch
 
+from megatron_qsparse.checkpoint import (MODEL_FILE, deepspeed_safe_globals, read_meta,
+                                         read_model_state)
 from megatron_qsparse.config import (PROJECTION_KINDS, Config, ConfigError, DataConfig,
                                      validate)
+from megatron_qsparse.model.gpt import GPTModel
+from megatron_qsparse.model.sharding import gather_state_dicts
+from megatron_qsparse.parallel.state import ParallelState
 from megatron_qsparse.sparsity.methods import get_method
 
 logger = logging.getLogger(__name__)
@@ -53,26 +58,11 @@ class EvalModel:
         return int(self.cfg.model.vocab_size or self.model.vocab_size)
 
 
-def _read_meta(path: str) -> tuple[str, dict]:
-    from megatron_qsparse.training.checkpointing import META_NAME, resolve_checkpoint
-
-    folder = resolve_checkpoint(path)
-    with open(os.path.join(folder, META_NAME)) as fh:
-        try:
-            meta = json.load(fh)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--load: {folder}/{META_NAME} is not valid JSON ({e}); the "
-                              "checkpoint is corrupt") from None
-    return folder, meta
-
-
 def _load_shard(folder: str, tp_rank: int) -> dict:
-    from megatron_qsparse.training.checkpointing import _deepspeed_safe_globals
-
-    path = os.path.join(folder, f"mp_rank_{tp_rank:02d}_model_states.pt")
+    path = os.path.join(folder, MODEL_FILE.format(tp_rank))
     if not os.path.isfile(path):
         raise ConfigError(f"--load: {path} is missing; the checkpoint is incomplete")
-    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - one actionable line
@@ -125,11 +115,7 @@ def load_for_eval(path: str, *, qsparse_mode: str | None = None,
     :class:`~megatron_qsparse.parallel.state.ParallelState` whose TP size equals the checkpoint's
     to load this rank's shard; None (or TP = 1) merges all shards into one process.
     """
-    from megatron_qsparse.model.gpt import GPTModel
-    from megatron_qsparse.parallel.sharding import gather_state_dicts
-    from megatron_qsparse.parallel.state import ParallelState
-
-    folder, meta = _read_meta(path)
+    folder, meta = read_meta(path)
     cfg = Config.from_dict(meta["config"])
     ckpt_tp = int(meta.get("tensor_model_parallel_size",
                            cfg.parallel.tensor_model_parallel_size))
@@ -143,8 +129,6 @@ def load_for_eval(path: str, *, qsparse_mode: str | None = None,
     run_tp = 1 if parallel is None else parallel.tp_size
     if run_tp == 1:
         if ckpt_tp == 1:  # any pipeline split and MoE expert files are merged
-            from megatron_qsparse.training.checkpointing import read_model_state
-
             state = read_model_state(folder)
         else:
             logger.info("merging the %d tensor-parallel shards of %s into one", ckpt_tp, folder)

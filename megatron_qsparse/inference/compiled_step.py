@@ -27,7 +27,8 @@ from torch import nn
 
 from megatron_qsparse.inference import cpu_kernels
 from megatron_qsparse.inference.linear import DecodeLinear
-from megatron_qsparse.model.transformer import MLP, LayerNorm, RMSNorm, _rope_tables
+from megatron_qsparse.model.mlp import MLP
+from megatron_qsparse.model.transformer import LayerNorm, RMSNorm, rope_tables
 from megatron_qsparse.sparsity import kernels as _kernels
 from megatron_qsparse.sparsity.activations import relu2_glu, swiglu
 
@@ -93,8 +94,8 @@ def build_compiled_step(model: nn.Module) -> tuple[object | None, str]:
         return None, t
     norms += t
     att = model.layers[0].attention
-    cos, sin = _rope_tables(att.rotary.dim, att.rotary.max_positions, att.rotary.base,
-                            torch.device("cpu"))
+    cos, sin = rope_tables(att.rotary.dim, att.rotary.max_positions, att.rotary.base,
+                           torch.device("cpu"))
     head_t = model.output_weight().detach().float().t().contiguous()  # input-major [h, V]
     step = cpu_kernels.extension().DecodeStep(
         hidden=cfg.hidden_size, nq=att.nq, nkv=att.nkv, hd=att.hd, ffn=model.layers[0].mlp.ffn,

@@ -172,8 +172,9 @@ class InferenceModel(nn.Module):
 
 def load_inference_model(path: str, *, sparse_kernel: bool = True,
                          weight_dtype: torch.dtype | None = None, compiled_step: bool = True):
-    """``(InferenceModel, Config)`` from a checkpoint folder (see ``checkpointing.load_model``)."""
-    from megatron_qsparse.training.checkpointing import load_model
+    """``(InferenceModel, Config)`` from a checkpoint folder (see
+    :func:`~megatron_qsparse.checkpoint.load_model`)."""
+    from megatron_qsparse.checkpoint import load_model
 
     model, cfg = load_model(path)
     return InferenceModel(model, sparse_kernel=sparse_kernel, weight_dtype=weight_dtype,

@@ -9,7 +9,7 @@ gradients over the expert-data-parallel group (expert parameters carry ``allredu
 
 What is ours:
 
-* **Experts** are :class:`~megatron_qsparse.model.transformer.MLP` s, so Top-K / Block / BitNet
+* **Experts** are :class:`~megatron_qsparse.model.mlp.MLP` s, so Top-K / Block / BitNet
   apply inside them exactly as in the dense FFN. DeepSpeed's ``Experts`` deep-copies one expert
   (all identical); we replace its list with experts initialised from their *global* index
   (expert ``j`` from ``seed + j`` with ``seed`` drawn once from the caller's generator), so
@@ -50,7 +50,8 @@ import math
 import torch
 from torch import nn
 
-from megatron_qsparse.config import ModelConfig, QSparseConfig
+from megatron_qsparse.config import ModelConfig, QSparseConfig, moe_layer_indices
+from megatron_qsparse.model.mlp import MLP
 from megatron_qsparse.parallel.state import ParallelState
 from megatron_qsparse.sparsity import build_sparsifier
 
@@ -89,8 +90,6 @@ class MoELayer(nn.Module):
                  ep_rank: int | None = None):
         super().__init__()
         from deepspeed.moe.layer import MoE
-
-        from megatron_qsparse.model.transformer import MLP
 
         E, k = cfg.num_experts, cfg.moe_router_topk
         if ep_rank is None:
@@ -250,10 +249,7 @@ def reset_moe_stats(model: nn.Module) -> None:
 def build_ffn(cfg: ModelConfig, qcfg: QSparseConfig, layer: int,
               parallel: ParallelState | None = None, ep_size: int = 1) -> nn.Module:
     """The FFN of block ``layer``: an :class:`MoELayer` where ``--moe-layer-freq`` puts one,
-    else the dense :class:`~megatron_qsparse.model.transformer.MLP`."""
-    from megatron_qsparse.config import moe_layer_indices
-    from megatron_qsparse.model.transformer import MLP
-
+    else the dense :class:`~megatron_qsparse.model.mlp.MLP`."""
     if layer in moe_layer_indices(cfg):
         return MoELayer(cfg, qcfg, layer, parallel, ep_size=ep_size)
     return MLP(cfg, qcfg, layer, parallel)

@@ -1,4 +1,7 @@
-"""LLaMA-style decoder block: pre-norm, RoPE + grouped-query attention, gated FFN.
+"""LLaMA-style decoder block: norms, RoPE + grouped-query attention, the pre-norm block.
+
+The block's FFN is the gated :class:`~megatron_qsparse.model.mlp.MLP` (or, in the blocks
+``--moe-layer-freq`` picks, a :class:`~megatron_qsparse.model.moe.MoELayer` of such MLPs).
 
 Every projection is a :mod:`megatron_qsparse.parallel.layers` linear whose input is sparsified
 (kinds ``qkv``, ``o``, ``gate_up``, ``down``; the down projection's input is sparsified *after* the
@@ -30,10 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_qsparse.config import ModelConfig, QSparseConfig
+from megatron_qsparse.model.moe import build_ffn
 from megatron_qsparse.parallel.layers import ColumnParallelLinear, RowParallelLinear, divide
 from megatron_qsparse.parallel.random import checkpoint
 from megatron_qsparse.parallel.state import ParallelState, get_parallel_state
-from megatron_qsparse.sparsity.activations import ACTIVATIONS
 from megatron_qsparse.sparsity import build_sparsifier
 
 
@@ -76,7 +79,7 @@ def build_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
 
 
 @functools.lru_cache(maxsize=16)
-def _rope_tables(dim: int, max_positions: int, base: float,
+def rope_tables(dim: int, max_positions: int, base: float,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim))
     freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64, device=device), inv)
@@ -101,7 +104,7 @@ class RotaryEmbedding(nn.Module):
         if offset + seq_len > self.max_positions:
             raise ValueError(f"position {offset + seq_len - 1} is beyond the rotary table "
                              f"({self.max_positions}); raise --max-position-embeddings")
-        cos, sin = _rope_tables(self.dim, self.max_positions, self.base, torch.device(device))
+        cos, sin = rope_tables(self.dim, self.max_positions, self.base, torch.device(device))
         return cos[offset:offset + seq_len], sin[offset:offset + seq_len]
 
     def extra_repr(self) -> str:
@@ -177,35 +180,6 @@ class Attention(nn.Module):
                                                   enable_gqa=self.nkv != self.nq)
 
 
-class MLP(nn.Module):
-    """Gated FFN: fused ``[gate; up]`` projection, activation by ``ffn_type``, down projection.
-
-    ``ffn`` is this TP rank's share of the FFN width (all of it at TP = 1).
-    """
-
-    def __init__(self, cfg: ModelConfig, qcfg: QSparseConfig, layer: int,
-                 parallel: ParallelState | None = None):
-        super().__init__()
-        parallel = parallel if parallel is not None else get_parallel_state()
-        ffn = cfg.resolved_ffn_hidden_size()
-        self.ffn = divide(ffn, parallel.tp_size, "--ffn-hidden-size")
-        self.act = ACTIVATIONS[cfg.ffn_type]
-        self.gate_up = ColumnParallelLinear(
-            cfg.hidden_size, 2 * ffn, bias=cfg.add_bias_linear,
-            sparsifier=build_sparsifier(qcfg, "gate_up", layer),
-            init_method_std=cfg.init_method_std, bitnet=qcfg.bitnet, parallel=parallel,
-            output_sizes=(ffn, ffn))
-        self.down = RowParallelLinear(
-            ffn, cfg.hidden_size, bias=cfg.add_bias_linear,
-            sparsifier=build_sparsifier(qcfg, "down", layer),
-            init_method_std=cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers),
-            bitnet=qcfg.bitnet, parallel=parallel)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(self.act(gate, up))
-
-
 class TransformerBlock(nn.Module):
     """Pre-norm block: ``x + drop(attn(norm(x)))``, then ``x + drop(mlp(norm(x)))``.
 
@@ -217,8 +191,6 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, qcfg: QSparseConfig, layer: int,
                  parallel: ParallelState | None = None, ep_size: int = 1):
         super().__init__()
-        from megatron_qsparse.model.moe import build_ffn
-
         self.layer = layer
         self.input_norm = build_norm(cfg)
         self.attention = Attention(cfg, qcfg, layer, parallel)

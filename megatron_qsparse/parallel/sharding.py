@@ -6,9 +6,9 @@ fused one), and each part is split into ``tp`` contiguous chunks. TP rank ``r`` 
 of every part, concatenated: e.g. the fused QKV shard of rank ``r`` is
 ``[q heads of rank r; k heads of its query groups; v heads of its query groups]``.
 
-:func:`shard_state_dict` / :func:`gather_state_dicts` convert whole model state dicts (used by the
-equivalence tests and by checkpoint conversion); they read the partition of every parameter from
-a shape-only model built on the ``meta`` device, so the layers stay the one source of truth.
+Only tensors are cut here, from the partition attributes the parallel layers set on their
+parameters (:func:`partition_spec`); whole model state dicts are partitioned by
+:mod:`megatron_qsparse.model.sharding`, which knows the model.
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ def merge_shards(shards: Sequence[torch.Tensor], dim: int, sizes: Sequence[int])
                      dim=dim)
 
 
-def _spec(p: torch.Tensor) -> tuple[int, tuple[int, ...]] | None:
+def partition_spec(p: torch.Tensor) -> tuple[int, tuple[int, ...]] | None:
+    """``(partition_dim, partition_sizes)`` of a tensor-parallel parameter, None when every rank
+    holds all of it (the attributes the parallel layers set on their parameters)."""
     if getattr(p, "partition_count", 1) > 1:
         return p.partition_dim, p.partition_sizes
     return None
@@ -52,7 +54,7 @@ def _spec(p: torch.Tensor) -> tuple[int, tuple[int, ...]] | None:
 def gather_tensor(t: torch.Tensor, param: torch.Tensor, state) -> torch.Tensor:
     """The full tensor of which ``t`` (e.g. ``param`` or ``param.grad``) is this rank's shard,
     all-gathered over the TP group (a replicated ``param`` returns ``t``)."""
-    spec = _spec(param)
+    spec = partition_spec(param)
     if spec is None:
         return t
     dim, sizes = spec
@@ -74,39 +76,5 @@ def gather_model_state_dict(model: torch.nn.Module, state, grads: bool = False) 
     return out
 
 
-def partition_specs(model_cfg, vocab_size: int, tp_size: int) -> dict:
-    """``{name: (dim, sizes) or None}`` of every parameter of a GPT model at TP = ``tp_size``."""
-    from megatron_qsparse.config import QSparseConfig
-    from megatron_qsparse.model.gpt import GPTModel
-    from megatron_qsparse.parallel.state import ParallelState
-
-    with torch.device("meta"):
-        model = GPTModel(model_cfg, QSparseConfig(mode="none"), vocab_size,
-                         parallel=ParallelState.virtual_tp(tp_size, 0))
-    return {n: _spec(p) for n, p in model.named_parameters()}
-
-
-def shard_state_dict(full_sd: dict, tp_rank: int, tp_size: int, model_cfg) -> dict:
-    """TP rank ``tp_rank``'s state dict from a full (TP = 1) GPT state dict."""
-    specs = partition_specs(model_cfg, full_sd["embedding.weight"].shape[0], tp_size)
-    out = {}
-    for name, t in full_sd.items():
-        spec = specs.get(name)
-        out[name] = t if spec is None else shard_tensor(t, spec[0], spec[1], tp_rank, tp_size)
-    return out
-
-
-def gather_state_dicts(shard_sds: Sequence[dict], model_cfg) -> dict:
-    """The full (TP = 1) GPT state dict from the state dicts of every TP rank, in rank order."""
-    tp_size = len(shard_sds)
-    vocab = shard_sds[0]["embedding.weight"].shape[0] * tp_size
-    specs = partition_specs(model_cfg, vocab, tp_size)
-    out = {}
-    for name, t in shard_sds[0].items():
-        spec = specs.get(name)
-        out[name] = t if spec is None else merge_shards([sd[name] for sd in shard_sds], *spec)
-    return out
-
-
-__all__ = ["gather_model_state_dict", "gather_state_dicts", "gather_tensor", "merge_shards",
-           "partition_specs", "shard_state_dict", "shard_tensor"]
+__all__ = ["gather_model_state_dict", "gather_tensor", "merge_shards", "partition_spec",
+           "shard_tensor"]

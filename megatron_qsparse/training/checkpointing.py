@@ -1,6 +1,8 @@
-"""Save and resume through DeepSpeed's checkpoint engine, plus our own run metadata.
+"""The training engine's save and resume through DeepSpeed's checkpoint engine, plus our own run
+metadata, data position and RNG states (reading checkpoints outside training, and the names of
+the files, are :mod:`megatron_qsparse.checkpoint`).
 
-Layout under ``--save``::
+Layout under ``--save`` (:mod:`megatron_qsparse.checkpoint.layout`)::
 
     latest                  the tag of the newest complete checkpoint (replaced atomically, last)
     iter_0000100/           DeepSpeed's files (model, optimizer/ZeRO partitions, LR scheduler) and
@@ -15,32 +17,23 @@ files are read with ``torch.load(weights_only=True)`` and an allow-list of its p
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
 import random
-import re
 import shutil
 
 import numpy as np
 import torch
 
 from megatron_qsparse.atomic import write_text as atomic_write_text
+from megatron_qsparse.checkpoint.layout import (LATEST, META_NAME, RNG_FILE, TMP_PREFIX,
+                                                list_checkpoints, tag_for)
+from megatron_qsparse.checkpoint.safe import deepspeed_safe_globals
 from megatron_qsparse.config import Config, ConfigError
 from megatron_qsparse.parallel.state import get_parallel_state
 
 logger = logging.getLogger(__name__)
-
-META_NAME = "qsparse_meta.json"
-LATEST = "latest"
-TMP_PREFIX = ".tmp-"
-_TAG_RE = re.compile(r"^iter_(\d{7,})$")
-
-
-def tag_for(iteration: int) -> str:
-    return f"iter_{iteration:07d}"
-
 
 # ---------------------------------------------------------------------------------------------
 # RNG state (tensors and ints only, so that it loads with weights_only=True)
@@ -78,33 +71,12 @@ def set_rng_state(state: dict) -> None:
 # safe loading of DeepSpeed's files
 
 
-def _deepspeed_safe_globals() -> list:
-    """Plain state holders DeepSpeed pickles into its checkpoints (no code runs on load)."""
-    out = []
-    try:
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-        out += [LossScaler, DynamicLossScaler]
-    except ImportError:  # pragma: no cover - depends on the DeepSpeed version
-        pass
-    try:
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        out.append(ZeroStageEnum)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from deepspeed.utils.tensor_fragment import fragment_address
-        out.append(fragment_address)
-    except ImportError:  # pragma: no cover
-        pass
-    return out
-
-
 def make_loading_safe(engine) -> None:
     """Make DeepSpeed read checkpoints with ``torch.load(weights_only=True)``."""
     ckpt_engine = getattr(engine, "checkpoint_engine", None)
     if ckpt_engine is None:
         return
-    allowed = _deepspeed_safe_globals()
+    allowed = deepspeed_safe_globals()
 
     def safe_load(path: str, map_location=None):
         with torch.serialization.safe_globals(allowed):
@@ -131,16 +103,6 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def list_checkpoints(save_dir: str) -> list[tuple[int, str]]:
-    """Complete checkpoints under ``save_dir`` as (iteration, tag), oldest first."""
-    out = []
-    for path in glob.glob(os.path.join(save_dir, "iter_*")):
-        m = _TAG_RE.match(os.path.basename(path))
-        if m and os.path.isfile(os.path.join(path, META_NAME)):
-            out.append((int(m.group(1)), os.path.basename(path)))
-    return sorted(out)
-
-
 def save(engine, cfg: Config, iteration: int, consumed_samples: int, *, dp_size: int,
          extra: dict | None = None) -> str:
     """Save a complete checkpoint for ``iteration`` atomically, then point ``latest`` at it."""
@@ -157,7 +119,7 @@ def save(engine, cfg: Config, iteration: int, consumed_samples: int, *, dp_size:
                                          "consumed_samples": consumed_samples})
     tmp_dir = os.path.join(save_dir, tmp_tag)
     os.makedirs(tmp_dir, exist_ok=True)
-    rng_path = os.path.join(tmp_dir, f"rng_rank{rank:05d}.pt")
+    rng_path = os.path.join(tmp_dir, RNG_FILE.format(rank))
     torch.save(rng_state(), rng_path + ".part")
     os.replace(rng_path + ".part", rng_path)
     _barrier()
@@ -255,7 +217,7 @@ def load(engine, cfg: Config, dp_size: int) -> tuple[int, int]:
     loaded, client_state = engine.load_checkpoint(load_dir, tag=tag)
     if loaded is None:
         raise ConfigError(f"--load: could not read checkpoint {path}; check the directory")
-    rng_path = os.path.join(path, f"rng_rank{_rank():05d}.pt")
+    rng_path = os.path.join(path, RNG_FILE.format(_rank()))
     if os.path.isfile(rng_path):
         set_rng_state(torch.load(rng_path, weights_only=True))
     else:
@@ -263,60 +225,3 @@ def load(engine, cfg: Config, dp_size: int) -> tuple[int, int]:
                        _rank())
     logger.info("resumed from %s at iteration %d", path, client_state["iteration"])
     return int(client_state["iteration"]), int(client_state["consumed_samples"])
-
-
-# ---------------------------------------------------------------------------------------------
-# reading a checkpoint outside training (reports, evaluation, generation)
-
-
-def resolve_checkpoint(path: str) -> str:
-    """``path`` may be a save directory (its ``latest`` is used) or one ``iter_*`` folder."""
-    if os.path.isfile(os.path.join(path, META_NAME)):
-        return path
-    latest = os.path.join(path, LATEST)
-    if os.path.isfile(latest):
-        with open(latest) as fh:
-            return os.path.join(path, fh.read().strip())
-    raise ConfigError(f"--load: {path} is neither a checkpoint folder (with {META_NAME}) nor a "
-                      f"save directory with a '{LATEST}' file")
-
-
-def read_model_state(folder: str, map_location: str = "cpu") -> dict:
-    """The full model's state dict (:class:`GPTModel` names) of a checkpoint folder, whatever its
-    tensor/pipeline split and MoE expert files (:func:`megatron_qsparse.convert.layout.
-    read_checkpoint`, the one reader of our checkpoints outside training)."""
-    from megatron_qsparse.convert.layout import read_checkpoint
-
-    state = dict(read_checkpoint(folder)[2]())
-    if map_location != "cpu":
-        state = {k: v.to(map_location) for k, v in state.items()}
-    return state
-
-
-def load_model(path: str, map_location: str = "cpu"):
-    """Build the model a checkpoint was trained with and load its weights (one process: the
-    checkpoint must have tensor-parallel size 1; any pipeline split is merged).
-
-    Returns ``(model, config)``; the model is in eval mode. Reads only JSON and tensors.
-    """
-    from megatron_qsparse.model.gpt import GPTModel
-
-    folder = resolve_checkpoint(path)
-    with open(os.path.join(folder, META_NAME)) as fh:
-        meta = json.load(fh)
-    cfg = Config.from_dict(meta["config"])
-    if cfg.parallel.tensor_model_parallel_size != 1:
-        raise ConfigError(f"--load: {folder} is split for tensor parallelism "
-                          f"({cfg.parallel.tensor_model_parallel_size} ranks); merge it to one "
-                          "shard first")
-    state = read_model_state(folder, map_location)
-    from megatron_qsparse.config import padded_vocab_size
-
-    model = GPTModel(cfg.model, cfg.qsparse, padded_vocab_size(cfg.model.vocab_size, cfg))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ConfigError(f"--load: the weights in {folder} do not fit the model its config "
-                          f"describes: {str(e).strip().splitlines()[0]}") from None
-    model.eval()
-    return model, cfg

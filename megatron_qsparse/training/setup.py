@@ -123,7 +123,8 @@ def build_model(cfg: Config, vocab_size: int, parallel=None) -> torch.nn.Module:
     pipeline parallelism this rank's stage (a ``deepspeed.pipe.PipelineModule``). Layer ``i`` is
     initialised from ``--seed + i`` whatever the layout, so every layout starts from the same
     weights."""
-    from megatron_qsparse.model.gpt import GPTModel, build_pipeline_model
+    from megatron_qsparse.model.gpt import GPTModel
+    from megatron_qsparse.model.pipeline import build_pipeline_model
     from megatron_qsparse.parallel.state import get_parallel_state
 
     parallel = parallel if parallel is not None else get_parallel_state()

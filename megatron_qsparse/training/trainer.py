@@ -16,8 +16,9 @@ import torch
 
 from megatron_qsparse.config import grad_accumulation_steps
 from megatron_qsparse.data.sampler import build_pretraining_data_loader
-from megatron_qsparse.model.gpt import (activated_parameters, count_parameters, flops_per_token,
-                                        mean_loss)
+from megatron_qsparse.model.accounting import (activated_parameters, count_parameters,
+                                               flops_per_token)
+from megatron_qsparse.model.gpt import mean_loss
 from megatron_qsparse.model.moe import moe_aux_loss, moe_stats, reset_moe_stats
 from megatron_qsparse.sparsity import (collect_density, reset_density, set_recording,
                                        set_sparsity_scale)

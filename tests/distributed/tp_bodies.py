@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from megatron_qsparse.config import ModelConfig, QSparseConfig
 from megatron_qsparse.model import GPTModel
+from megatron_qsparse.model.sharding import shard_state_dict
 from megatron_qsparse.parallel import layers as player
 from megatron_qsparse.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_qsparse.parallel.layers import (ColumnParallelLinear, RowParallelLinear,
@@ -21,8 +22,7 @@ from megatron_qsparse.parallel.mappings import (copy_to_tensor_parallel,
                                                 gather_from_tensor_parallel,
                                                 reduce_from_tensor_parallel,
                                                 scatter_to_tensor_parallel)
-from megatron_qsparse.parallel.sharding import (gather_model_state_dict, gather_tensor,
-                                                shard_state_dict)
+from megatron_qsparse.parallel.sharding import gather_model_state_dict, gather_tensor
 from megatron_qsparse.parallel.sparsify import global_topk_mask
 from megatron_qsparse.parallel.state import ParallelState
 from megatron_qsparse.sparsity import Sparsifier, collect_density, reset_density, topk_mask

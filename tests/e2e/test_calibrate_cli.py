@@ -80,7 +80,7 @@ def _token_dataset(prefix: str, n_docs=40, seed=0) -> None:
 def test_hugging_face_model_without_training(tmp_path):
     """TEAL on an imported LLaMA: our thresholded logits equal transformers' model run with
     pre-hooks that zero |x| < t on every projection input (t from the stored tables)."""
-    from megatron_qsparse.training.checkpointing import load_model
+    from megatron_qsparse.checkpoint import load_model
     from megatron_qsparse.sparsity.methods.threshold import threshold_at
 
     ref = build_hf_model("llama", str(tmp_path / "hf"))

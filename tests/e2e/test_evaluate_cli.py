@@ -44,7 +44,7 @@ def held_out(tmp_path_factory) -> str:
 def test_perplexity_equals_exp_of_mean_token_loss(checkpoint, held_out, tmp_path):
     import sentencepiece as spm
 
-    from megatron_qsparse.training.checkpointing import load_model
+    from megatron_qsparse.checkpoint import load_model
 
     out = tmp_path / "ppl.json"
     proc = run_cli(["tools/evaluate.py", "perplexity", "--load", str(checkpoint), "--jsonl",

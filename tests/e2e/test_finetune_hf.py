@@ -10,9 +10,9 @@ import random
 import pytest
 import torch
 
+from megatron_qsparse.checkpoint import load_model
 from megatron_qsparse.data.indexed_dataset import IndexedDataset
 from megatron_qsparse.data.sft_dataset import MASK_SUFFIX
-from megatron_qsparse.training.checkpointing import load_model
 from tests.helpers import run_cli
 
 pytestmark = pytest.mark.slow

@@ -61,7 +61,7 @@ def test_expert_parallel_zero2_launcher_matches_one_process(kjv_small, tmp_path)
     # the weights of the one-process run
     import torch
 
-    from megatron_qsparse.training.checkpointing import load_model
+    from megatron_qsparse.checkpoint import load_model
 
     m1, _ = load_model(str(tmp_path / "ck1"))
     m2, _ = load_model(str(tmp_path / "ck2"))
@@ -116,7 +116,7 @@ def test_moe_checkpoint_resumes_and_loads(kjv_small, tmp_path):
     losses as an uninterrupted run, and load_model reassembles every expert."""
     import torch
 
-    from megatron_qsparse.training.checkpointing import load_model
+    from megatron_qsparse.checkpoint import load_model
 
     args = ["--eval-iters", "0", "--log-interval", "1", "--num-experts", "4",
             "--moe-router-topk", "2", "--deterministic", "--save", str(tmp_path / "ck"),

@@ -99,7 +99,7 @@ def test_layout_matches_one_process(kjv_small, reference, tmp_path, layout, zero
         # the checkpoint reads back as one model that predicts like the reference's (weights
         # are compared through the loss: Adam turns last-bit gradient differences of
         # near-zero entries into lr-sized weight differences)
-        from megatron_qsparse.training.checkpointing import load_model
+        from megatron_qsparse.checkpoint import load_model
 
         got, ref = load_model(str(tmp_path / "ckpt"))[0], load_model(str(reference["ckpt"]))[0]
         toks = torch.randint(0, 4000, (2, 33), generator=torch.Generator().manual_seed(0))
@@ -138,7 +138,7 @@ def test_pipeline_checkpoint_resumes_exactly(kjv_small, tmp_path):
 
     # re-shard: PP 2 -> 1 keeps every tensor; files written by the converter at PP = 2 are
     # accepted by DeepSpeed's pipeline engine (--finetune starts from those weights)
-    from megatron_qsparse.training.checkpointing import load_model
+    from megatron_qsparse.checkpoint import load_model
 
     for target, pp in (("one", "1"), ("pp2", "2")):
         run_cli(["tools/checkpoint_convert.py", "reshard", "--load", str(ckpt), "--save",

@@ -16,10 +16,10 @@ import weakref
 import pytest
 import torch
 
+from megatron_qsparse.checkpoint import load_model, read_checkpoint
 from megatron_qsparse.config import Config, ConfigError
 from megatron_qsparse.convert import hf
-from megatron_qsparse.convert.layout import read_checkpoint, vocab_divisor, write_checkpoint
-from megatron_qsparse.training.checkpointing import load_model
+from megatron_qsparse.convert.layout import vocab_divisor, write_checkpoint
 from tests.hf_models import VOCAB, build_hf_model, converter, hf_class, sparsified
 
 TOL = dict(rtol=0, atol=1e-4)

@@ -10,10 +10,11 @@ import torch
 
 from megatron_qsparse.arguments import parse
 from megatron_qsparse.config import ModelConfig, QSparseConfig, moe_layer_indices
-from megatron_qsparse.model.gpt import (GPTModel, activated_parameters, count_parameters,
-                                        flops_per_token, projection_shapes)
+from megatron_qsparse.model.accounting import (activated_parameters, count_parameters,
+                                               flops_per_token, projection_shapes)
+from megatron_qsparse.model.gpt import GPTModel
 from megatron_qsparse.model.moe import MoELayer, _Expert, moe_aux_loss, moe_layers, moe_stats
-from megatron_qsparse.model.transformer import MLP
+from megatron_qsparse.model.mlp import MLP
 from megatron_qsparse.parallel.state import ParallelState
 from megatron_qsparse.sparsity import collect_density
 from megatron_qsparse.training.optim import param_groups
@@ -205,7 +206,7 @@ def test_router_input_is_dense_unless_asked():
 
 
 def test_describe_counts_every_expert():
-    from megatron_qsparse.model.gpt import describe
+    from megatron_qsparse.model.accounting import describe
 
     c = cfg(num_layers=2, moe_layer_freq=2, hidden_size=256, ffn_hidden_size=512)
     torch.manual_seed(8)

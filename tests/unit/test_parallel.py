@@ -9,10 +9,11 @@ import torch
 
 from megatron_qsparse.config import ConfigError, ModelConfig, QSparseConfig
 from megatron_qsparse.model import GPTModel, count_parameters
+from megatron_qsparse.model.sharding import gather_state_dicts, partition_specs, shard_state_dict
 from megatron_qsparse.parallel import (ColumnParallelLinear, ParallelDims, ParallelState,
                                        RowParallelLinear, VocabParallelEmbedding,
-                                       gather_state_dicts, get_parallel_state, shard_state_dict)
-from megatron_qsparse.parallel.sharding import merge_shards, partition_specs, shard_tensor
+                                       get_parallel_state)
+from megatron_qsparse.parallel.sharding import merge_shards, shard_tensor
 from megatron_qsparse.parallel.sparsify import candidate_count
 from megatron_qsparse.parallel.state import using
 from megatron_qsparse.training import checkpointing
