@@ -17,7 +17,7 @@ from megatron_qsparse.config import ModelConfig, QSparseConfig
 from megatron_qsparse.parallel.layers import ColumnParallelLinear, RowParallelLinear, divide
 from megatron_qsparse.parallel.state import ParallelState, get_parallel_state
 from megatron_qsparse.sparsity.activations import ACTIVATIONS
-from megatron_qsparse.sparsity.topk import build_sparsifier
+from megatron_qsparse.sparsity import build_sparsifier
 
 
 class MLP(nn.Module):

@@ -23,11 +23,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
+from torch import nn
 
 if TYPE_CHECKING:
     from megatron_qsparse.config import Config, QSparseConfig
-    from megatron_qsparse.sparsity.sparsifier import Sparsifier
     from megatron_qsparse.sparsity.stats import DensityStats
+
+# ``sp`` arguments below are the calling ``sparsity.sparsifier.Sparsifier`` (not imported here:
+# it imports this registry)
 
 
 class RowSlices(Protocol):
@@ -81,27 +84,27 @@ class SparsityMethod:
                 "qsparse_block": None}
 
     # ---- forward
-    def sparsify(self, x: torch.Tensor, sp: "Sparsifier",
+    def sparsify(self, x: torch.Tensor, sp: "nn.Module",
                  stats: "DensityStats | None") -> torch.Tensor:
         """The sparse ``x`` (last dim = the projection's input features). ``sp`` holds the shared
         settings (``ste``, ``rescale``, warm-up ``ratio_scale``). Record the output's nonzero
         count into ``stats`` when it is given (the kernels hand it over at no cost)."""
         raise NotImplementedError
 
-    def sparsify_sharded(self, x: torch.Tensor, sp: "Sparsifier",
+    def sparsify_sharded(self, x: torch.Tensor, sp: "nn.Module",
                          row: RowSlices) -> torch.Tensor:
         """This rank's slice of ``sparsify(whole_row)``, element for element. The default suits
         elementwise methods; density is recorded by the caller."""
         return self.sparsify(x, sp, None)
 
     # ---- decoding
-    def decode_keep(self, sp: "Sparsifier", d: int) -> int | str:
+    def decode_keep(self, sp: "nn.Module", d: int) -> int | str:
         """For the fused Top-K GEMV and the compiled decode step: the inputs kept per token out
         of ``d`` (0: every nonzero one, i.e. no selection), or why those paths cannot run this
         projection (it then decodes by sparsify + nonzero GEMV)."""
         return f"--qsparse-mode {self.name}"
 
-    def extra_repr(self, sp: "Sparsifier") -> str:
+    def extra_repr(self, sp: "nn.Module") -> str:
         return ""
 
 

@@ -133,13 +133,11 @@ def calibrate(model: torch.nn.Module, batches, *, levels: int = LEVELS,
     ``[b, s]`` token tensors), from a dense forward of ``model`` (TP = 1). Returns the
     ``qsparse.calibration`` dict described in the module docstring; ``model`` is left as it was.
     """
-    from megatron_qsparse.sparsity.sparsifier import Sparsifier
-
     gen = torch.Generator().manual_seed(seed)
     samples: dict[str, list] = {}
     swapped = []
-    for m in model.modules():
-        if isinstance(m, Sparsifier):
+    for m in model.modules():  # the Sparsifier modules: they hold a method
+        if isinstance(getattr(m, "method", None), SparsityMethod):
             key = f"layer{m.layer}/{m.kind}"
             swapped.append((m, m.method))
             m.method = _Recorder(samples.setdefault(key, []), per_call, gen)
