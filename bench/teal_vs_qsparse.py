@@ -7,7 +7,8 @@
    validation perplexity at each S (one calibration serves every S: --qsparse-ratio override);
 3. **Q-Sparse**: continue-trains the dense model with top-K at each S for --continue-iters steps
    (--finetune, sparsity warm-up over the first third), and, for the same extra tokens, the dense
-   model continued densely (the baseline the continued models are compared with);
+   model continued densely (the baseline the continued models are compared with), and TEAL
+   calibrated on that continued dense model (the same tokens as the Q-Sparse models);
 4. prints a table of validation perplexity and measured density (tools/evaluate.py perplexity,
    sliding windows on the validation split) and writes it to --out/results.md.
 
@@ -96,6 +97,13 @@ def main() -> None:
                  continued(["--qsparse-mode", "none"]))
     rows.append((f"dense, continued {args.continue_iters} steps", 0.0, base,
                  perplexity(out, "dense_continued", base, data)))
+    teal_base = os.path.join(out, "dense_continued_teal")  # TEAL at the same tokens as Q-Sparse
+    if not os.path.isfile(os.path.join(teal_base, "latest")):
+        run(["tools/calibrate_thresholds.py", "--load", base, "--data-path", data,
+             "--sparsity", str(args.sparsities[0]), "--save", teal_base], teal_base + ".log")
+    for s in args.sparsities:
+        rows.append(("TEAL on the continued dense model", s, teal_base,
+                     perplexity(out, f"teal_continued_{s}", teal_base, data, s)))
     for s in args.sparsities:
         ck = train(out, f"qsparse_{s}", data, args.continue_iters, continued(
             ["--qsparse-mode", "topk", "--qsparse-ratio", str(s),
