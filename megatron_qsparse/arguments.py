@@ -130,6 +130,9 @@ def parse(argv: list[str] | None = None, world_size: int | None = None) -> Confi
         if pre.config:
             parser.set_defaults(**_yaml_defaults(parser, pre.config))
         ns = parser.parse_args(argv)
-        return validate(namespace_to_config(ns), world_size=world_size)
+        cfg = validate(namespace_to_config(ns), world_size=world_size)
+        from megatron_qsparse.data.validation import validate_data  # imports torch: not for --help
+        validate_data(cfg.data)
+        return cfg
     except ConfigError as e:
         parser.exit(2, f"error: {e}\n")
