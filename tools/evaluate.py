@@ -33,7 +33,6 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_qsparse.config import PROJECTION_KINDS, SPARSITY_MODES, ConfigError  # noqa: E402
 
