@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     # Imported after parsing so that --help and flag errors answer instantly.
     from megatron_qsparse.training.checkpointing import atomic_write_text, load
     from megatron_qsparse.training.logging import setup_logging
-    from megatron_qsparse.training.loop import TrainingStopped, train
     from megatron_qsparse.training.setup import setup
+    from megatron_qsparse.training.trainer import Trainer, TrainingStopped
 
     try:
         setup_logging(int(os.environ.get("RANK", 0)))
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(state.rank)
         if cfg.train.load:
             state.iteration, state.consumed_samples = load(state.engine, cfg, state.dp_size)
-        summary = train(state)
+        summary = Trainer(state).train()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

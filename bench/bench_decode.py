@@ -44,7 +44,7 @@ import torch  # noqa: E402
 
 from megatron_qsparse.inference import cpu_kernels  # noqa: E402
 from megatron_qsparse.sparsity import int8_activation, topk_sparsify  # noqa: E402
-from megatron_qsparse.sparsity.topk import keep_count, topk_mask  # noqa: E402
+from megatron_qsparse.sparsity import keep_count, topk_mask  # noqa: E402
 
 SHAPES = [("qkv", 4096, 12288), ("o", 4096, 4096), ("gate_up", 4096, 2 * 11008),
           ("down", 11008, 4096)]

@@ -45,8 +45,8 @@ def _worker(argv: list[str]) -> None:
     import torch
 
     from megatron_qsparse.arguments import parse
-    from megatron_qsparse.training.loop import train
     from megatron_qsparse.training.setup import setup
+    from megatron_qsparse.training.trainer import Trainer
 
     threads = int(os.environ.get("BENCH_THREADS", "1"))
     torch.set_num_threads(threads)
@@ -82,7 +82,7 @@ def _worker(argv: list[str]) -> None:
 
     cfg = parse(argv)
     state = setup(cfg)
-    summary = train(state)
+    summary = Trainer(state).train()
     timed_batches = batches[1:]  # the first pays one-off costs
     bubble = None
     if timed_batches:

@@ -10,22 +10,58 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import typing
 
 from megatron_qsparse.config import SECTIONS, Config, ConfigError, validate
+from megatron_qsparse.data.validation import validate_data
+from megatron_qsparse.sparsity import methods
 
 _DESCRIPTION = ("Pretrain, continue-train or fine-tune a fully sparsely-activated (Q-Sparse) "
                 "LLaMA-style model with DeepSpeed.")
 
 
-def _base_type(tp: typing.Any) -> type:
-    """``int | None`` -> int, ``float`` -> float, ``list`` -> str (items)."""
+def json_file(path: str) -> dict:
+    """A flag whose value is a JSON file holding an object (``--qsparse-calibration``)."""
+    if isinstance(path, dict):  # a mapping given directly in a --config YAML file
+        return path
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except OSError as e:
+        raise ValueError(f"cannot read {path!r} ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return data
+
+
+json_file.__name__ = "JSON file"
+
+
+def _base_type(tp: typing.Any):
+    """``int | None`` -> int, ``float`` -> float, ``list`` -> str (items), ``dict`` -> a JSON file."""
     if isinstance(tp, str):
-        tp = eval(tp, {"list": list})  # annotations are strings under `from __future__`
+        tp = eval(tp, {"list": list, "dict": dict})  # annotations are strings under __future__
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     base = args[0] if args else tp
-    return str if base is list else base
+    return {list: str, dict: json_file}.get(base, base)
+
+
+def _choices(section: str, name: str, meta) -> tuple | None:
+    """A field's choices; ``--qsparse-mode``'s are the registered sparsifier methods."""
+    if (section, name) == ("qsparse", "mode"):
+        return methods.method_names()
+    return meta.get("choices")
+
+
+def _help(section: str, name: str, meta) -> str:
+    if (section, name) == ("qsparse", "mode"):
+        return "Sparsifier on linear inputs: " + "; ".join(
+            f"{n}: {methods.get_method(n).help}" for n in methods.method_names()) + "."
+    return meta["help"]
 
 
 def _dest(section: str, name: str) -> str:
@@ -51,17 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
             flag = meta.get("flag") or "--" + f.name.replace("_", "-")
             names = [flag, *meta.get("aliases", ())]
             default = getattr(obj, f.name)
-            kw: dict = {"dest": _dest(section, f.name), "help": meta["help"], "default": default}
+            kw: dict = {"dest": _dest(section, f.name), "help": _help(section, f.name, meta),
+                        "default": default}
             base = _base_type(f.type)
+            choices = _choices(section, f.name, meta)
             if base is bool:
                 kw["action"] = "store_false" if default else "store_true"
             else:
                 kw["type"] = base
-                if meta.get("choices"):
-                    kw["choices"] = meta["choices"]
+                if choices:
+                    kw["choices"] = choices
                 if meta.get("nargs"):
                     kw["nargs"] = meta["nargs"]
-                if not meta.get("choices"):
+                if not choices:
                     kw["metavar"] = flag.lstrip("-").replace("-", "_").upper()
             group.add_argument(*names, **kw)
     return parser
@@ -131,7 +169,6 @@ def parse(argv: list[str] | None = None, world_size: int | None = None) -> Confi
             parser.set_defaults(**_yaml_defaults(parser, pre.config))
         ns = parser.parse_args(argv)
         cfg = validate(namespace_to_config(ns), world_size=world_size)
-        from megatron_qsparse.data.validation import validate_data  # imports torch: not for --help
         validate_data(cfg.data)
         return cfg
     except ConfigError as e:

@@ -34,7 +34,6 @@ def arg(default: Any, help: str, *, flag: str | None = None, choices: tuple | No
 
 
 PROJECTION_KINDS = ("qkv", "o", "gate_up", "down")
-SPARSITY_MODES = ("topk", "block", "relu", "none")
 FFN_TYPES = ("relu2_glu", "swiglu")
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "WSD")
 WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
@@ -130,7 +129,7 @@ class ModelConfig:
         return self.num_query_groups or self.num_attention_heads
 
     def validate(self) -> None:
-        """Check the model's own settings (the tensor-parallel split is checked in :func:`validate`)."""
+        """Check the model's own settings (its tensor-parallel split: :func:`validate`)."""
         _positive("model", self, ("num_layers", "hidden_size", "ffn_hidden_size",
                                   "num_attention_heads", "num_query_groups", "kv_channels",
                                   "seq_length", "max_position_embeddings",
@@ -209,9 +208,8 @@ class ModelConfig:
 class QSparseConfig:
     """How the input of every linear projection is sparsified (see DESIGN.md, "The method")."""
 
-    mode: str = arg("topk", "Sparsifier on linear inputs: per-token top-K by |x|, block N:M, "
-                    "ReLU (ablation) or none (dense).", flag="--qsparse-mode",
-                    choices=SPARSITY_MODES)
+    mode: str = arg("topk", "Sparsifier on linear inputs (a method registered in "
+                    "megatron_qsparse/sparsity/methods/).", flag="--qsparse-mode")
     ratio: float = arg(0.4, "Sparsity ratio S: fraction of input features zeroed (keep "
                        "K = d - floor(S*d)).", flag="--qsparse-ratio")
     qkv_ratio: float | None = arg(None, "Sparsity ratio for the q/k/v projections' input; "
@@ -235,6 +233,10 @@ class QSparseConfig:
                        "activations (STE).", flag="--bitnet")
     warmup_iters: int = arg(0, "Ramp the sparsity ratio linearly from 0 to its target over this "
                             "many iterations (continue-training).", flag="--qsparse-warmup-iters")
+    calibration: dict | None = arg(
+        None, "JSON file of per-projection values a method was calibrated with (e.g. the "
+        "thresholds of --qsparse-mode threshold, written by tools/calibrate_thresholds.py into "
+        "the checkpoint it saves).", flag="--qsparse-calibration")
 
     def ratio_for(self, kind: str) -> float:
         """The target sparsity ratio of one projection kind (``qkv``, ``o``, ``gate_up``, ``down``)."""
@@ -248,7 +250,8 @@ class QSparseConfig:
         return n, m
 
     def validate(self) -> None:
-        """Check the ratios and the warm-up; the rules of each mode are in :func:`_qsparse_mode_rules`."""
+        """Check the ratios and the warm-up (each mode's own rules are its method's, in
+        ``sparsity/methods/``)."""
         for kind in (None,) + PROJECTION_KINDS:
             name = "ratio" if kind is None else f"{kind}_ratio"
             v = getattr(self, name)
@@ -517,16 +520,17 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     """Check every setting and their combinations; raise :class:`ConfigError` on the first problem.
 
     Each section checks its own fields (``ModelConfig.validate`` ...), then
-    :func:`_cross_section_rules` the settings that span sections, then
-    :func:`_qsparse_mode_rules` what each sparsifier mode demands. ``world_size`` (when known)
-    checks that the parallel layout divides the number of processes. The data files and the
-    syntax of --data-path/--split are checked by ``megatron_qsparse.data.validation`` (this
-    module imports no package module). Returns ``cfg`` for chaining.
+    :func:`_cross_section_rules` the settings that span sections, then the checks registered with
+    :func:`register_check` (each sparsifier method's rules, ``sparsity/methods/``). ``world_size``
+    (when known) checks that the parallel layout divides the number of processes. The data files
+    and the syntax of --data-path/--split are checked by ``megatron_qsparse.data.validation``
+    (this module imports no package module). Returns ``cfg`` for chaining.
     """
     for section in SECTIONS:
         getattr(cfg, section).validate()
     _cross_section_rules(cfg, world_size)
-    _qsparse_mode_rules(cfg)
+    for check in _CHECKS:  # the sparsifier method's own rules (sparsity/methods/)
+        check(cfg, world_size)
     return cfg
 
 
@@ -594,47 +598,14 @@ def _moe_layout_rules(m: ModelConfig, p: ParallelConfig, world_size: int | None)
                        "launch a multiple of --expert-model-parallel-size processes")
 
 
-def _qsparse_mode_rules(cfg: Config) -> None:
-    """What each sparsifier mode demands of the other settings.
+_CHECKS: list = []
 
-    These rules belong to the sparsity methods, not to the configuration: when each mode is a
-    registered class in ``sparsity/methods/`` (its own config checks), they move there, and this
-    function goes. Until then they stay together here, in one place.
-    """
-    q, m, p = cfg.qsparse, cfg.model, cfg.parallel
-    # block: the N:M pattern's syntax
-    if q.mode == "block":
-        parts = q.block.split(":")
-        ok = len(parts) == 2 and all(s.strip().isdigit() for s in parts)
-        if not ok or not 0 < int(parts[0]) <= int(parts[1]):
-            raise _err("qsparse", "block", f"{q.block!r} is not an N:M pattern with 0 < N <= M",
-                       "write it as e.g. 2:4")
-    # relu/none: no ratio to set per projection
-    if q.mode in ("relu", "none") and any(getattr(q, f"{k}_ratio") is not None
-                                          for k in PROJECTION_KINDS):
-        raise _err("qsparse", "mode", f"per-projection ratios have no effect with mode {q.mode!r}",
-                   "drop the --qsparse-*-ratio flags or use --qsparse-mode topk")
-    # none: nothing to warm up
-    if q.mode == "none" and q.warmup_iters:
-        raise _err("qsparse", "warmup_iters", "a sparsity warm-up needs a sparsifier",
-                   "set --qsparse-mode topk or drop --qsparse-warmup-iters")
-    # topk: the only mode that rescales
-    if q.rescale != "none" and q.mode != "topk":
-        raise _err("qsparse", "rescale", f"rescaling applies to top-K only, mode is {q.mode!r}",
-                   "use --qsparse-mode topk or --qsparse-rescale none")
-    # block under tensor parallelism: every row-parallel input slice holds whole groups of M
-    tp = p.tensor_model_parallel_size
-    if q.mode == "block" and tp > 1:
-        _, m_group = q.block_nm()
-        widths = {"attention output": m.num_attention_heads * m.resolved_kv_channels() // tp,
-                  "FFN down": m.resolved_ffn_hidden_size() // tp}
-        for what, width in widths.items():
-            if width % m_group:
-                raise _err("qsparse", "block",
-                           f"the {what} projection's input is split into slices of {width} "
-                           f"features under --tensor-model-parallel-size {tp}, not "
-                           f"divisible by M={m_group}",
-                           "pick an M that divides every slice or a smaller TP size")
+
+def register_check(check) -> None:
+    """Add ``check(cfg, world_size)`` to :func:`validate`: packages below this leaf module (the
+    sparsifier registry, ``sparsity/methods/``) contribute the rules they own this way."""
+    if check not in _CHECKS:
+        _CHECKS.append(check)
 
 
 def moe_layer_indices(m: ModelConfig) -> list[int]:

@@ -34,7 +34,8 @@ import sys
 import time
 
 
-from megatron_qsparse.config import PROJECTION_KINDS, SPARSITY_MODES, ConfigError  # noqa: E402
+from megatron_qsparse.config import PROJECTION_KINDS, ConfigError  # noqa: E402
+from megatron_qsparse.sparsity import describe, method_names, summary  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--max-tokens", type=int, default=None,
                      help="Read at most this many tokens (documents in order, the last one cut).")
     ppl.add_argument("--micro-batch-size", type=int, default=4, help="Windows per forward pass.")
-    ppl.add_argument("--qsparse-mode", choices=SPARSITY_MODES, default=None,
+    ppl.add_argument("--qsparse-mode", choices=method_names(), default=None,
                      help="Override the sparsifier the checkpoint was trained with.")
     ppl.add_argument("--qsparse-ratio", type=float, default=None,
                      help="Override the sparsity ratio S of every projection.")
@@ -161,7 +162,7 @@ def perplexity(args) -> dict:
     r.bytes, r.documents = stream.bytes, stream.documents
     q = em.cfg.qsparse
     out = {"checkpoint": em.folder, "source": source, **r.to_dict(),
-           "qsparse_mode": q.mode, "qsparse_ratio": q.ratio if q.mode == "topk" else None,
+           **summary(q), "qsparse": describe(q),
            "checkpoint_tensor_parallel_size": em.checkpoint_tp,
            "tensor_parallel_size": 1 if parallel is None else parallel.tp_size,
            "seconds": elapsed}
@@ -172,9 +173,7 @@ def perplexity(args) -> dict:
 
 
 def print_report(out: dict) -> None:
-    mode = out["qsparse_mode"] + (f", S = {out['qsparse_ratio']}" if out["qsparse_ratio"]
-                                  is not None else "")
-    print(f"checkpoint {out['checkpoint']} ({mode}) on {out['source']}")
+    print(f"checkpoint {out['checkpoint']} ({out['qsparse']}) on {out['source']}")
     print(f"  documents           {out['documents']:,}")
     print(f"  tokens scored       {out['tokens']:,} in {out['windows']:,} windows of "
           f"{out['seq_length']} (stride {out['stride']})")

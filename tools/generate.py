@@ -72,6 +72,7 @@ def _tokenizer(cfg, override: str | None):
 
 def run(args) -> int:
     from megatron_qsparse.inference import generate, load_inference_model
+    from megatron_qsparse.sparsity import describe
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -91,7 +92,7 @@ def run(args) -> int:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     q = cfg.qsparse
-    mode = "dense" if q.mode == "none" else q.mode + (f" S={q.ratio}" if q.mode == "topk" else "")
+    mode = describe(q)
     paths = ", ".join(f"{n} {p}" for p, n in sorted(model.decode_paths().items()))
     text = tok.detokenize(prompt + out.tokens) if args.prompt else tok.detokenize(out.tokens)
     print(text)

@@ -21,7 +21,8 @@ import sys
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from megatron_qsparse.config import PROJECTION_KINDS, SPARSITY_MODES, ConfigError  # noqa: E402
+from megatron_qsparse.config import PROJECTION_KINDS, ConfigError  # noqa: E402
+from megatron_qsparse.sparsity import describe, method_names  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=8, help="Batches to run.")
     p.add_argument("--micro-batch-size", type=int, default=None,
                    help="Sequences per batch; default: the checkpoint's.")
-    p.add_argument("--qsparse-mode", choices=SPARSITY_MODES, default=None,
+    p.add_argument("--qsparse-mode", choices=method_names(), default=None,
                    help="Override the sparsifier the checkpoint was trained with.")
     p.add_argument("--qsparse-ratio", type=float, default=None, help="Override the ratio S.")
     p.add_argument("--csv", help="Write layer,kind,density rows here.")
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     layers = cfg.model.num_layers
     q = cfg.qsparse
     print(f"checkpoint {args.load}: {layers} layers, hidden {cfg.model.hidden_size}, "
-          f"mode {q.mode}" + (f", S = {q.ratio}" if q.mode == "topk" else "") +
+          f"{describe(q)}" +
           f"; {r['tokens']} tokens, loss {r['loss']:.4f}")
     print(f"{'layer':>6} " + " ".join(f"{k:>8}" for k in PROJECTION_KINDS))
     rows = []

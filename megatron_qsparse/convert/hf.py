@@ -278,6 +278,7 @@ def write_hf_dir(out_dir: str, hf_config: dict, tensors: Iterator[tuple[str, tor
         raise
 
 
-__all__ = ["ARCHITECTURES", "DTYPES", "FAMILIES", "SafetensorsDir", "hf_config_from_ours", "hf_source",
+__all__ = ["ARCHITECTURES", "DTYPES", "FAMILIES", "SafetensorsDir", "hf_config_from_ours",
+           "hf_source",
            "model_config_from_hf", "name_map", "parse_size", "qsparse_config_from_hf",
            "read_hf_config", "to_hf_tensors", "write_hf_dir"]

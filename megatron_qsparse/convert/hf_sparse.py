@@ -21,7 +21,7 @@ from torch import nn
 from megatron_qsparse.config import QSparseConfig
 from megatron_qsparse.convert.families import LLAMA, get_family
 from megatron_qsparse.convert.hf import qsparse_config_from_hf
-from megatron_qsparse.sparsity.topk import build_sparsifier
+from megatron_qsparse.sparsity import build_sparsifier
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
 

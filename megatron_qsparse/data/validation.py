@@ -22,7 +22,8 @@ def validate_data(d: DataConfig) -> DataConfig:
         raise ConfigError(str(e)) from None
     if train_share <= 0:
         raise ConfigError(f"{flag_of('data', 'split')}: {d.split!r} gives the training split no "
-                          "documents; give the first (train) number a positive share, e.g. 969,30,1")
+                          "documents; give the first (train) number a positive share, "
+                          "e.g. 969,30,1")
     if d.data_format == "sft":
         from megatron_qsparse.data.sft_dataset import check_prefixes
         try:

@@ -95,12 +95,12 @@ class QSparseLM(TemplateLM):
             raise ConfigError(f"--model_args max_length: {self._max_length} is outside "
                               f"[2, {eval_model.max_length}] (the model's positions)")
         self.max_gen_toks = int(max_gen_toks)
-        from megatron_qsparse.sparsity import reset_density, set_recording
+        from megatron_qsparse.sparsity import describe, reset_density, set_recording
         set_recording(self.model, True)
         reset_density(self.model)
         q = eval_model.cfg.qsparse
-        logger.info("qsparse model %s: mode %s, S = %s, max length %d, batch %d",
-                    eval_model.folder, q.mode, q.ratio, self._max_length, self.batch_size)
+        logger.info("qsparse model %s: %s, max length %d, batch %d",
+                    eval_model.folder, describe(q), self._max_length, self.batch_size)
 
     # ------------------------------------------------------------------ properties
 
@@ -135,11 +135,10 @@ class QSparseLM(TemplateLM):
     def summary(self) -> dict[str, Any]:
         """Checkpoint, sparsity, measured density and activated parameters of the run so far."""
         from megatron_qsparse.model.gpt import activated_parameters, count_parameters
+        from megatron_qsparse.sparsity import summary
 
         q, d = self.eval_model.cfg.qsparse, self.density()
-        return {"checkpoint": self.eval_model.folder, "qsparse_mode": q.mode,
-                "qsparse_ratio": q.ratio if q.mode == "topk" else None,
-                "qsparse_block": q.block if q.mode == "block" else None, "density": d,
+        return {"checkpoint": self.eval_model.folder, **summary(q), "density": d,
                 "activated_parameters": activated_parameters(self.model, d),
                 "non_embedding_parameters": count_parameters(self.model, non_embedding=True)}
 

@@ -24,8 +24,9 @@ from typing import Any
 
 import torch
 
-from megatron_qsparse.config import (PROJECTION_KINDS, SPARSITY_MODES, Config, ConfigError,
-                                     DataConfig, validate)
+from megatron_qsparse.config import (PROJECTION_KINDS, Config, ConfigError, DataConfig,
+                                     validate)
+from megatron_qsparse.sparsity.methods import get_method
 
 logger = logging.getLogger(__name__)
 
@@ -95,17 +96,18 @@ def apply_sparsity_override(cfg: Config, mode: str | None = None,
         return cfg
     q = cfg.qsparse
     if mode is not None:
-        if mode not in SPARSITY_MODES:
-            raise ConfigError(f"--qsparse-mode: unknown mode {mode!r}; choose one of "
-                              f"{', '.join(SPARSITY_MODES)}")
+        try:
+            get_method(mode)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         q.mode = mode
     if ratio is not None:
         q.ratio = float(ratio)
     for kind in PROJECTION_KINDS:
         setattr(q, f"{kind}_ratio", None)
     q.warmup_iters = 0
-    if q.mode != "topk":
-        q.rescale = "none"  # rescaling belongs to top-K
+    if not get_method(q.mode).rescalable:
+        q.rescale = "none"  # rescaling belongs to the methods that take it (top-K)
     # check the model and sparsity settings only (the data/training sections are not used here)
     validate(Config(model=copy.deepcopy(cfg.model), qsparse=copy.deepcopy(q),
                     data=DataConfig(data_path=["unused"], tokenizer_type="ByteTokenizer")))

@@ -11,10 +11,10 @@ decode steps by the compiled code mix freely.
 
 It covers the models and modes most runs use: fp32 models (projection weights fp32 or bf16),
 RMSNorm or LayerNorm, relu2_glu or swiglu FFN, optional biases, GQA/MHA, and per projection
-plain Top-K (no int8, no L2 rescale; each projection's own K) or no sparsifier (dense).
-:func:`build_compiled_step` returns None and the reason for anything else (BitNet, int8 / rescaled
-Top-K, Block N:M, ReLU mode, MoE blocks, fp64/bf16 models, no compiled kernels); such models
-decode layer by layer.
+a method that keeps a fixed K per token (``Sparsifier.keep``: plain Top-K, each projection's own
+K) or no sparsifier (dense). :func:`build_compiled_step` returns None and the reason for anything
+else (BitNet, int8 / rescaled Top-K, Block N:M, ReLU, thresholds, MoE blocks, fp64/bf16 models,
+no compiled kernels); such models decode layer by layer.
 
 The logits equal the layer-by-layer path's up to fp32 summation order
 (``tests/unit/test_inference.py``).
@@ -36,18 +36,9 @@ _EMPTY = torch.empty(0)
 
 def _keep(p: DecodeLinear) -> int | str:
     """Inputs the projection keeps per token (0: every nonzero one), or why it cannot run."""
-    sp = p.sparsifier
     if p.bitnet:
         return "BitNet b1.58 weights"
-    if sp is None or sp.mode == "none":
-        return 0
-    if sp.mode != "topk":
-        return f"--qsparse-mode {sp.mode}"
-    if sp.quantize:
-        return "int8 quantized Top-K"
-    if sp.rescale != "none":
-        return f"Top-K with --qsparse-rescale {sp.rescale}"
-    return sp.keep(p.in_features)
+    return 0 if p.sparsifier is None else p.sparsifier.keep(p.in_features)
 
 
 def _norm_tensors(norm: nn.Module) -> list[torch.Tensor] | str:
@@ -66,7 +57,7 @@ def build_compiled_step(model: nn.Module) -> tuple[object | None, str]:
     """
     if not cpu_kernels.available():
         return None, f"compiled kernels unavailable ({cpu_kernels.unavailable_reason()})"
-    if not _kernels._enabled:
+    if not _kernels.kernels_enabled():
         return None, "compiled kernels switched off (sparsity.kernels.use_kernels(False))"
     emb = model.embedding.weight
     if emb.device.type != "cpu" or emb.dtype != torch.float32:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from megatron_qsparse.sparsity import kernels as _sparsify_kernels
-from megatron_qsparse.sparsity.topk import topk_mask
+from megatron_qsparse.sparsity.methods.topk import topk_mask
 
 _CSRC = Path(__file__).with_name("csrc")
 _EXT = _sparsify_kernels.LazyExtension(
@@ -62,7 +62,7 @@ def isa() -> str:
 def _use(x: torch.Tensor, w: torch.Tensor, use_kernel: bool) -> bool:
     return (use_kernel and x.device.type == "cpu" and w.device.type == "cpu"
             and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and _sparsify_kernels._enabled and _EXT.get() is not None)
+            and _sparsify_kernels.kernels_enabled() and _EXT.get() is not None)
 
 
 def _check(x: torch.Tensor, wt: torch.Tensor) -> None:

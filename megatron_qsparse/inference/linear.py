@@ -3,14 +3,14 @@
 :class:`DecodeLinear` replaces a (TP = 1) :class:`~megatron_qsparse.parallel.layers.ColumnParallelLinear`
 or :class:`~megatron_qsparse.parallel.layers.RowParallelLinear` of a trained model. It keeps the
 layer's own :class:`~megatron_qsparse.sparsity.Sparsifier` (so the kept inputs are exactly the
-ones training would keep: same K per kind, per-projection ratios, int8 quantized Top-K, block N:M,
-ReLU, L2 rescale) and holds the weight once, input-major (``wt = W.T``, ``[in, out]``):
+ones training would keep: every method of ``sparsity/methods/`` with its settings) and holds the weight once, input-major (``wt = W.T``, ``[in, out]``):
 
 * **decode** (one token): the sparse GEMV of :mod:`~megatron_qsparse.inference.cpu_kernels`
   (on CUDA: :mod:`~megatron_qsparse.inference.triton_kernels`, when Triton is installed; BitNet
-  on CUDA uses the reference) reads only the rows of ``wt`` of the kept inputs. Plain Top-K (no int8, no rescale, no BitNet)
-  runs fused — selection and product in one compiled call; every other mode runs the sparsifier,
-  then the product over its nonzero entries. BitNet b1.58 reads 2-bit packed ternary rows.
+  on CUDA uses the reference) reads only the rows of ``wt`` of the kept inputs. A method that
+  selects a fixed K per token (``Sparsifier.keep``: plain Top-K) runs fused — selection and
+  product in one compiled call; every other one runs the sparsifier, then the product over its
+  nonzero entries. BitNet b1.58 reads 2-bit packed ternary rows.
 * **prefill** (several tokens) and any input the kernels do not take (not CPU, fp64, kernels
   unavailable): the reference, ``F.linear(sparsify(x), W)`` — the training forward, computed on
   the input-major copy (one weight copy in memory; the GEMM may sum in another order).
@@ -80,9 +80,11 @@ class DecodeLinear(nn.Module):
         bias = layer.bias.detach().clone() if layer.bias is not None else None
         self.register_buffer("bias", bias, persistent=False)
         sp = self.sparsifier
-        # selection and product run fused for plain Top-K (K read at each call: warm-up scale)
-        self.fused = (sp is not None and sp.mode == "topk" and not sp.quantize
-                      and sp.rescale == "none" and not self.bitnet)
+        # selection and product run fused where the method selects a fixed K (plain Top-K; K is
+        # read at each call: warm-up scale); keep 0 means "every nonzero input" (dense)
+        keep = sp.keep(self.in_features) if sp is not None else 0
+        self.fused = isinstance(keep, int) and keep > 0 and not self.bitnet
+        self.selects = not (isinstance(keep, int) and keep == 0)
 
     def path(self) -> str:
         """Which decode path this layer takes: ``fused-topk``, ``sparsify+nonzero-gemv``,
@@ -93,8 +95,7 @@ class DecodeLinear(nn.Module):
             return "sparsify+ternary-gemv"
         if self.fused:
             return "fused-topk"
-        return "nonzero-gemv" if self.sparsifier is None or self.sparsifier.mode == "none" \
-            else "sparsify+nonzero-gemv"
+        return "sparsify+nonzero-gemv" if self.selects else "nonzero-gemv"
 
     def _sparse_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.sparsifier is not None:

@@ -31,7 +31,7 @@ from torch import nn
 from megatron_qsparse.inference.linear import DecodeLinear
 from megatron_qsparse.model.gpt import GPTModel
 from megatron_qsparse.model.transformer import apply_rotary
-from megatron_qsparse.sparsity import set_recording
+from megatron_qsparse.sparsity import get_method, set_recording
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class KVCache:
 
 def _is_dense(model: GPTModel) -> bool:
     q = model.qsparse_config
-    return q.mode == "none" and not q.bitnet
+    return get_method(q.mode).dense and not q.bitnet
 
 
 class InferenceModel(nn.Module):

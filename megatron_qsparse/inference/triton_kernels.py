@@ -4,7 +4,7 @@ Same contract as :mod:`~megatron_qsparse.inference.cpu_kernels`: ``wt`` is the i
 weight ``[in, out]``; one program computes ``BLOCK_N`` outputs, looping over the kept inputs
 ``BLOCK_K`` at a time and loading, for each, a contiguous (coalesced) run of its weight row, so
 only the kept rows are read. The kept set of :func:`gemv_topk` is the reference
-:func:`~megatron_qsparse.sparsity.topk_mask` (exact Top-K, ties to the lower index), whose indices
+:func:`~megatron_qsparse.sparsity.methods.topk.topk_mask` (exact Top-K, ties to the lower index), whose indices
 are gathered in ascending order without a host sync (a stable sort of the mask).
 
 Untested on hardware where this project is developed (no GPU there); ``tests/unit/
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_qsparse.sparsity.topk import topk_mask
+from megatron_qsparse.sparsity.methods.topk import topk_mask
 
 BLOCK_N = 128
 BLOCK_K = 32

@@ -52,7 +52,7 @@ from torch import nn
 
 from megatron_qsparse.config import ModelConfig, QSparseConfig
 from megatron_qsparse.parallel.state import ParallelState
-from megatron_qsparse.sparsity.topk import build_sparsifier
+from megatron_qsparse.sparsity import build_sparsifier
 
 logger = logging.getLogger(__name__)
 

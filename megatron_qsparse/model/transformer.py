@@ -34,7 +34,7 @@ from megatron_qsparse.parallel.layers import ColumnParallelLinear, RowParallelLi
 from megatron_qsparse.parallel.random import checkpoint
 from megatron_qsparse.parallel.state import ParallelState, get_parallel_state
 from megatron_qsparse.sparsity.activations import ACTIVATIONS
-from megatron_qsparse.sparsity.topk import build_sparsifier
+from megatron_qsparse.sparsity import build_sparsifier
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

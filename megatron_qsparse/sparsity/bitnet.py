@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_qsparse.sparsity.topk import quantize_int8, straight_through
+from megatron_qsparse.sparsity.ste import quantize_int8, straight_through
 
 
 def absmean(w: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Density bookkeeping: how many input features every sparse projection actually kept.
 
-Each :class:`~megatron_qsparse.sparsity.topk.Sparsifier` owns a :class:`DensityStats` (attribute
+Each :class:`~megatron_qsparse.sparsity.sparsifier.Sparsifier` owns a :class:`DensityStats` (attribute
 ``density_stats``) that adds up ``count_nonzero`` of its outputs while recording is on (the compiled
 CPU kernels hand over the count they computed while writing the output, so recording costs nothing
 there). Counts stay on the device (no host sync in the forward pass); :func:`collect_density` reads

@@ -1,4 +1,5 @@
-"""The Megatron-style console line and TensorBoard scalars (written by rank 0 only)."""
+"""Console logging setup, the Megatron-style console line and the TensorBoard scalars of a log
+interval (TensorBoard written by rank 0 only)."""
 
 from __future__ import annotations
 
@@ -99,3 +100,42 @@ def console_line(it: int, train_iters: int, stats: dict[str, Any]) -> str:
     if stats.get("skipped"):
         parts.append(f"number of skipped iterations: {stats['skipped']:3d}")
     return " | ".join(parts) + " |"
+
+
+def tensorboard_scalars(stats: dict[str, Any], *, density: dict[str, float],
+                        grad_norms: dict[str, float], memory: dict[str, float],
+                        sparsity_scale: float, loss_spikes: int, loss_scale=None) -> dict:
+    """The TensorBoard scalars of one log interval. ``stats`` is the dict of the console line
+    (:func:`console_line`), ``density`` every measured density (per kind and per layer),
+    ``grad_norms`` the per-projection gradient norms, ``memory`` :func:`memory_stats`;
+    ``loss_scale`` is logged when it is a number (fp16 loss scaling)."""
+    scalars = {"lm-loss": stats["loss"], "learning-rate": stats["lr"],
+               "grad-norm": stats["grad_norm"], "tokens-per-sec": stats["tokens_per_sec"],
+               "iteration-time-ms": stats["ms_per_iter"],
+               "tflops-per-gpu/dense": stats["tflops"],
+               "tflops-per-gpu/activated": stats["tflops_activated"],
+               "activated-params": stats["activated_params"], "sparsity-scale": sparsity_scale,
+               "skipped-iterations": float(stats["skipped"]), "loss-spikes": float(loss_spikes),
+               "consumed-samples": float(stats["consumed_samples"]), **memory}
+    if isinstance(loss_scale, (int, float)):
+        scalars["loss-scale"] = float(loss_scale)
+    scalars.update({f"density/{k}": v for k, v in density.items()})
+    scalars.update({f"grad-norm/{k}": v for k, v in grad_norms.items()})
+    scalars["activated-flops-per-token"] = stats["activated_flops"]
+    scalars.update(moe_scalars(stats["moe"]))
+    return scalars
+
+
+def moe_scalars(moe: dict) -> dict[str, float]:
+    """TensorBoard scalars of the MoE statistics (empty for a dense model): per layer each
+    expert's share of the routes, the dropped fraction, aux and z losses, then their means."""
+    scalars: dict[str, float] = {}
+    for layer, st in moe.get("layers", {}).items():
+        scalars.update({f"moe/layer{layer}/expert{j}": f for j, f in enumerate(st["load"])})
+        scalars.update({f"moe/layer{layer}/dropped-fraction": st["dropped"],
+                        f"moe/layer{layer}/aux-loss": st["aux"],
+                        f"moe/layer{layer}/z-loss": st["z"]})
+    if moe:
+        scalars.update({"moe/aux-loss": moe["aux"], "moe/z-loss": moe["z"],
+                        "moe/dropped-fraction": moe["dropped"]})
+    return scalars

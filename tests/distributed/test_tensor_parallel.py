@@ -69,7 +69,8 @@ def test_vocab_parallel_embedding_and_cross_entropy(dist_pool, n):
 
 
 @pytest.mark.parametrize("variant", ["topk", "topk-no-ste", "topk-l2", "int8-topk",
-                                     "block-2:4", "relu", "bitnet-topk", "none"])
+                                     "block-2:4", "relu", "bitnet-topk", "none", "threshold",
+                                     "threshold-int8"])
 def test_layers_equal_single_process(dist_pool, variant):
     assert all(dist_pool(2).run(B.check_layers, variant))
 

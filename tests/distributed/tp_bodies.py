@@ -195,6 +195,15 @@ def check_embedding_and_cross_entropy() -> bool:
 
 # ------------------------------------------------------------------------------ whole model
 
+def _threshold_tables(layers: int = 2) -> dict:
+    """A ``--qsparse-mode threshold`` calibration for ``layers`` blocks: the same geometric table
+    (thresholds 1e-3 .. 1 over the sparsity levels) for every projection."""
+    table = [0.0] + [1e-3 * 10 ** (3 * i / 100) for i in range(1, 101)]
+    return {"method": "threshold", "levels": 100, "tokens": 0,
+            "thresholds": {f"layer{i}/{k}": table for i in range(layers)
+                           for k in ("qkv", "o", "gate_up", "down")}}
+
+
 VARIANTS = {
     # top-K on both sides of the selection (o: K = 0.6 d keeps the larger side; down: K = 0.25 d);
     # relu2_glu leaves exact zeros before `down`, i.e. many ties at the threshold
@@ -209,6 +218,15 @@ VARIANTS = {
     "relu": ({"ffn_type": "swiglu"}, {"mode": "relu"}),
     "bitnet-topk": ({}, {"bitnet": True, "ratio": 0.4}),
     "none": ({}, {"mode": "none"}),
+    # TEAL: elementwise |x| >= t per (layer, kind); with int8 the row-wide gamma is agreed first
+    # (ratios picked so that every kind keeps a part of its input: the table maps S to
+    # 1e-3 * 10^(3 S), and the inputs of o and down are much smaller than the normed ones)
+    "threshold": ({}, {"mode": "threshold", "ratio": 0.9, "o_ratio": 0.6, "down_ratio": 0.1,
+                       "calibration": _threshold_tables()}),
+    "threshold-int8": ({"ffn_type": "swiglu"}, {"mode": "threshold", "ratio": 0.9,
+                                                "o_ratio": 0.6, "down_ratio": 0.4,
+                                                "quantize_activations": True,
+                                                "calibration": _threshold_tables()}),
     "none-swiglu": ({"ffn_type": "swiglu"}, {"mode": "none"}),
 }
 

@@ -16,7 +16,7 @@ from megatron_qsparse.model.moe import MoELayer, _Expert, moe_aux_loss, moe_laye
 from megatron_qsparse.model.transformer import MLP
 from megatron_qsparse.parallel.state import ParallelState
 from megatron_qsparse.sparsity import collect_density
-from megatron_qsparse.training.setup import param_groups
+from megatron_qsparse.training.optim import param_groups
 
 BASE = ["--data-path", "data/x_text_document", "--tokenizer-type", "ByteTokenizer"]
 
@@ -186,7 +186,7 @@ def test_router_input_is_dense_unless_asked():
     """By default the router sees the dense input; with --moe-router-sparsify-input the top-K
     sparsified one (gate/up ratio), measured as its own density entry ``router``."""
     from megatron_qsparse.sparsity import topk_sparsify
-    from megatron_qsparse.sparsity.topk import keep_count
+    from megatron_qsparse.sparsity import keep_count
 
     x = torch.randn(2, 16, 32)
     for sparsify in (False, True):

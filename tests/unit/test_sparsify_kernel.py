@@ -1,6 +1,6 @@
 """The compiled CPU sparsify kernels agree bit for bit with the pure-PyTorch reference.
 
-Reference: ``x * topk_mask(x, k)`` / ``x * block_mask(x, n, m)`` (sparsity/topk.py). The kernel is
+Reference: ``x * topk_mask(x, k)`` / ``x * block_mask(x, n, m)`` (sparsity/methods/). The kernel is
 built once per machine (cached; the first build takes ~30-60 s) and once per test session at most;
 if it cannot be built here, these tests skip with the reason.
 """

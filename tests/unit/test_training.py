@@ -12,8 +12,8 @@ import torch
 
 from megatron_qsparse.arguments import parse
 from megatron_qsparse.config import ConfigError
-from megatron_qsparse.training.setup import (GuardedAdamW, LRScheduler, deepspeed_config,
-                                             param_groups)
+from megatron_qsparse.training.deepspeed_config import deepspeed_config
+from megatron_qsparse.training.optim import GuardedAdamW, LRScheduler, param_groups
 
 
 def cfg_of(*argv, data="unused"):
@@ -199,8 +199,8 @@ def byte_dataset(tmp_path_factory):
 
 
 def test_one_training_step_changes_every_weight(byte_dataset, tmp_path):
-    from megatron_qsparse.training.loop import train
     from megatron_qsparse.training.setup import setup
+    from megatron_qsparse.training.trainer import Trainer
 
     cfg = cfg_of("--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2",
                  "--seq-length", "16", "--micro-batch-size", "2", "--train-iters", "1",
@@ -209,7 +209,7 @@ def test_one_training_step_changes_every_weight(byte_dataset, tmp_path):
                  data=byte_dataset)
     state = setup(cfg)
     before = {n: p.detach().clone() for n, p in state.model.named_parameters()}
-    summary = train(state)
+    summary = Trainer(state).train()
     assert summary["iterations"] == 1 and math.isfinite(summary["train_loss"])
     for name, p in state.model.named_parameters():
         assert not torch.equal(p.detach(), before[name]), f"{name} did not change"
@@ -234,12 +234,12 @@ def _nan_on_calls(model, calls):
 
 
 def test_nan_batch_is_skipped_and_counted(byte_dataset, tmp_path):
-    from megatron_qsparse.training.loop import train
     from megatron_qsparse.training.setup import setup
+    from megatron_qsparse.training.trainer import Trainer
 
     state = setup(_tiny_cfg(byte_dataset, tmp_path, "--train-iters", "6", "--log-interval", "1"))
     _nan_on_calls(state.model, {3})
-    summary = train(state)
+    summary = Trainer(state).train()
     assert summary["iterations"] == 6 and summary["skipped_iterations"] == 1
     assert state.scheduler.num_steps == 5  # the schedule held on the skipped step
     assert math.isfinite(summary["train_loss"])
@@ -247,21 +247,21 @@ def test_nan_batch_is_skipped_and_counted(byte_dataset, tmp_path):
 
 
 def test_consecutive_non_finite_steps_stop_the_run(byte_dataset, tmp_path):
-    from megatron_qsparse.training.loop import TrainingStopped, train
     from megatron_qsparse.training.setup import setup
+    from megatron_qsparse.training.trainer import Trainer, TrainingStopped
 
     state = setup(_tiny_cfg(byte_dataset, tmp_path, "--train-iters", "20",
                             "--max-consecutive-skipped-iters", "3"))
     _nan_on_calls(state.model, set(range(2, 100)))
     with pytest.raises(TrainingStopped, match="3 consecutive iterations had non-finite"):
-        train(state)
+        Trainer(state).train()
     assert state.iteration == 4
 
 
 def test_crash_while_saving_keeps_the_previous_checkpoint(byte_dataset, tmp_path, monkeypatch):
     from megatron_qsparse.training import checkpointing
-    from megatron_qsparse.training.loop import train
     from megatron_qsparse.training.setup import setup
+    from megatron_qsparse.training.trainer import Trainer
 
     ckpt = tmp_path / "ckpt"
     state = setup(_tiny_cfg(byte_dataset, tmp_path, "--train-iters", "4", "--save", str(ckpt),
@@ -283,7 +283,7 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(byte_dataset, tmp_path
     monkeypatch.setattr(checkpointing, "save", snapshot_save)
     monkeypatch.setattr(checkpointing.os, "replace", dying_replace)
     with pytest.raises(KeyboardInterrupt):
-        train(state)
+        Trainer(state).train()
     monkeypatch.undo()
     assert good and (ckpt / "latest").read_text() == "iter_0000002"
     assert not (ckpt / "iter_0000004").exists()
@@ -297,11 +297,11 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(byte_dataset, tmp_path
 
 
 def test_loss_spike_detector():
-    from megatron_qsparse.training.loop import _SpikeDetector
+    from megatron_qsparse.training.loop import SpikeDetector
 
-    det = _SpikeDetector(factor=2.0, warmup=3)
+    det = SpikeDetector(factor=2.0, warmup=3)
     flags = [det(v) for v in (4.0, 4.0, 4.0, 9.0, 4.1, 12.0, 4.0)]
     assert flags == [False, False, False, True, False, True, False]
     assert det.count == 2 and 3.9 < det.ema < 4.2  # spikes do not pull the average up
-    off = _SpikeDetector(factor=0.0)
+    off = SpikeDetector(factor=0.0)
     assert not any(off(v) for v in (1.0, 1.0, 100.0) * 10)
