@@ -6,10 +6,14 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test test-fast install clean
 
-# Create .venv if missing and install requirements.txt into it; redone only when it changes.
-$(STAMP): requirements.txt
+# Create .venv if missing, install requirements.txt into it, then this package itself, editable
+# (so tools/*.py and bench/*.py import it from this checkout); redone only when either changes.
+# --no-build-isolation: the build backend is the venv's own setuptools (requirements.txt), so the
+# install needs no index beyond the one the requirements came from, and works offline.
+$(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -32,7 +32,6 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 LAYOUTS = ("1,1,1", "1,1,2", "2,1,1", "1,2,1", "2,2,1", "1,2,2")
 MODEL = ["--config", os.path.join(ROOT, "examples", "configs", "demo_tiny.yaml")]

@@ -15,6 +15,7 @@ import os
 import typing
 
 from megatron_qsparse.config import SECTIONS, Config, ConfigError, validate
+from megatron_qsparse.data.validation import validate_data
 from megatron_qsparse.sparsity import methods
 
 _DESCRIPTION = ("Pretrain, continue-train or fine-tune a fully sparsely-activated (Q-Sparse) "
@@ -167,6 +168,8 @@ def parse(argv: list[str] | None = None, world_size: int | None = None) -> Confi
         if pre.config:
             parser.set_defaults(**_yaml_defaults(parser, pre.config))
         ns = parser.parse_args(argv)
-        return validate(namespace_to_config(ns), world_size=world_size)
+        cfg = validate(namespace_to_config(ns), world_size=world_size)
+        validate_data(cfg.data)
+        return cfg
     except ConfigError as e:
         parser.exit(2, f"error: {e}\n")

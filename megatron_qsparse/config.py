@@ -2,13 +2,16 @@
 
 Each field carries its command-line spelling (Megatron-LM's where one exists) and a one-line help
 text in ``metadata``; :mod:`megatron_qsparse.arguments` generates the CLI from these dataclasses.
-All validation lives in :func:`validate`; every error is one line that names the flag and the fix.
+All validation lives here: each section's ``validate()`` method, the cross-section rules and
+:func:`validate`, the entry point; every error is one line that names the flag and the fix.
+This module imports no other module of the package, so any module can import it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,6 +128,81 @@ class ModelConfig:
     def resolved_query_groups(self) -> int:
         return self.num_query_groups or self.num_attention_heads
 
+    def validate(self) -> None:
+        """Check the model's own settings (its tensor-parallel split: :func:`validate`)."""
+        _positive("model", self, ("num_layers", "hidden_size", "ffn_hidden_size",
+                                  "num_attention_heads", "num_query_groups", "kv_channels",
+                                  "seq_length", "max_position_embeddings",
+                                  "make_vocab_size_divisible_by", "vocab_size", "rotary_base"))
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            raise _err("model", "num_attention_heads",
+                       f"hidden size {self.hidden_size} is not divisible by "
+                       f"{self.num_attention_heads} heads",
+                       "pick a head count that divides --hidden-size or set --kv-channels")
+        if self.resolved_kv_channels() % 2:
+            raise _err("model", "kv_channels", f"head width {self.resolved_kv_channels()} is odd",
+                       "rotary embeddings need an even head width")
+        if self.num_attention_heads % self.resolved_query_groups():
+            raise _err("model", "num_query_groups",
+                       f"{self.num_attention_heads} heads are not divisible into "
+                       f"{self.resolved_query_groups()} groups",
+                       "use a divisor of --num-attention-heads")
+        if (self.max_position_embeddings is not None
+                and self.max_position_embeddings < self.seq_length):
+            raise _err("model", "max_position_embeddings",
+                       f"{self.max_position_embeddings} is shorter than --seq-length "
+                       f"{self.seq_length}", "raise it or leave it unset")
+        if self.norm_epsilon <= 0:
+            raise _err("model", "norm_epsilon", f"got {self.norm_epsilon}",
+                       "use a small positive number")
+        if self.init_method_std <= 0:
+            raise _err("model", "init_method_std", f"got {self.init_method_std}", "use e.g. 0.02")
+        for n in ("hidden_dropout", "attention_dropout"):
+            v = getattr(self, n)
+            if not 0.0 <= v < 1.0:
+                raise _err("model", n, f"got {v}", "use a probability in [0, 1)")
+        if self.recompute_activations and self.recompute_granularity not in (None, "selective"):
+            raise _err("model", "recompute_activations",
+                       f"asks for selective recomputation but --recompute-granularity is "
+                       f"{self.recompute_granularity}", "pass only one of the two flags")
+        if self.num_experts is not None:
+            self._validate_moe()
+
+    def _validate_moe(self) -> None:
+        """The MoE settings of a model with experts (the parallel layout is checked elsewhere)."""
+        E, k = self.num_experts, self.moe_router_topk
+        if E < 2:
+            raise _err("model", "num_experts", f"got {E}", "use at least 2 experts (or leave it "
+                       "unset for a dense FFN)")
+        if k > E:
+            raise _err("model", "moe_router_topk", f"top-{k} of {E} experts",
+                       "use k <= --num-experts")
+        if self.moe_layer_freq < 1:
+            raise _err("model", "moe_layer_freq", f"got {self.moe_layer_freq}",
+                       "use a positive integer")
+        for n in ("moe_expert_capacity_factor", "moe_eval_capacity_factor"):
+            v = getattr(self, n)
+            if v is not None and v <= 0:
+                raise _err("model", n, f"got {v}", "use a positive factor, e.g. 1.25")
+        if self.moe_min_capacity < 0:
+            raise _err("model", "moe_min_capacity", f"got {self.moe_min_capacity}",
+                       "use 0 or more")
+        for n in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
+            if getattr(self, n) < 0:
+                raise _err("model", n, f"got {getattr(self, n)}",
+                           "use 0 (off) or a positive weight")
+        if k == 2 and self.moe_token_drop_policy == "random":
+            raise _err("model", "moe_token_drop_policy", "random token selection is top-1 only "
+                       "(DeepSpeed's top-2 gate keeps tokens by position)",
+                       "use position or none, or --moe-router-topk 1")
+        if k == 2 and self.moe_noisy_gate_policy == "rsample":
+            raise _err("model", "moe_noisy_gate_policy", "rsample is top-1 only",
+                       "use jitter or none, or --moe-router-topk 1")
+        if self.resolved_recompute() == "full":
+            raise _err("model", "recompute_granularity", "full recomputation re-runs the routers "
+                       "without gradient for their auxiliary losses", "use selective "
+                       "recomputation or none with --num-experts")
+
 
 @dataclass
 class QSparseConfig:
@@ -171,6 +249,19 @@ class QSparseConfig:
         n, m = (int(v) for v in self.block.split(":"))
         return n, m
 
+    def validate(self) -> None:
+        """Check the ratios and the warm-up (each mode's own rules are its method's, in
+        ``sparsity/methods/``)."""
+        for kind in (None,) + PROJECTION_KINDS:
+            name = "ratio" if kind is None else f"{kind}_ratio"
+            v = getattr(self, name)
+            if v is not None and not 0.0 <= v < 1.0:
+                raise _err("qsparse", name, f"sparsity ratio {v} is outside [0, 1)",
+                           "give the fraction of features to zero, e.g. 0.4")
+        if self.warmup_iters < 0:
+            raise _err("qsparse", "warmup_iters", f"got {self.warmup_iters}",
+                       "use 0 or more iterations")
+
 
 @dataclass
 class ParallelConfig:
@@ -195,6 +286,22 @@ class ParallelConfig:
         1, "MoE expert-parallel degree: the experts of a layer are split over this many "
         "data-parallel ranks (tokens travel by all-to-all).")
 
+    def validate(self) -> None:
+        """Check the layout's own settings (against the model and world size: :func:`validate`)."""
+        _positive("parallel", self, ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                                     "distributed_timeout_minutes"))
+        if self.expert_model_parallel_size < 1:
+            raise _err("parallel", "expert_model_parallel_size",
+                       f"got {self.expert_model_parallel_size}", "use a positive integer")
+        if self.pipeline_model_parallel_size > 1 and self.zero_stage > 1:
+            raise _err("parallel", "zero_stage",
+                       f"ZeRO-{self.zero_stage} partitions gradients, which DeepSpeed's pipeline "
+                       "engine does not support", "use --zero-stage 0 or 1 with "
+                       "--pipeline-model-parallel-size > 1")
+        if self.deepspeed_config is not None and not os.path.isfile(self.deepspeed_config):
+            raise _err("parallel", "deepspeed_config", f"file {self.deepspeed_config!r} not found",
+                       "give the path of a DeepSpeed JSON config")
+
 
 @dataclass
 class DataConfig:
@@ -216,6 +323,21 @@ class DataConfig:
                            "sft: instruction samples with a loss mask on the response tokens "
                            "(tools/preprocess_sft.py), one sample per sequence, padded.",
                            choices=DATA_FORMATS)
+
+    def validate(self) -> None:
+        """Check what needs no file or parser of the data package.
+
+        The syntax of --data-path and --split and the SFT files are checked by
+        :func:`megatron_qsparse.data.validation.validate_data`, which callers run after
+        :func:`validate` (``arguments.parse`` and ``training.setup`` do).
+        """
+        if not self.data_path:
+            raise _err("data", "data_path", "no dataset given",
+                       "preprocess a corpus with tools/preprocess_data.py and pass its prefix")
+        if self.tokenizer_type != "ByteTokenizer" and not self.tokenizer_model:
+            raise _err("data", "tokenizer_model", f"{self.tokenizer_type} needs a model file",
+                       "pass --tokenizer-model PATH.model (or --tokenizer-type ByteTokenizer)")
+        _positive("data", self, ("num_workers",), allow_zero=True)
 
 
 @dataclass
@@ -269,6 +391,64 @@ class TrainConfig:
         "average (0 disables).")
     test: bool = arg(False, "Evaluate on the test split at the end of training.")
 
+    def validate(self) -> None:
+        """Check the schedule, batch sizes and checkpoint settings (the global batch against
+        the world size: :func:`validate`)."""
+        _positive("train", self, ("micro_batch_size", "global_batch_size", "train_iters",
+                                  "eval_interval", "save_interval", "lr_decay_iters",
+                                  "lr_wsd_decay_iters", "keep_last_n_checkpoints",
+                                  "exit_interval", "max_consecutive_skipped_iters"))
+        if self.exit_duration_in_mins is not None and self.exit_duration_in_mins <= 0:
+            raise _err("train", "exit_duration_in_mins", f"got {self.exit_duration_in_mins}",
+                       "use a positive number of minutes")
+        if self.loss_spike_factor != 0 and self.loss_spike_factor <= 1:
+            raise _err("train", "loss_spike_factor", f"got {self.loss_spike_factor}",
+                       "use a factor above 1 (e.g. 2.0) or 0 to disable")
+        if self.finetune and not self.load:
+            raise _err("train", "finetune", "nothing to fine-tune from", "add --load DIR")
+        if self.keep_last_n_checkpoints and not self.save:
+            raise _err("train", "keep_last_n_checkpoints", "no checkpoints are saved",
+                       "add --save DIR")
+        decay_iters = self.lr_decay_iters or self.train_iters
+        if self.lr_decay_style == "WSD":
+            if self.lr_wsd_decay_iters is None:
+                raise _err("train", "lr_wsd_decay_iters",
+                           "WSD needs the length of its decay phase",
+                           "add --lr-wsd-decay-iters N (e.g. 10-20% of --train-iters)")
+            if self.lr_warmup_iters + self.lr_wsd_decay_iters > decay_iters:
+                raise _err("train", "lr_wsd_decay_iters",
+                           f"warm-up ({self.lr_warmup_iters}) + decay "
+                           f"({self.lr_wsd_decay_iters}) exceed the schedule ({decay_iters})",
+                           "shorten them or raise --train-iters")
+        elif self.lr_wsd_decay_iters is not None:
+            raise _err("train", "lr_wsd_decay_iters", f"only used with --lr-decay-style WSD, "
+                       f"not {self.lr_decay_style}", "drop it or use --lr-decay-style WSD")
+        _positive("train", self, ("lr_warmup_iters", "eval_iters"), allow_zero=True)
+        if self.lr <= 0:
+            raise _err("train", "lr", f"got {self.lr}", "use a positive learning rate")
+        if not 0 <= self.min_lr <= self.lr:
+            raise _err("train", "min_lr", f"{self.min_lr} is not within [0, --lr {self.lr}]",
+                       "set it at or below --lr")
+        if self.lr_warmup_iters > decay_iters:
+            raise _err("train", "lr_warmup_iters",
+                       f"warm-up ({self.lr_warmup_iters}) is longer than the decay "
+                       f"({decay_iters})",
+                       "shorten the warm-up or raise --lr-decay-iters/--train-iters")
+        for n in ("adam_beta1", "adam_beta2"):
+            v = getattr(self, n)
+            if not 0.0 <= v < 1.0:
+                raise _err("train", n, f"got {v}", "use a value in [0, 1)")
+        if self.adam_eps <= 0:
+            raise _err("train", "adam_eps", f"got {self.adam_eps}", "use a small positive number")
+        if self.weight_decay < 0:
+            raise _err("train", "weight_decay", f"got {self.weight_decay}", "use 0 or more")
+        if self.clip_grad < 0:
+            raise _err("train", "clip_grad", f"got {self.clip_grad}",
+                       "use 0 (off) or a positive norm")
+        if self.save_interval is not None and not self.save:
+            raise _err("train", "save_interval", "a save interval without a save directory",
+                       "add --save DIR")
+
 
 @dataclass
 class LogConfig:
@@ -280,6 +460,9 @@ class LogConfig:
         False, "Also log measured density per layer (per projection kind is always logged).")
     summary_json: str | None = arg(
         None, "Write a JSON summary of the run (final losses, throughput, density) to this file.")
+
+    def validate(self) -> None:
+        _positive("log", self, ("log_interval",))
 
 
 @dataclass
@@ -336,60 +519,24 @@ def _positive(section: str, obj: Any, names: tuple[str, ...], allow_zero: bool =
 def validate(cfg: Config, world_size: int | None = None) -> Config:
     """Check every setting and their combinations; raise :class:`ConfigError` on the first problem.
 
-    ``world_size`` (when known) checks that the parallel layout divides the number of processes.
-    Returns ``cfg`` for chaining.
+    Each section checks its own fields (``ModelConfig.validate`` ...), then
+    :func:`_cross_section_rules` the settings that span sections, then the checks registered with
+    :func:`register_check` (each sparsifier method's rules, ``sparsity/methods/``). ``world_size``
+    (when known) checks that the parallel layout divides the number of processes. The data files
+    and the syntax of --data-path/--split are checked by ``megatron_qsparse.data.validation``
+    (this module imports no package module). Returns ``cfg`` for chaining.
     """
-    m, q, p, d, t, lg = cfg.model, cfg.qsparse, cfg.parallel, cfg.data, cfg.train, cfg.log
+    for section in SECTIONS:
+        getattr(cfg, section).validate()
+    _cross_section_rules(cfg, world_size)
+    for check in _CHECKS:  # the sparsifier method's own rules (sparsity/methods/)
+        check(cfg, world_size)
+    return cfg
 
-    # ---- model
-    _positive("model", m, ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                           "num_query_groups", "kv_channels", "seq_length",
-                           "max_position_embeddings", "make_vocab_size_divisible_by",
-                           "vocab_size", "rotary_base"))
-    if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
-        raise _err("model", "num_attention_heads",
-                   f"hidden size {m.hidden_size} is not divisible by {m.num_attention_heads} heads",
-                   "pick a head count that divides --hidden-size or set --kv-channels")
-    if m.resolved_kv_channels() % 2:
-        raise _err("model", "kv_channels", f"head width {m.resolved_kv_channels()} is odd",
-                   "rotary embeddings need an even head width")
-    if m.num_attention_heads % m.resolved_query_groups():
-        raise _err("model", "num_query_groups",
-                   f"{m.num_attention_heads} heads are not divisible into "
-                   f"{m.resolved_query_groups()} groups", "use a divisor of --num-attention-heads")
-    if m.max_position_embeddings is not None and m.max_position_embeddings < m.seq_length:
-        raise _err("model", "max_position_embeddings",
-                   f"{m.max_position_embeddings} is shorter than --seq-length {m.seq_length}",
-                   "raise it or leave it unset")
-    if m.norm_epsilon <= 0:
-        raise _err("model", "norm_epsilon", f"got {m.norm_epsilon}", "use a small positive number")
-    if m.init_method_std <= 0:
-        raise _err("model", "init_method_std", f"got {m.init_method_std}", "use e.g. 0.02")
-    for n in ("hidden_dropout", "attention_dropout"):
-        v = getattr(m, n)
-        if not 0.0 <= v < 1.0:
-            raise _err("model", n, f"got {v}", "use a probability in [0, 1)")
 
-    # ---- sparsity
-    for kind in (None,) + PROJECTION_KINDS:
-        name = "ratio" if kind is None else f"{kind}_ratio"
-        v = getattr(q, name)
-        if v is not None and not 0.0 <= v < 1.0:
-            raise _err("qsparse", name, f"sparsity ratio {v} is outside [0, 1)",
-                       "give the fraction of features to zero, e.g. 0.4")
-    if q.warmup_iters < 0:
-        raise _err("qsparse", "warmup_iters", f"got {q.warmup_iters}", "use 0 or more iterations")
-
-    if m.recompute_activations and m.recompute_granularity not in (None, "selective"):
-        raise _err("model", "recompute_activations",
-                   f"asks for selective recomputation but --recompute-granularity is "
-                   f"{m.recompute_granularity}", "pass only one of the two flags")
-
-    _validate_moe(m, q, cfg.parallel, world_size)
-
-    # ---- parallel
-    _positive("parallel", p, ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                              "distributed_timeout_minutes"))
+def _cross_section_rules(cfg: Config, world_size: int | None) -> None:
+    """Settings of one section checked against another's, and the layout against the world size."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     if tp > 1:
         for name, value in (("num_attention_heads", m.num_attention_heads),
@@ -399,102 +546,15 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
                 raise _err("model", name, f"{value} is not divisible by "
                            f"--tensor-model-parallel-size {tp}",
                            f"use a multiple of {tp} or a tensor-parallel size that divides it")
-    if pp > 1:
-        if pp > m.num_layers:
-            raise _err("parallel", "pipeline_model_parallel_size",
-                       f"{pp} stages for {m.num_layers} transformer blocks",
-                       "use at most one stage per block")
-        if p.zero_stage > 1:
-            raise _err("parallel", "zero_stage",
-                       f"ZeRO-{p.zero_stage} partitions gradients, which DeepSpeed's pipeline "
-                       "engine does not support", "use --zero-stage 0 or 1 with "
-                       "--pipeline-model-parallel-size > 1")
+    if pp > m.num_layers:
+        raise _err("parallel", "pipeline_model_parallel_size",
+                   f"{pp} stages for {m.num_layers} transformer blocks",
+                   "use at most one stage per block")
     if world_size is not None and world_size % (tp * pp):
         raise _err("parallel", "tensor_model_parallel_size",
                    f"world size {world_size} is not divisible by TP x PP = {tp * pp}",
                    "launch a multiple of TP x PP processes")
-    if p.deepspeed_config is not None:
-        import os
-        if not os.path.isfile(p.deepspeed_config):
-            raise _err("parallel", "deepspeed_config", f"file {p.deepspeed_config!r} not found",
-                       "give the path of a DeepSpeed JSON config")
-
-    # ---- data
-    if not d.data_path:
-        raise _err("data", "data_path", "no dataset given",
-                   "preprocess a corpus with tools/preprocess_data.py and pass its prefix")
-    try:
-        from megatron_qsparse.data.gpt_dataset import parse_data_path, parse_split
-        parse_data_path(list(d.data_path))
-        train_share = parse_split(d.split)[0]
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if train_share <= 0:
-        raise _err("data", "split", f"{d.split!r} gives the training split no documents",
-                   "give the first (train) number a positive share, e.g. 969,30,1")
-    if d.tokenizer_type != "ByteTokenizer" and not d.tokenizer_model:
-        raise _err("data", "tokenizer_model", f"{d.tokenizer_type} needs a model file",
-                   "pass --tokenizer-model PATH.model (or --tokenizer-type ByteTokenizer)")
-    _positive("data", d, ("num_workers",), allow_zero=True)
-    if d.data_format == "sft":
-        from megatron_qsparse.data.sft_dataset import check_prefixes
-        try:
-            check_prefixes(list(d.data_path))
-        except ValueError as e:
-            raise _err("data", "data_format", str(e), "or use --data-format gpt") from None
-
-    # ---- training
-    _positive("train", t, ("micro_batch_size", "global_batch_size", "train_iters",
-                           "eval_interval", "save_interval", "lr_decay_iters",
-                           "lr_wsd_decay_iters", "keep_last_n_checkpoints", "exit_interval",
-                           "max_consecutive_skipped_iters"))
-    if t.exit_duration_in_mins is not None and t.exit_duration_in_mins <= 0:
-        raise _err("train", "exit_duration_in_mins", f"got {t.exit_duration_in_mins}",
-                   "use a positive number of minutes")
-    if t.loss_spike_factor != 0 and t.loss_spike_factor <= 1:
-        raise _err("train", "loss_spike_factor", f"got {t.loss_spike_factor}",
-                   "use a factor above 1 (e.g. 2.0) or 0 to disable")
-    if t.finetune and not t.load:
-        raise _err("train", "finetune", "nothing to fine-tune from", "add --load DIR")
-    if t.keep_last_n_checkpoints and not t.save:
-        raise _err("train", "keep_last_n_checkpoints", "no checkpoints are saved",
-                   "add --save DIR")
-    if t.lr_decay_style == "WSD":
-        if t.lr_wsd_decay_iters is None:
-            raise _err("train", "lr_wsd_decay_iters", "WSD needs the length of its decay phase",
-                       "add --lr-wsd-decay-iters N (e.g. 10-20% of --train-iters)")
-        if t.lr_warmup_iters + t.lr_wsd_decay_iters > (t.lr_decay_iters or t.train_iters):
-            raise _err("train", "lr_wsd_decay_iters",
-                       f"warm-up ({t.lr_warmup_iters}) + decay ({t.lr_wsd_decay_iters}) exceed "
-                       f"the schedule ({t.lr_decay_iters or t.train_iters})",
-                       "shorten them or raise --train-iters")
-    elif t.lr_wsd_decay_iters is not None:
-        raise _err("train", "lr_wsd_decay_iters", f"only used with --lr-decay-style WSD, "
-                   f"not {t.lr_decay_style}", "drop it or use --lr-decay-style WSD")
-    _positive("train", t, ("lr_warmup_iters", "eval_iters"), allow_zero=True)
-    if t.lr <= 0:
-        raise _err("train", "lr", f"got {t.lr}", "use a positive learning rate")
-    if not 0 <= t.min_lr <= t.lr:
-        raise _err("train", "min_lr", f"{t.min_lr} is not within [0, --lr {t.lr}]",
-                   "set it at or below --lr")
-    decay_iters = t.lr_decay_iters or t.train_iters
-    if t.lr_warmup_iters > decay_iters:
-        raise _err("train", "lr_warmup_iters",
-                   f"warm-up ({t.lr_warmup_iters}) is longer than the decay ({decay_iters})",
-                   "shorten the warm-up or raise --lr-decay-iters/--train-iters")
-    for n in ("adam_beta1", "adam_beta2"):
-        v = getattr(t, n)
-        if not 0.0 <= v < 1.0:
-            raise _err("train", n, f"got {v}", "use a value in [0, 1)")
-    if t.adam_eps <= 0:
-        raise _err("train", "adam_eps", f"got {t.adam_eps}", "use a small positive number")
-    if t.weight_decay < 0:
-        raise _err("train", "weight_decay", f"got {t.weight_decay}", "use 0 or more")
-    if t.clip_grad < 0:
-        raise _err("train", "clip_grad", f"got {t.clip_grad}", "use 0 (off) or a positive norm")
-    if t.save_interval is not None and not t.save:
-        raise _err("train", "save_interval", "a save interval without a save directory",
-                   "add --save DIR")
+    _moe_layout_rules(m, p, world_size)
     if world_size is not None and t.global_batch_size is not None:
         dp = world_size // (tp * pp)
         if t.global_batch_size % (t.micro_batch_size * dp):
@@ -503,61 +563,18 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
                        f"{t.micro_batch_size} x data-parallel size {dp}",
                        f"use a multiple of {t.micro_batch_size * dp}")
 
-    # ---- logging
-    _positive("log", lg, ("log_interval",))
 
-    for check in _CHECKS:  # the sparsifier method's own rules (sparsity/methods/)
-        check(cfg, world_size)
-    return cfg
-
-
-_CHECKS: list = []
-
-
-def register_check(check) -> None:
-    """Add ``check(cfg, world_size)`` to :func:`validate`: packages below this leaf module (the
-    sparsifier registry, ``sparsity/methods/``) contribute the rules they own this way."""
-    if check not in _CHECKS:
-        _CHECKS.append(check)
-
-
-def _validate_moe(m: ModelConfig, q: QSparseConfig, p: ParallelConfig,
-                  world_size: int | None) -> None:
+def _moe_layout_rules(m: ModelConfig, p: ParallelConfig, world_size: int | None) -> None:
+    """How experts fit the parallel layout (the experts' own settings: ``ModelConfig.validate``)."""
     ep = p.expert_model_parallel_size
-    if ep < 1:
-        raise _err("parallel", "expert_model_parallel_size", f"got {ep}", "use a positive integer")
     if m.num_experts is None:
         if ep > 1:
             raise _err("parallel", "expert_model_parallel_size",
                        "expert parallelism needs experts", "add --num-experts E or drop it")
         return
-    E, k = m.num_experts, m.moe_router_topk
-    if E < 2:
-        raise _err("model", "num_experts", f"got {E}", "use at least 2 experts (or leave it unset "
-                   "for a dense FFN)")
-    if k > E:
-        raise _err("model", "moe_router_topk", f"top-{k} of {E} experts", "use k <= --num-experts")
-    if m.moe_layer_freq < 1:
-        raise _err("model", "moe_layer_freq", f"got {m.moe_layer_freq}", "use a positive integer")
-    for n in ("moe_expert_capacity_factor", "moe_eval_capacity_factor"):
-        v = getattr(m, n)
-        if v is not None and v <= 0:
-            raise _err("model", n, f"got {v}", "use a positive factor, e.g. 1.25")
-    if m.moe_min_capacity < 0:
-        raise _err("model", "moe_min_capacity", f"got {m.moe_min_capacity}", "use 0 or more")
-    for n in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
-        if getattr(m, n) < 0:
-            raise _err("model", n, f"got {getattr(m, n)}", "use 0 (off) or a positive weight")
-    if k == 2 and m.moe_token_drop_policy == "random":
-        raise _err("model", "moe_token_drop_policy", "random token selection is top-1 only "
-                   "(DeepSpeed's top-2 gate keeps tokens by position)",
-                   "use position or none, or --moe-router-topk 1")
-    if k == 2 and m.moe_noisy_gate_policy == "rsample":
-        raise _err("model", "moe_noisy_gate_policy", "rsample is top-1 only",
-                   "use jitter or none, or --moe-router-topk 1")
-    if E % ep:
+    if m.num_experts % ep:
         raise _err("parallel", "expert_model_parallel_size",
-                   f"{E} experts do not split over {ep} expert-parallel ranks",
+                   f"{m.num_experts} experts do not split over {ep} expert-parallel ranks",
                    "use a divisor of --num-experts")
     if p.tensor_model_parallel_size > 1:
         # Our experts are not tensor-parallel, and DeepSpeed's MoE with a TP mpu either drops
@@ -570,10 +587,6 @@ def _validate_moe(m: ModelConfig, q: QSparseConfig, p: ParallelConfig,
                    "pipeline parallelism (the pipeline's loss sees only the last stage, not the "
                    "routers' auxiliary losses)", "use --pipeline-model-parallel-size 1 with "
                    "--num-experts")
-    if m.resolved_recompute() == "full":
-        raise _err("model", "recompute_granularity", "full recomputation re-runs the routers "
-                   "without gradient for their auxiliary losses", "use selective recomputation "
-                   "or none with --num-experts")
     if p.zero_stage == 3:
         raise _err("parallel", "zero_stage", "DeepSpeed's MoE does not support ZeRO-3",
                    "use --zero-stage 0, 1 or 2 with --num-experts")
@@ -583,6 +596,16 @@ def _validate_moe(m: ModelConfig, q: QSparseConfig, p: ParallelConfig,
             raise _err("parallel", "expert_model_parallel_size",
                        f"data-parallel size {dp} is not divisible by {ep}",
                        "launch a multiple of --expert-model-parallel-size processes")
+
+
+_CHECKS: list = []
+
+
+def register_check(check) -> None:
+    """Add ``check(cfg, world_size)`` to :func:`validate`: packages below this leaf module (the
+    sparsifier registry, ``sparsity/methods/``) contribute the rules they own this way."""
+    if check not in _CHECKS:
+        _CHECKS.append(check)
 
 
 def moe_layer_indices(m: ModelConfig) -> list[int]:

@@ -19,7 +19,8 @@ _DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_AD
 
 
 def clean_env(**extra: str) -> dict:
-    """The environment for a child process: no inherited process-group variables, CPU DeepSpeed."""
+    """The environment for a child process: no inherited process-group variables, CPU DeepSpeed,
+    this checkout first on PYTHONPATH (its package, whether or not an install points here)."""
     env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
     env["DS_ACCELERATOR"] = "cpu"
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

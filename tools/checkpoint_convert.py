@@ -27,7 +27,6 @@ import dataclasses
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_qsparse.config import (Config, ConfigError, QSparseConfig,  # noqa: E402
                                      padded_vocab_size, validate)

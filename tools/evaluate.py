@@ -33,7 +33,6 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_qsparse.config import PROJECTION_KINDS, ConfigError  # noqa: E402
 from megatron_qsparse.sparsity import describe, method_names, summary  # noqa: E402

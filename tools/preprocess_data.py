@@ -48,9 +48,6 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from multiprocessing import Pool, get_context
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(0, _REPO_ROOT)
 
 import numpy as np  # noqa: E402
 

@@ -361,7 +361,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     args = build_parser().parse_args(argv)
     try:
         return {"fit": cmd_fit, "optimum": cmd_optimum, "runs": cmd_runs}[args.command](args)

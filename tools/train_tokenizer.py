@@ -43,9 +43,6 @@ import re
 import sys
 import time
 
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO_ROOT not in sys.path:
-    sys.path.insert(0, _REPO_ROOT)
 
 from megatron_qsparse.data.corpus import (  # noqa: E402
     CorruptInputError,

@@ -7,8 +7,9 @@ importing a 7B model never holds more than one tensor of it beyond what the layo
 (one TP shard). Exporting streams our full tensors into safetensors shards of at most
 ``max_shard_bytes``.
 
-Architecture mapping (all three are pre-norm RMSNorm decoders with RoPE and grouped-query
-attention; our layouts are documented in :mod:`megatron_qsparse.model.transformer`):
+Tensor mapping of the three registered families (:mod:`megatron_qsparse.convert.families`, one
+adapter each, looked up by ``model_type``; our layouts are documented in
+:mod:`megatron_qsparse.model.transformer`):
 
 ==========================================  ===============================================
 ours                                        Hugging Face
@@ -24,11 +25,8 @@ ours                                        Hugging Face
 ``output_layer.weight`` (untied)            ``lm_head.weight`` (absent when tied)
 ==========================================  ===============================================
 
-RoPE: both use ``rotate_half`` (feature ``i`` paired with ``i + hd/2``), so q/k need no
-permutation. ``hidden_act`` ``silu`` is our ``swiglu`` FFN; ``relu2`` (``up · ReLU(gate)²``) is
-our ``relu2_glu``, so our from-scratch models export too. Mistral's sliding-window attention is not
-implemented: the imported model gets ``max_position_embeddings = sliding_window`` so that no run
-can use sequences where the window would matter (``--seq-length`` above it is rejected).
+Each family's config mapping and quirks (Qwen2's q/k/v bias, Mistral's sliding window, RoPE,
+activations) are in its module under :mod:`megatron_qsparse.convert.families`.
 
 Exported configs carry a ``qsparse`` section with the sparsifier settings the model was trained
 with (see README, "Continue-training and fine-tuning Hugging Face models"); importing such a
@@ -49,13 +47,13 @@ import torch
 
 from megatron_qsparse.atomic import write_text
 from megatron_qsparse.config import Config, ConfigError, ModelConfig, QSparseConfig
+from megatron_qsparse.convert.families import FAMILIES, get_family
+from megatron_qsparse.convert.families.llama import ACTS  # noqa: F401 (part of this module's API)
 from megatron_qsparse.convert.layout import TensorSource
 
 logger = logging.getLogger(__name__)
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                 "qwen2": "Qwen2ForCausalLM"}
-ACTS = {"silu": "swiglu", "swish": "swiglu", "relu2": "relu2_glu"}
+ARCHITECTURES = {t: f.architecture for t, f in FAMILIES.items()}
 QSPARSE_KEY = "qsparse"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -73,54 +71,14 @@ def read_hf_config(hf_dir: str) -> dict:
         return json.load(fh)
 
 
-def _rope_theta(hf: dict) -> int:
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
-    if rope_type not in (None, "default"):
-        raise ConfigError(f"--hf-dir: RoPE scaling {rope_type!r} is not implemented; only the "
-                          "default rotary embedding is supported")
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    if float(theta) != int(theta):
-        raise ConfigError(f"--hf-dir: rope_theta {theta} is not an integer; not supported")
-    return int(theta)
-
-
 def model_config_from_hf(hf: dict, seq_length: int | None = None) -> ModelConfig:
     """Our model shape for a Hugging Face config (raises on what we cannot represent)."""
     mt = hf.get("model_type")
-    if mt not in ARCHITECTURES:
+    family = get_family(mt)
+    if family is None:
         raise ConfigError(f"--hf-dir: model_type {mt!r} is not supported; use one of "
-                          f"{sorted(ARCHITECTURES)}")
-    act = hf.get("hidden_act", "silu")
-    if act not in ACTS:
-        raise ConfigError(f"--hf-dir: hidden_act {act!r} is not supported; use silu or relu2")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ConfigError("--hf-dir: attention_bias/mlp_bias on every projection is not "
-                          "supported (only Qwen2's q/k/v bias is)")
-    heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    max_pos = int(hf.get("max_position_embeddings") or 4096)
-    window = hf.get("sliding_window") if (mt == "mistral" or hf.get("use_sliding_window")) \
-        else None
-    if window is not None and window < max_pos:
-        logger.warning("sliding_window %d < max_position_embeddings %d: sliding-window attention "
-                       "is not implemented, so the imported model is limited to %d positions "
-                       "(where full causal attention equals it)", window, max_pos, window)
-        max_pos = int(window)
-    seq = int(seq_length or min(max_pos, 4096))
-    if seq > max_pos:
-        raise ConfigError(f"--seq-length: {seq} is longer than the model's {max_pos} positions; "
-                          "use a shorter sequence")
-    return ModelConfig(
-        num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
-        ffn_hidden_size=hf["intermediate_size"], num_attention_heads=heads,
-        num_query_groups=hf.get("num_key_value_heads") or heads, kv_channels=head_dim,
-        seq_length=seq, max_position_embeddings=max_pos, ffn_type=ACTS[act],
-        normalization="RMSNorm", norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
-        rotary_base=_rope_theta(hf), add_bias_linear=False, add_qkv_bias=mt == "qwen2",
-        untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
-        vocab_size=hf["vocab_size"], init_method_std=float(hf.get("initializer_range", 0.02)))
+                          f"{sorted(FAMILIES)}")
+    return family.model_config(hf, seq_length)
 
 
 def qsparse_config_from_hf(hf: dict) -> QSparseConfig:
@@ -136,48 +94,10 @@ def hf_config_from_ours(cfg: Config, model_type: str, base: dict | None = None,
                         dtype: str = "float32") -> dict:
     """A Hugging Face ``config.json`` for our model (``base``: the imported original, whose other
     fields such as token ids are kept)."""
-    m = cfg.model
-    if model_type not in ARCHITECTURES:
-        raise ConfigError(f"--model-type: {model_type!r} is not one of {sorted(ARCHITECTURES)}")
-    problems = []
-    if m.normalization != "RMSNorm":
-        problems.append("--normalization LayerNorm")
-    if m.add_bias_linear:
-        problems.append("--add-bias-linear")
-    if m.add_qkv_bias and model_type != "qwen2":
-        problems.append("--add-qkv-bias (only qwen2 has it)")
-    if model_type == "qwen2" and not m.add_qkv_bias:
-        problems.append("no q/k/v bias (qwen2 has one; export as llama)")
-    if cfg.qsparse.bitnet:
-        problems.append("--bitnet (ternary weights need our forward)")
-    if problems:
-        raise ConfigError(f"export: {', '.join(problems)} cannot be expressed as a Hugging Face "
-                          f"{model_type} model; run such checkpoints with megatron-qsparse")
-    act = {v: k for k, v in ACTS.items() if k != "swish"}[m.ffn_type]
-    out = dict(base or {})
-    for k in ("rope_scaling", "_name_or_path", "auto_map"):
-        out.pop(k, None)
-    if not base or base.get("model_type") != model_type:
-        out.pop("sliding_window", None)
-        out.pop("use_sliding_window", None)
-        out.pop("layer_types", None)
-    out.update({
-        "architectures": [ARCHITECTURES[model_type]], "model_type": model_type,
-        "hidden_size": m.hidden_size, "intermediate_size": m.resolved_ffn_hidden_size(),
-        "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_attention_heads,
-        "num_key_value_heads": m.resolved_query_groups(), "head_dim": m.resolved_kv_channels(),
-        "hidden_act": act, "rms_norm_eps": m.norm_epsilon, "vocab_size": m.vocab_size,
-        "tie_word_embeddings": not m.untie_embeddings_and_output_weights,
-        "rope_parameters": {"rope_theta": float(m.rotary_base), "rope_type": "default"},
-        "rope_theta": float(m.rotary_base), "dtype": dtype,
-        "attention_dropout": 0.0, "initializer_range": m.init_method_std,
-    })
-    if not base:
-        out["max_position_embeddings"] = m.max_position_embeddings or m.seq_length
-    if model_type == "mistral":
-        out.setdefault("sliding_window", None)
-    if model_type == "llama":
-        out.update(attention_bias=False, mlp_bias=False)
+    family = get_family(model_type)
+    if family is None:
+        raise ConfigError(f"--model-type: {model_type!r} is not one of {sorted(FAMILIES)}")
+    out = family.hf_config(cfg, base, dtype)
     out[QSPARSE_KEY] = dict(dataclasses.asdict(cfg.qsparse), format="megatron-qsparse/1")
     return out
 
@@ -221,39 +141,18 @@ class SafetensorsDir:
             return f.get_tensor(name)
 
 
-def _layer_names(i: int) -> dict[str, list[str]]:
-    p = f"model.layers.{i}."
-    return {
-        f"layers.{i}.input_norm.weight": [p + "input_layernorm.weight"],
-        f"layers.{i}.attention.qkv.weight": [p + f"self_attn.{x}_proj.weight" for x in "qkv"],
-        f"layers.{i}.attention.qkv.bias": [p + f"self_attn.{x}_proj.bias" for x in "qkv"],
-        f"layers.{i}.attention.o.weight": [p + "self_attn.o_proj.weight"],
-        f"layers.{i}.post_attention_norm.weight": [p + "post_attention_layernorm.weight"],
-        f"layers.{i}.mlp.gate_up.weight": [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"],
-        f"layers.{i}.mlp.down.weight": [p + "mlp.down_proj.weight"],
-    }
-
-
-def name_map(m: ModelConfig) -> dict[str, list[str]]:
-    """Our parameter name -> the Hugging Face tensors it is the row-concatenation of."""
-    out = {"embedding.weight": ["model.embed_tokens.weight"]}
-    for i in range(m.num_layers):
-        for ours, theirs in _layer_names(i).items():
-            if ours.endswith("qkv.bias") and not m.add_qkv_bias:
-                continue
-            out[ours] = theirs
-    out["final_norm.weight"] = ["model.norm.weight"]
-    if m.untie_embeddings_and_output_weights:
-        out["output_layer.weight"] = ["lm_head.weight"]
-    return out
+def name_map(m: ModelConfig, model_type: str = "llama") -> dict[str, list[str]]:
+    """Our parameter name -> the Hugging Face tensors it is the row-concatenation of (the
+    registered families share LLaMA's tensor names, hence the default)."""
+    return FAMILIES[model_type].name_map(m)
 
 
 def hf_source(hf_dir: str, m: ModelConfig, padded_vocab: int,
-              dtype: torch.dtype | None = None) -> TensorSource:
+              dtype: torch.dtype | None = None, model_type: str = "llama") -> TensorSource:
     """A re-iterable source of our full tensors read lazily from ``hf_dir`` (vocabulary rows
     zero-padded to ``padded_vocab``; cast to ``dtype`` when given)."""
     files = SafetensorsDir(hf_dir)
-    mapping = name_map(m)
+    mapping = name_map(m, model_type)
     for theirs in mapping.values():
         for t in theirs:
             if t not in files:
@@ -271,9 +170,10 @@ def hf_source(hf_dir: str, m: ModelConfig, padded_vocab: int,
     return gen
 
 
-def to_hf_tensors(source: TensorSource, m: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def to_hf_tensors(source: TensorSource, m: ModelConfig,
+                  model_type: str = "llama") -> Iterator[tuple[str, torch.Tensor]]:
     """Our full tensors -> Hugging Face tensors (fused ones split, vocabulary padding stripped)."""
-    mapping = name_map(m)
+    mapping = name_map(m, model_type)
     hd, nq, nkv = m.resolved_kv_channels(), m.num_attention_heads, m.resolved_query_groups()
     ffn = m.resolved_ffn_hidden_size()
     for ours, t in source():
@@ -378,6 +278,7 @@ def write_hf_dir(out_dir: str, hf_config: dict, tensors: Iterator[tuple[str, tor
         raise
 
 
-__all__ = ["ARCHITECTURES", "DTYPES", "SafetensorsDir", "hf_config_from_ours", "hf_source",
+__all__ = ["ARCHITECTURES", "DTYPES", "FAMILIES", "SafetensorsDir", "hf_config_from_ours",
+           "hf_source",
            "model_config_from_hf", "name_map", "parse_size", "qsparse_config_from_hf",
            "read_hf_config", "to_hf_tensors", "write_hf_dir"]

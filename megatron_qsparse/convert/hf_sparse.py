@@ -19,11 +19,10 @@ import re
 from torch import nn
 
 from megatron_qsparse.config import QSparseConfig
+from megatron_qsparse.convert.families import LLAMA, get_family
 from megatron_qsparse.convert.hf import qsparse_config_from_hf
 from megatron_qsparse.sparsity import build_sparsifier
 
-_KINDS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o",
-          "gate_proj": "gate_up", "up_proj": "gate_up", "down_proj": "down"}
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
 
@@ -39,9 +38,11 @@ def sparsify_hf_model(model: nn.Module, qsparse: QSparseConfig | None = None) ->
         qsparse = qsparse_config_from_hf({"qsparse": rec})
     if qsparse.bitnet:
         raise ValueError("BitNet models need megatron-qsparse's own forward")
+    # the family's projection names; LLaMA's (which all registered families share) otherwise
+    family = get_family(getattr(model.config, "model_type", None)) or LLAMA
     handles = []
     for name, module in model.named_modules():
-        kind = _KINDS.get(name.rsplit(".", 1)[-1])
+        kind = family.projection_kinds.get(name.rsplit(".", 1)[-1])
         m = _LAYER.search(name)
         if kind is None or m is None or not isinstance(module, nn.Linear):
             continue

@@ -194,10 +194,12 @@ def setup(cfg: Config) -> TrainingState:
     """Initialise processes, data, model and the DeepSpeed engine for ``cfg``."""
     import deepspeed
 
+    from megatron_qsparse.data.validation import validate_data
+
     init_distributed(cfg)
     world_size = torch.distributed.get_world_size()
     rank = torch.distributed.get_rank()
-    validate(cfg, world_size=world_size)
+    validate_data(validate(cfg, world_size=world_size).data)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     # TP/PP/DP groups from one topology; data-parallel rank and size come from it (all TP ranks

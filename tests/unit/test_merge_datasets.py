@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from megatron_qsparse.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
-from tests.helpers import load_tool
+from tests.helpers import clean_env, load_tool
 from tests.unit.megatron_format import megatron_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -55,7 +55,7 @@ def test_merge_explicit_prefixes_in_given_order(tmp_path):
     _write(tmp_path / "a", [[3], [4, 5]])
     r = subprocess.run([sys.executable, TOOL, "--input", str(tmp_path / "b.bin"),
                         str(tmp_path / "a"), "--output-prefix", str(tmp_path / "m")],
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=60, env=clean_env())
     assert r.returncode == 0, r.stderr
     m = IndexedDataset(str(tmp_path / "m"))
     assert [m[i].tolist() for i in range(len(m))] == [[1, 2], [3], [4, 5]]

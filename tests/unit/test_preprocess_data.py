@@ -11,7 +11,7 @@ import pytest
 
 from megatron_qsparse.data.indexed_dataset import IndexedDataset
 from megatron_qsparse.data.tokenizer import build_tokenizer
-from tests.helpers import load_tool
+from tests.helpers import clean_env, load_tool
 from tests.unit.megatron_format import megatron_bytes, read_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -37,7 +37,7 @@ def corpus_lines():
 
 def run_tool(*args):
     return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=120)
+                          cwd=REPO, timeout=120, env=clean_env())
 
 
 def check_read_back(prefix, good, tokenizer):

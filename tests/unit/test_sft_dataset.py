@@ -14,6 +14,7 @@ from megatron_qsparse.data.sampler import collate_tokens
 from megatron_qsparse.data.sft_dataset import (MASK_SUFFIX, SFTDataset, build_sft_datasets,
                                                encode, record_fields, render)
 from megatron_qsparse.data.tokenizer import ByteTokenizer
+from megatron_qsparse.data.validation import validate_data
 from megatron_qsparse.training.loop import get_batch, mean_loss
 from tests.helpers import run_cli
 
@@ -108,7 +109,7 @@ def test_builder_splits_and_validation(sft_prefix, tmp_path):
     cfg.data.tokenizer_type = "ByteTokenizer"
     cfg.data.data_format = "sft"
     cfg.data.data_path = [sft_prefix]
-    validate(cfg)
+    validate_data(validate(cfg).data)
     cfg.data.data_path = [str(tmp_path / "oo_text_document")]
     with pytest.raises(ConfigError, match="^--data-format: .*preprocess_sft.py"):
-        validate(cfg)
+        validate_data(validate(cfg).data)

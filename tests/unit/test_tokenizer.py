@@ -15,7 +15,7 @@ from megatron_qsparse.data.tokenizer import (
     Tokenizer,
     build_tokenizer,
 )
-from tests.helpers import load_tool
+from tests.helpers import clean_env, load_tool
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL = os.path.join(REPO, "examples", "data", "kjv_sp4k.model")
@@ -88,7 +88,8 @@ def test_build_tokenizer_errors(tmp_path):
 
 def _run_tool(*args):
     return subprocess.run([sys.executable, os.path.join(REPO, "tools", "train_tokenizer.py"),
-                           *args], capture_output=True, text=True, cwd=REPO, timeout=120)
+                           *args], capture_output=True, text=True, cwd=REPO, timeout=120,
+                           env=clean_env())
 
 
 def test_train_tokenizer_deterministic_and_check(tmp_path):
