@@ -151,7 +151,7 @@ def bench_e2e(args) -> None:
     for width in args.widths:
         cfg, vocab = demo_configs(width)
         torch.manual_seed(0)
-        dense_model = GPTModel(cfg, QSparseConfig(mode="none"), vocab)
+        dense_model = GPTModel(cfg.with_sparsity(QSparseConfig(mode="none")), vocab)
         n = count_parameters(dense_model)
         state = dense_model.state_dict()
         del dense_model
@@ -161,7 +161,7 @@ def bench_e2e(args) -> None:
             for mode, s in [("none", None)] + [("topk", s) for s in args.e2e_ratios]:
                 if mode == "none" and path == "reference":
                     continue  # the dense reference is the dense layer-by-layer path
-                m = GPTModel(cfg, QSparseConfig(mode=mode, ratio=s or 0.5), vocab)
+                m = GPTModel(cfg.with_sparsity(QSparseConfig(mode=mode, ratio=s or 0.5)), vocab)
                 m.load_state_dict(state)
                 label = "dense" if s is None else f"Q-Sparse S={s}"
                 base = "compiled step" if path == "compiled step" else "layer by layer"

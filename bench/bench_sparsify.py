@@ -202,7 +202,7 @@ def build_step(config: str, mode: str):
     spec = STEP_CONFIGS[config]
     torch.manual_seed(0)
     qcfg = QSparseConfig(mode="none" if mode == "dense" else "topk", ratio=spec["ratio"])
-    model = GPTModel(ModelConfig(**spec["model"]), qcfg, spec["vocab"])
+    model = GPTModel(ModelConfig(**spec["model"]).with_sparsity(qcfg), spec["vocab"])
     seq = spec["model"]["seq_length"]
     tokens = torch.randint(0, spec["vocab"], (spec["batch"], seq))
     labels = torch.randint(0, spec["vocab"], (spec["batch"], seq))

@@ -23,7 +23,6 @@ import argparse
 import os
 import socket
 import statistics
-import sys
 import time
 from datetime import timedelta
 

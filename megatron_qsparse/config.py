@@ -44,6 +44,65 @@ MOE_NOISY_GATE_POLICIES = ("none", "jitter", "rsample")
 
 
 @dataclass
+class QSparseConfig:
+    """How the input of every linear projection is sparsified (see DESIGN.md, "The method")."""
+
+    mode: str = arg("topk", "Sparsifier on linear inputs (a method registered in "
+                    "megatron_qsparse/sparsity/methods/).", flag="--qsparse-mode")
+    ratio: float = arg(0.4, "Sparsity ratio S: fraction of input features zeroed (keep "
+                       "K = d - floor(S*d)).", flag="--qsparse-ratio")
+    qkv_ratio: float | None = arg(None, "Sparsity ratio for the q/k/v projections' input; "
+                                  "default: --qsparse-ratio.", flag="--qsparse-qkv-ratio")
+    o_ratio: float | None = arg(None, "Sparsity ratio for the attention output projection's input; "
+                                "default: --qsparse-ratio.", flag="--qsparse-o-ratio")
+    gate_up_ratio: float | None = arg(None, "Sparsity ratio for the gate/up projections' input; "
+                                      "default: --qsparse-ratio.", flag="--qsparse-gate-up-ratio")
+    down_ratio: float | None = arg(None, "Sparsity ratio for the down projection's input; "
+                                   "default: --qsparse-ratio.", flag="--qsparse-down-ratio")
+    block: str = arg("2:4", "N:M pattern of --qsparse-mode block: keep N of every M consecutive "
+                     "features.", flag="--qsparse-block")
+    ste: bool = arg(True, "Ablation: disable the straight-through estimator, so only kept "
+                    "positions receive gradient.", flag="--no-ste")
+    rescale: str = arg("none", "Rescale kept entries so the sparse vector keeps the dense L2 norm.",
+                       flag="--qsparse-rescale", choices=("none", "l2"))
+    quantize_activations: bool = arg(
+        False, "8-bit per-token absmax fake quantization of the input before top-K.",
+        flag="--qsparse-quantize-activations")
+    bitnet: bool = arg(False, "BitNet b1.58: ternary {-1,0,+1}*mean|W| weights and int8 "
+                       "activations (STE).", flag="--bitnet")
+    warmup_iters: int = arg(0, "Ramp the sparsity ratio linearly from 0 to its target over this "
+                            "many iterations (continue-training).", flag="--qsparse-warmup-iters")
+    calibration: dict | None = arg(
+        None, "JSON file of per-projection values a method was calibrated with (e.g. the "
+        "thresholds of --qsparse-mode threshold, written by tools/calibrate_thresholds.py into "
+        "the checkpoint it saves).", flag="--qsparse-calibration")
+
+    def ratio_for(self, kind: str) -> float:
+        """The target sparsity ratio of one projection kind (``qkv``, ``o``, ``gate_up``, ``down``)."""
+        if kind not in PROJECTION_KINDS:
+            raise KeyError(f"unknown projection kind {kind!r}; expected one of {PROJECTION_KINDS}")
+        override = getattr(self, f"{kind}_ratio")
+        return self.ratio if override is None else override
+
+    def block_nm(self) -> tuple[int, int]:
+        n, m = (int(v) for v in self.block.split(":"))
+        return n, m
+
+    def validate(self) -> None:
+        """Check the ratios and the warm-up (each mode's own rules are its method's, in
+        ``sparsity/methods/``)."""
+        for kind in (None,) + PROJECTION_KINDS:
+            name = "ratio" if kind is None else f"{kind}_ratio"
+            v = getattr(self, name)
+            if v is not None and not 0.0 <= v < 1.0:
+                raise _err("qsparse", name, f"sparsity ratio {v} is outside [0, 1)",
+                           "give the fraction of features to zero, e.g. 0.4")
+        if self.warmup_iters < 0:
+            raise _err("qsparse", "warmup_iters", f"got {self.warmup_iters}",
+                       "use 0 or more iterations")
+
+
+@dataclass
 class ModelConfig:
     """Shape of the LLaMA-style decoder."""
 
@@ -110,6 +169,28 @@ class ModelConfig:
     moe_router_sparsify_input: bool = arg(
         False, "MoE: feed the router the top-K sparsified input (the gate/up ratio) instead of "
         "the dense one.")
+
+    @property
+    def qsparse(self) -> QSparseConfig:
+        """The sparsity of this model's projections. Inside a :class:`Config` it is the run's
+        ``Config.qsparse`` (the same object: the model builders take the model config alone);
+        a ModelConfig on its own carries the defaults until :meth:`with_sparsity` or an
+        assignment sets it. Not a dataclass field: the ``qsparse`` section stays the one source
+        of the flags and of the saved configuration."""
+        q = self.__dict__.get("_qsparse")
+        if q is None:
+            q = self.__dict__["_qsparse"] = QSparseConfig()
+        return q
+
+    @qsparse.setter
+    def qsparse(self, q: QSparseConfig) -> None:
+        self.__dict__["_qsparse"] = q
+
+    def with_sparsity(self, q: QSparseConfig) -> "ModelConfig":
+        """A copy of this shape whose projections are sparsified as ``q`` says."""
+        m = dataclasses.replace(self)
+        m.qsparse = q
+        return m
 
     def resolved_recompute(self) -> str | None:
         """``full``, ``selective`` or None (no recomputation)."""
@@ -202,65 +283,6 @@ class ModelConfig:
             raise _err("model", "recompute_granularity", "full recomputation re-runs the routers "
                        "without gradient for their auxiliary losses", "use selective "
                        "recomputation or none with --num-experts")
-
-
-@dataclass
-class QSparseConfig:
-    """How the input of every linear projection is sparsified (see DESIGN.md, "The method")."""
-
-    mode: str = arg("topk", "Sparsifier on linear inputs (a method registered in "
-                    "megatron_qsparse/sparsity/methods/).", flag="--qsparse-mode")
-    ratio: float = arg(0.4, "Sparsity ratio S: fraction of input features zeroed (keep "
-                       "K = d - floor(S*d)).", flag="--qsparse-ratio")
-    qkv_ratio: float | None = arg(None, "Sparsity ratio for the q/k/v projections' input; "
-                                  "default: --qsparse-ratio.", flag="--qsparse-qkv-ratio")
-    o_ratio: float | None = arg(None, "Sparsity ratio for the attention output projection's input; "
-                                "default: --qsparse-ratio.", flag="--qsparse-o-ratio")
-    gate_up_ratio: float | None = arg(None, "Sparsity ratio for the gate/up projections' input; "
-                                      "default: --qsparse-ratio.", flag="--qsparse-gate-up-ratio")
-    down_ratio: float | None = arg(None, "Sparsity ratio for the down projection's input; "
-                                   "default: --qsparse-ratio.", flag="--qsparse-down-ratio")
-    block: str = arg("2:4", "N:M pattern of --qsparse-mode block: keep N of every M consecutive "
-                     "features.", flag="--qsparse-block")
-    ste: bool = arg(True, "Ablation: disable the straight-through estimator, so only kept "
-                    "positions receive gradient.", flag="--no-ste")
-    rescale: str = arg("none", "Rescale kept entries so the sparse vector keeps the dense L2 norm.",
-                       flag="--qsparse-rescale", choices=("none", "l2"))
-    quantize_activations: bool = arg(
-        False, "8-bit per-token absmax fake quantization of the input before top-K.",
-        flag="--qsparse-quantize-activations")
-    bitnet: bool = arg(False, "BitNet b1.58: ternary {-1,0,+1}*mean|W| weights and int8 "
-                       "activations (STE).", flag="--bitnet")
-    warmup_iters: int = arg(0, "Ramp the sparsity ratio linearly from 0 to its target over this "
-                            "many iterations (continue-training).", flag="--qsparse-warmup-iters")
-    calibration: dict | None = arg(
-        None, "JSON file of per-projection values a method was calibrated with (e.g. the "
-        "thresholds of --qsparse-mode threshold, written by tools/calibrate_thresholds.py into "
-        "the checkpoint it saves).", flag="--qsparse-calibration")
-
-    def ratio_for(self, kind: str) -> float:
-        """The target sparsity ratio of one projection kind (``qkv``, ``o``, ``gate_up``, ``down``)."""
-        if kind not in PROJECTION_KINDS:
-            raise KeyError(f"unknown projection kind {kind!r}; expected one of {PROJECTION_KINDS}")
-        override = getattr(self, f"{kind}_ratio")
-        return self.ratio if override is None else override
-
-    def block_nm(self) -> tuple[int, int]:
-        n, m = (int(v) for v in self.block.split(":"))
-        return n, m
-
-    def validate(self) -> None:
-        """Check the ratios and the warm-up (each mode's own rules are its method's, in
-        ``sparsity/methods/``)."""
-        for kind in (None,) + PROJECTION_KINDS:
-            name = "ratio" if kind is None else f"{kind}_ratio"
-            v = getattr(self, name)
-            if v is not None and not 0.0 <= v < 1.0:
-                raise _err("qsparse", name, f"sparsity ratio {v} is outside [0, 1)",
-                           "give the fraction of features to zero, e.g. 0.4")
-        if self.warmup_iters < 0:
-            raise _err("qsparse", "warmup_iters", f"got {self.warmup_iters}",
-                       "use 0 or more iterations")
 
 
 @dataclass
@@ -475,6 +497,14 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        self.model.qsparse = self.qsparse
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in ("model", "qsparse") and "model" in self.__dict__ and "qsparse" in self.__dict__:
+            self.model.qsparse = self.qsparse  # the model carries the run's sparsity
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

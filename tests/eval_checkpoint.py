@@ -33,7 +33,7 @@ def write_checkpoint(save_dir: str, cfg: Config, seed: int = 0) -> dict:
     (TP = 1) state dict."""
     torch.manual_seed(seed)
     tp = cfg.parallel.tensor_model_parallel_size
-    model = GPTModel(cfg.model, cfg.qsparse, padded_vocab_size(cfg.model.vocab_size, cfg))
+    model = GPTModel(cfg.model, padded_vocab_size(cfg.model.vocab_size, cfg))
     full = {k: v.detach().clone() for k, v in model.state_dict().items()}
     folder = os.path.join(save_dir, "iter_0000010")
     os.makedirs(folder, exist_ok=True)

@@ -64,7 +64,7 @@ def report(args) -> dict:
             cfg.data.data_path = list(args.data_path)
         validate(cfg)
         state = model.state_dict()
-        model = GPTModel(cfg.model, cfg.qsparse, model.vocab_size)
+        model = GPTModel(cfg.model, model.vocab_size)
         model.load_state_dict(state)
         model.eval()
     data_path = list(args.data_path or cfg.data.data_path)

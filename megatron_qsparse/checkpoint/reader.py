@@ -113,7 +113,7 @@ def load_model(path: str, map_location: str = "cpu"):
                           f"({cfg.parallel.tensor_model_parallel_size} ranks); merge it to one "
                           "shard first")
     state = read_model_state(folder, map_location)
-    model = GPTModel(cfg.model, cfg.qsparse, padded_vocab_size(cfg.model.vocab_size, cfg))
+    model = GPTModel(cfg.model, padded_vocab_size(cfg.model.vocab_size, cfg))
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

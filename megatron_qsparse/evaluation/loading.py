@@ -143,7 +143,7 @@ def load_for_eval(path: str, *, qsparse_mode: str | None = None,
                           "run one process (the shards are merged)")
     vocab = state["embedding.weight"].shape[0] * run_tp  # the padded vocabulary
     with torch.device("meta"):
-        model = GPTModel(cfg.model, cfg.qsparse, vocab, parallel=parallel)
+        model = GPTModel(cfg.model, vocab, parallel=parallel)
     missing = set(model.state_dict()) ^ set(state)
     if missing:
         raise ConfigError(f"--load: {folder} does not match the model of its own config "

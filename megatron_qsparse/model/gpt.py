@@ -14,7 +14,7 @@ import logging
 import torch
 from torch import nn
 
-from megatron_qsparse.config import ModelConfig, QSparseConfig
+from megatron_qsparse.config import ModelConfig
 from megatron_qsparse.model.accounting import count_parameters
 from megatron_qsparse.model.transformer import TransformerBlock, build_norm
 from megatron_qsparse.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -31,7 +31,7 @@ class GPTModel(nn.Module):
     """Embedding → ``num_layers`` :class:`TransformerBlock` → final norm → LM head.
 
     The seven projections of every block (q/k/v fused, o, gate/up fused, down) sparsify their
-    input as ``qsparse_cfg`` says. The LM head's input is *not* sparsified (the paper sparsifies
+    input as ``model_cfg.qsparse`` says. The LM head's input is *not* sparsified (the paper sparsifies
     the block projections only), nor BitNet-quantized. The head is the transposed input embedding
     unless ``untie_embeddings_and_output_weights``.
 
@@ -60,11 +60,12 @@ class GPTModel(nn.Module):
     adds before ``backward``.
     """
 
-    def __init__(self, model_cfg: ModelConfig, qsparse_cfg: QSparseConfig, vocab_size: int,
+    def __init__(self, model_cfg: ModelConfig, vocab_size: int,
                  parallel: ParallelState | None = None, init_seed: int | None = None,
                  expert_parallel_size: int = 1):
         super().__init__()
-        self.config, self.qsparse_config, self.vocab_size = model_cfg, qsparse_cfg, vocab_size
+        self.config, self.vocab_size = model_cfg, vocab_size
+        self.qsparse_config = model_cfg.qsparse
         self.parallel = parallel if parallel is not None else get_parallel_state()
         self.recompute_blocks = model_cfg.resolved_recompute() == "full"
         std = model_cfg.init_method_std
@@ -75,7 +76,7 @@ class GPTModel(nn.Module):
         layers = []
         for i in range(L):
             with _seeded(init_seed, 1 + i):
-                layers.append(TransformerBlock(model_cfg, qsparse_cfg, i, self.parallel,
+                layers.append(TransformerBlock(model_cfg, i, self.parallel,
                                                ep_size=expert_parallel_size))
         self.layers = nn.ModuleList(layers)
         self.final_norm = build_norm(model_cfg)

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from megatron_qsparse.config import ModelConfig, QSparseConfig
+from megatron_qsparse.config import ModelConfig
 from megatron_qsparse.parallel.layers import ColumnParallelLinear, RowParallelLinear, divide
 from megatron_qsparse.parallel.state import ParallelState, get_parallel_state
 from megatron_qsparse.sparsity.activations import ACTIVATIONS
@@ -26,9 +26,9 @@ class MLP(nn.Module):
     ``ffn`` is this TP rank's share of the FFN width (all of it at TP = 1).
     """
 
-    def __init__(self, cfg: ModelConfig, qcfg: QSparseConfig, layer: int,
-                 parallel: ParallelState | None = None):
+    def __init__(self, cfg: ModelConfig, layer: int, parallel: ParallelState | None = None):
         super().__init__()
+        qcfg = cfg.qsparse
         parallel = parallel if parallel is not None else get_parallel_state()
         ffn = cfg.resolved_ffn_hidden_size()
         self.ffn = divide(ffn, parallel.tp_size, "--ffn-hidden-size")

@@ -50,7 +50,7 @@ import math
 import torch
 from torch import nn
 
-from megatron_qsparse.config import ModelConfig, QSparseConfig, moe_layer_indices
+from megatron_qsparse.config import ModelConfig, moe_layer_indices
 from megatron_qsparse.model.mlp import MLP
 from megatron_qsparse.parallel.state import ParallelState
 from megatron_qsparse.sparsity import build_sparsifier
@@ -85,7 +85,7 @@ class MoELayer(nn.Module):
     rank), and DeepSpeed names each expert's checkpoint file by the same global index.
     """
 
-    def __init__(self, cfg: ModelConfig, qcfg: QSparseConfig, layer: int,
+    def __init__(self, cfg: ModelConfig, layer: int,
                  parallel: ParallelState | None = None, ep_size: int = 1,
                  ep_rank: int | None = None):
         super().__init__()
@@ -116,7 +116,7 @@ class MoELayer(nn.Module):
         for j in range(ep_rank * self.num_local_experts, (ep_rank + 1) * self.num_local_experts):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed + j)
-                experts.append(_Expert(MLP(cfg, qcfg, layer, parallel)))
+                experts.append(_Expert(MLP(cfg, layer, parallel)))
         holder = self.moe.deepspeed_moe.experts
         holder.deepspeed_experts = nn.ModuleList(experts)
         for p in holder.deepspeed_experts.parameters():
@@ -125,7 +125,7 @@ class MoELayer(nn.Module):
             p.expert_parallel_size = ep_size  # other EP ranks hold as many different ones
         self.router_sparsifier = None
         if cfg.moe_router_sparsify_input:
-            self.router_sparsifier = build_sparsifier(qcfg, "gate_up", layer)
+            self.router_sparsifier = build_sparsifier(cfg.qsparse, "gate_up", layer)
             self.router_sparsifier.kind = "router"  # its own density entry
         self._router_input: torch.Tensor | None = None
         gate.register_forward_pre_hook(self._capture_router_input)
@@ -246,10 +246,10 @@ def reset_moe_stats(model: nn.Module) -> None:
         m.reset_stats()
 
 
-def build_ffn(cfg: ModelConfig, qcfg: QSparseConfig, layer: int,
+def build_ffn(cfg: ModelConfig, layer: int,
               parallel: ParallelState | None = None, ep_size: int = 1) -> nn.Module:
     """The FFN of block ``layer``: an :class:`MoELayer` where ``--moe-layer-freq`` puts one,
     else the dense :class:`~megatron_qsparse.model.mlp.MLP`."""
     if layer in moe_layer_indices(cfg):
-        return MoELayer(cfg, qcfg, layer, parallel, ep_size=ep_size)
-    return MLP(cfg, qcfg, layer, parallel)
+        return MoELayer(cfg, layer, parallel, ep_size=ep_size)
+    return MLP(cfg, layer, parallel)

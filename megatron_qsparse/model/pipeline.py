@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-from megatron_qsparse.config import ModelConfig, QSparseConfig
+from megatron_qsparse.config import ModelConfig
 from megatron_qsparse.model.gpt import mean_loss
 from megatron_qsparse.model.transformer import TransformerBlock, build_norm
 from megatron_qsparse.parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -36,7 +36,7 @@ def _pipe_loss(parallel: ParallelState, logits: torch.Tensor, labels: torch.Tens
     return mean_loss(vocab_parallel_cross_entropy(logits, labels, parallel), labels)
 
 
-def pipeline_specs(model_cfg: ModelConfig, qsparse_cfg: QSparseConfig, vocab_size: int,
+def pipeline_specs(model_cfg: ModelConfig, vocab_size: int,
                    parallel: ParallelState) -> list:
     """The layer sequence of :class:`~megatron_qsparse.model.gpt.GPTModel` as DeepSpeed layer specs.
 
@@ -53,7 +53,7 @@ def pipeline_specs(model_cfg: ModelConfig, qsparse_cfg: QSparseConfig, vocab_siz
     tied = not model_cfg.untie_embeddings_and_output_weights
     specs = [TiedLayerSpec(PIPE_EMBED_KEY, *embed, parallel=parallel, tied_weight_attr="weight")
              if tied else LayerSpec(*embed, parallel=parallel)]
-    specs += [LayerSpec(TransformerBlock, model_cfg, qsparse_cfg, i, parallel)
+    specs += [LayerSpec(TransformerBlock, model_cfg, i, parallel)
               for i in range(model_cfg.num_layers)]
     specs.append(LayerSpec(type(build_norm(model_cfg)), h, model_cfg.norm_epsilon))
     if tied:
@@ -76,7 +76,7 @@ def pipeline_layer_names(model_cfg: ModelConfig) -> dict[int, str]:
     return names
 
 
-def build_pipeline_model(model_cfg: ModelConfig, qsparse_cfg: QSparseConfig, vocab_size: int,
+def build_pipeline_model(model_cfg: ModelConfig, vocab_size: int,
                          parallel: ParallelState, *, init_seed: int,
                          partition_method: str = "uniform"):
     """This rank's stage of the model as a ``deepspeed.pipe.PipelineModule``.
@@ -91,7 +91,7 @@ def build_pipeline_model(model_cfg: ModelConfig, qsparse_cfg: QSparseConfig, voc
 
     full = model_cfg.resolved_recompute() == "full"
     method = "type:TransformerBlock" if partition_method == "uniform" else partition_method
-    specs = pipeline_specs(model_cfg, qsparse_cfg, vocab_size, parallel)
+    specs = pipeline_specs(model_cfg, vocab_size, parallel)
     module = PipelineModule(
         layers=specs,
         topology=parallel.topology, loss_fn=functools.partial(_pipe_loss, parallel),
@@ -99,7 +99,8 @@ def build_pipeline_model(model_cfg: ModelConfig, qsparse_cfg: QSparseConfig, voc
         partition_method=method, activation_checkpoint_interval=1 if full else 0,
         activation_checkpoint_func=functools.partial(checkpoint, state=parallel),
         checkpointable_layers=["TransformerBlock"])
-    module.config, module.qsparse_config, module.vocab_size = model_cfg, qsparse_cfg, vocab_size
+    module.config, module.vocab_size = model_cfg, vocab_size
+    module.qsparse_config = model_cfg.qsparse
     module.pipeline_state = parallel
     last = len(specs) - 1
     start = module.partitions()[module.stage_id]  # this stage's first spec index

@@ -23,7 +23,7 @@ from megatron_qsparse.parallel.state import ParallelState
 def partition_specs(model_cfg, vocab_size: int, tp_size: int) -> dict:
     """``{name: (dim, sizes) or None}`` of every parameter of a GPT model at TP = ``tp_size``."""
     with torch.device("meta"):
-        model = GPTModel(model_cfg, QSparseConfig(mode="none"), vocab_size,
+        model = GPTModel(model_cfg.with_sparsity(QSparseConfig(mode="none")), vocab_size,
                          parallel=ParallelState.virtual_tp(tp_size, 0))
     return {n: partition_spec(p) for n, p in model.named_parameters()}
 

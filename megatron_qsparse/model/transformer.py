@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_qsparse.config import ModelConfig, QSparseConfig
+from megatron_qsparse.config import ModelConfig
 from megatron_qsparse.model.moe import build_ffn
 from megatron_qsparse.parallel.layers import ColumnParallelLinear, RowParallelLinear, divide
 from megatron_qsparse.parallel.random import checkpoint
@@ -129,7 +129,7 @@ class Attention(nn.Module):
     ``nq`` and ``nkv`` are this TP rank's head and group counts (all of them at TP = 1).
     """
 
-    def __init__(self, cfg: ModelConfig, qcfg: QSparseConfig, layer: int,
+    def __init__(self, cfg: ModelConfig, layer: int,
                  parallel: ParallelState | None = None):
         super().__init__()
         self.parallel = parallel if parallel is not None else get_parallel_state()
@@ -140,7 +140,7 @@ class Attention(nn.Module):
         self.hd = cfg.resolved_kv_channels()
         self.dropout = cfg.attention_dropout
         self.recompute_core = cfg.resolved_recompute() == "selective"
-        std = cfg.init_method_std
+        std, qcfg = cfg.init_method_std, cfg.qsparse
         self.qkv = ColumnParallelLinear(
             cfg.hidden_size, (nq + 2 * nkv) * self.hd,
             bias=cfg.add_bias_linear or cfg.add_qkv_bias,
@@ -188,14 +188,14 @@ class TransformerBlock(nn.Module):
     :class:`~megatron_qsparse.model.moe.MoELayer` (``ep_size``: expert-parallel degree).
     """
 
-    def __init__(self, cfg: ModelConfig, qcfg: QSparseConfig, layer: int,
+    def __init__(self, cfg: ModelConfig, layer: int,
                  parallel: ParallelState | None = None, ep_size: int = 1):
         super().__init__()
         self.layer = layer
         self.input_norm = build_norm(cfg)
-        self.attention = Attention(cfg, qcfg, layer, parallel)
+        self.attention = Attention(cfg, layer, parallel)
         self.post_attention_norm = build_norm(cfg)
-        self.mlp = build_ffn(cfg, qcfg, layer, parallel, ep_size=ep_size)
+        self.mlp = build_ffn(cfg, layer, parallel, ep_size=ep_size)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -129,10 +129,10 @@ def build_model(cfg: Config, vocab_size: int, parallel=None) -> torch.nn.Module:
 
     parallel = parallel if parallel is not None else get_parallel_state()
     if parallel.pp_size > 1:
-        return build_pipeline_model(cfg.model, cfg.qsparse, vocab_size, parallel,
+        return build_pipeline_model(cfg.model, vocab_size, parallel,
                                     init_seed=cfg.train.seed,
                                     partition_method=cfg.parallel.pipeline_partition_method)
-    return GPTModel(cfg.model, cfg.qsparse, vocab_size, parallel=parallel,
+    return GPTModel(cfg.model, vocab_size, parallel=parallel,
                     init_seed=cfg.train.seed,
                     expert_parallel_size=cfg.parallel.expert_model_parallel_size)
 

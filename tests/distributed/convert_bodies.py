@@ -22,7 +22,7 @@ def imported_logits_vs_transformers(ckpt: str, hf_dir: str, arch: str, ratio: fl
     meta = json.load(open(os.path.join(folder, "qsparse_meta.json")))
     cfg = Config.from_dict(meta["config"])
     st = state(cfg.parallel.tensor_model_parallel_size)
-    model = GPTModel(cfg.model, cfg.qsparse, padded_vocab_size(cfg.model.vocab_size, cfg),
+    model = GPTModel(cfg.model, padded_vocab_size(cfg.model.vocab_size, cfg),
                      parallel=st).eval()
     shard = torch.load(os.path.join(folder, f"mp_rank_{st.tp_rank:02d}_model_states.pt"),
                        weights_only=True)["module"]

@@ -26,7 +26,7 @@ def _ds_comm() -> None:
 
 def _layer(cfg, qcfg, ep: int, seed: int) -> MoELayer:
     torch.manual_seed(seed)
-    layer = MoELayer(cfg, qcfg, 0, ParallelState.single(), ep_size=ep).double()
+    layer = MoELayer(cfg.with_sparsity(qcfg), 0, ParallelState.single(), ep_size=ep).double()
     if ep > 1:
         layer.moe.set_deepspeed_parallelism()
     return layer

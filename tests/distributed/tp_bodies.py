@@ -273,9 +273,9 @@ def build_pair(variant: str, tp: int, dtype: torch.dtype, seed: int = 0):
     cfg = model_cfg(**model_kw)
     qcfg = QSparseConfig(**q_kw)
     torch.manual_seed(seed)
-    ref = GPTModel(cfg, qcfg, V, parallel=ParallelState.single())
+    ref = GPTModel(cfg.with_sparsity(qcfg), V, parallel=ParallelState.single())
     torch.manual_seed(seed)
-    tpm = GPTModel(cfg, qcfg, V, parallel=st)
+    tpm = GPTModel(cfg.with_sparsity(qcfg), V, parallel=st)
     shards = shard_state_dict(ref.state_dict(), st.tp_rank, st.tp_size, cfg)
     for name, p in tpm.state_dict().items():  # TP-invariant initialisation
         assert torch.equal(p, shards[name]), f"init of {name} differs from the TP=1 shard"
@@ -342,7 +342,7 @@ def check_dropout_rng(seed: int) -> dict:
     st.seed(seed)
     cfg = model_cfg(hidden_dropout=0.2, attention_dropout=0.2)
     torch.manual_seed(seed)
-    m = GPTModel(cfg, QSparseConfig(ratio=0.5), V, parallel=st).train()
+    m = GPTModel(cfg.with_sparsity(QSparseConfig(ratio=0.5)), V, parallel=st).train()
     tokens = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(1))
     hidden = {}
     m.final_norm.register_forward_hook(lambda mod, a, out: hidden.__setitem__("h", a[0].detach()))

@@ -187,7 +187,7 @@ def test_reshard_repads_vocabulary(tmp_path):
                             untie_embeddings_and_output_weights=True, seq_length=16)
     cfg.qsparse = QSparseConfig(mode="none")
     torch.manual_seed(0)
-    model = GPTModel(cfg.model, cfg.qsparse, 100).eval()
+    model = GPTModel(cfg.model, 100).eval()
     sd = model.state_dict()
     write_checkpoint(str(tmp_path / "a"), cfg, lambda: iter(sd.items()))
     assert tool.main(["reshard", "--load", str(tmp_path / "a"), "--save", str(tmp_path / "b"),
@@ -275,7 +275,7 @@ def test_export_shards_and_relu2_glu(tmp_path, tokens):
                             make_vocab_size_divisible_by=128, seq_length=32)
     cfg.qsparse = QSparseConfig(mode="none")
     torch.manual_seed(1)
-    model = GPTModel(cfg.model, cfg.qsparse, 384).eval()  # padded 300 -> 384
+    model = GPTModel(cfg.model, 384).eval()  # padded 300 -> 384
     sd = model.state_dict()
     write_checkpoint(str(tmp_path / "ck"), cfg, lambda: iter(sd.items()))
     out = tmp_path / "hf"

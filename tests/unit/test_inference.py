@@ -28,7 +28,7 @@ def build(qcfg: QSparseConfig, groups: int = 2, ffn: str = "relu2_glu", **kw) ->
     torch.manual_seed(0)
     cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4,
                       num_query_groups=groups, seq_length=48, ffn_type=ffn, **kw)
-    return GPTModel(cfg, qcfg, VOCAB).eval()
+    return GPTModel(cfg.with_sparsity(qcfg), VOCAB).eval()
 
 
 def cached_logits(im: InferenceModel, tokens: torch.Tensor, prefill: int, chunk: int = 1):

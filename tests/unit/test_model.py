@@ -24,7 +24,7 @@ def tiny(**kw) -> ModelConfig:
 
 def build(model_kw=None, q_kw=None, seed=0) -> GPTModel:
     torch.manual_seed(seed)
-    return GPTModel(tiny(**(model_kw or {})), QSparseConfig(**(q_kw or {})), V)
+    return GPTModel(tiny(**(model_kw or {})).with_sparsity(QSparseConfig(**(q_kw or {}))), V)
 
 
 def tokens(b=2, s=16, seed=1):
@@ -176,7 +176,7 @@ def test_recompute_gives_the_same_loss_and_gradients(granularity):
     for g in (None, granularity):
         torch.manual_seed(0)
         model = GPTModel(tiny(recompute_granularity=g, hidden_dropout=0.1,
-                              attention_dropout=0.1), QSparseConfig(), V)
+                              attention_dropout=0.1), V)
         torch.manual_seed(5)
         loss = model(tokens(), tokens(seed=2)).mean()
         loss.backward()
@@ -190,10 +190,10 @@ def test_recompute_gives_the_same_loss_and_gradients(granularity):
 def test_init_seed_seeds_every_piece_independently():
     """With ``init_seed``, block i's weights do not depend on how many pieces were built before
     it (what lets every pipeline stage build only its own blocks)."""
-    a = GPTModel(tiny(num_layers=2), QSparseConfig(), V, init_seed=7)
-    b = GPTModel(tiny(num_layers=3), QSparseConfig(), V, init_seed=7)
+    a = GPTModel(tiny(num_layers=2), V, init_seed=7)
+    b = GPTModel(tiny(num_layers=3), V, init_seed=7)
     torch.manual_seed(123)
-    c = GPTModel(tiny(num_layers=2), QSparseConfig(), V, init_seed=7)
+    c = GPTModel(tiny(num_layers=2), V, init_seed=7)
     for name, p in a.state_dict().items():
         assert torch.equal(p, c.state_dict()[name]), name
         if name.startswith(("embedding", "layers.0", "layers.1")):

@@ -68,9 +68,9 @@ def test_experts_differ_and_follow_their_global_index():
     and experts are not copies of each other."""
     c, q = cfg(), QSparseConfig()
     torch.manual_seed(0)
-    full = MoELayer(c, q, 0, ParallelState.single(), ep_size=1)
+    full = MoELayer(c.with_sparsity(q), 0, ParallelState.single(), ep_size=1)
     torch.manual_seed(0)
-    half = MoELayer(c, q, 0, ParallelState.single(), ep_size=2, ep_rank=1)
+    half = MoELayer(c.with_sparsity(q), 0, ParallelState.single(), ep_size=2, ep_rank=1)
     fe = full.moe.deepspeed_moe.experts.deepspeed_experts
     he = half.moe.deepspeed_moe.experts.deepspeed_experts
     assert len(fe) == 4 and len(he) == 2
@@ -87,7 +87,7 @@ def test_expert_skips_empty_slots_exactly():
     """A capacity buffer with empty (zero) slots: the occupied rows get exactly the MLP's output,
     empty ones 0, and the measured density counts the occupied rows only."""
     torch.manual_seed(1)
-    mlp = MLP(cfg(), QSparseConfig(ratio=0.5), 0).double()
+    mlp = MLP(cfg().with_sparsity(QSparseConfig(ratio=0.5)), 0).double()
     expert = _Expert(mlp)
     x = torch.randn(2, 6, 32, dtype=torch.float64)
     x[0, 4:] = 0
@@ -102,7 +102,7 @@ def test_expert_skips_empty_slots_exactly():
 def test_aux_and_z_losses_reach_the_router_and_are_logged():
     torch.manual_seed(2)
     c = cfg(moe_aux_loss_coeff=0.5, moe_z_loss_coeff=0.25)
-    model = GPTModel(c, QSparseConfig(), 64)
+    model = GPTModel(c, 64)
     tokens = torch.randint(0, 64, (2, 16))
     loss = model(tokens, tokens).mean()
     aux = moe_aux_loss(model)
@@ -132,7 +132,7 @@ def test_dropped_fraction_matches_capacity():
     max(ceil(32/4 * 0.25), min capacity 1) = 2 tokens, so at least 32 - 8 routes are dropped."""
     torch.manual_seed(3)
     c = cfg(moe_router_topk=1, moe_expert_capacity_factor=0.25, moe_min_capacity=1)
-    layer = MoELayer(c, QSparseConfig(), 0, ParallelState.single())
+    layer = MoELayer(c, 0, ParallelState.single())
     layer(torch.randn(2, 16, 32))
     s = layer.stats()
     assert s["dropped"] == pytest.approx(1 - sum(min(n, 2) for n in layer.stat_counts) / 32)
@@ -141,7 +141,7 @@ def test_dropped_fraction_matches_capacity():
 
 def test_density_of_experts_is_pooled_per_layer():
     torch.manual_seed(4)
-    model = GPTModel(cfg(), QSparseConfig(ratio=0.5), 64)
+    model = GPTModel(cfg().with_sparsity(QSparseConfig(ratio=0.5)), 64)
     model(torch.randint(0, 64, (2, 16)))
     d = collect_density(model)
     assert d["layer0/gate_up"] == pytest.approx(0.5)
@@ -151,11 +151,11 @@ def test_density_of_experts_is_pooled_per_layer():
 def test_parameter_and_flop_accounting():
     c, q = cfg(num_layers=2, moe_layer_freq=2), QSparseConfig(ratio=0.5)
     torch.manual_seed(5)
-    one = GPTModel(c, q, 64)
+    one = GPTModel(c.with_sparsity(q), 64)
     torch.manual_seed(5)
-    half = GPTModel(c, q, 64, expert_parallel_size=2)  # EP rank 0 of 2: half the experts here
+    half = GPTModel(c.with_sparsity(q), 64, expert_parallel_size=2)  # EP rank 0 of 2: half the experts here
     assert count_parameters(half) == count_parameters(one)
-    dense = GPTModel(cfg(num_experts=None), q, 64)
+    dense = GPTModel(cfg(num_experts=None).with_sparsity(q), 64)
     ffn = 32 * 96 + 48 * 32  # gate_up + down of one expert
     # block 0 has 4 experts and a 32x4 router instead of one FFN
     assert count_parameters(one) == count_parameters(dense) + 3 * ffn + 32 * 4
@@ -173,7 +173,7 @@ def test_parameter_and_flop_accounting():
 
 def test_optimizer_groups_split_expert_parameters():
     torch.manual_seed(6)
-    model = GPTModel(cfg(), QSparseConfig(), 64)
+    model = GPTModel(cfg(), 64)
     groups = param_groups(model, 0.1)
     moe = [g for g in groups if g.get("moe")]
     expert_ids = {id(p) for m in moe_layers(model)
@@ -192,7 +192,7 @@ def test_router_input_is_dense_unless_asked():
     x = torch.randn(2, 16, 32)
     for sparsify in (False, True):
         torch.manual_seed(7)
-        layer = MoELayer(cfg(moe_router_sparsify_input=sparsify), QSparseConfig(ratio=0.5), 0,
+        layer = MoELayer(cfg(moe_router_sparsify_input=sparsify).with_sparsity(QSparseConfig(ratio=0.5)), 0,
                          ParallelState.single())
         layer(x)
         seen = topk_sparsify(x, keep_count(32, 0.5)) if sparsify else x
@@ -210,7 +210,7 @@ def test_describe_counts_every_expert():
 
     c = cfg(num_layers=2, moe_layer_freq=2, hidden_size=256, ffn_hidden_size=512)
     torch.manual_seed(8)
-    model = GPTModel(c, QSparseConfig(), 64)
+    model = GPTModel(c, 64)
     line = describe(c, 64)
     assert "4 experts (top-2) in 1 blocks" in line
     proj = count_parameters(model, non_embedding=True) - sum(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_qsparse.config import ConfigError, ModelConfig, QSparseConfig
+from megatron_qsparse.config import ConfigError, ModelConfig
 from megatron_qsparse.model import GPTModel, count_parameters
 from megatron_qsparse.model.sharding import gather_state_dicts, partition_specs, shard_state_dict
 from megatron_qsparse.parallel import (ColumnParallelLinear, ParallelDims, ParallelState,
@@ -59,7 +59,7 @@ def test_shard_and_merge_fused_parts():
 
 def test_virtual_model_holds_this_ranks_shards():
     cfg = ModelConfig(**CFG)
-    m = GPTModel(cfg, QSparseConfig(), 128, parallel=ParallelState.virtual_tp(4, 1))
+    m = GPTModel(cfg, 128, parallel=ParallelState.virtual_tp(4, 1))
     att = m.layers[0].attention
     assert (att.nq, att.nkv) == (2, 1)
     assert att.qkv.weight.shape == ((2 + 2 * 1) * 8, 64)
@@ -69,7 +69,7 @@ def test_virtual_model_holds_this_ranks_shards():
     assert m.embedding.weight.shape == (32, 64) and m.embedding.vocab_start == 32
     assert att.qkv.weight.tensor_model_parallel and not hasattr(m.final_norm.weight,
                                                                 "tensor_model_parallel")
-    full = GPTModel(cfg, QSparseConfig(), 128, parallel=ParallelState.single())
+    full = GPTModel(cfg, 128, parallel=ParallelState.single())
     assert count_parameters(m) == count_parameters(full)  # counted over the shards
     specs = partition_specs(cfg, 128, 4)
     assert specs["layers.0.attention.qkv.weight"] == (0, (64, 32, 32))
@@ -81,7 +81,7 @@ def test_virtual_model_holds_this_ranks_shards():
 def test_shard_state_dict_round_trip_and_tp_invariant_init(tp):
     cfg = ModelConfig(**CFG, untie_embeddings_and_output_weights=True, add_bias_linear=True)
     torch.manual_seed(0)
-    ref = GPTModel(cfg, QSparseConfig(), 128, parallel=ParallelState.single())
+    ref = GPTModel(cfg, 128, parallel=ParallelState.single())
     sd = ref.state_dict()
     shards = [shard_state_dict(sd, r, tp, cfg) for r in range(tp)]
     merged = gather_state_dicts(shards, cfg)
@@ -91,7 +91,7 @@ def test_shard_state_dict_round_trip_and_tp_invariant_init(tp):
     # a TP rank built from the same seed starts from exactly its shard of the TP = 1 weights
     for r in (0, tp - 1):
         torch.manual_seed(0)
-        m = GPTModel(cfg, QSparseConfig(), 128, parallel=ParallelState.virtual_tp(tp, r))
+        m = GPTModel(cfg, 128, parallel=ParallelState.virtual_tp(tp, r))
         for k, v in m.state_dict().items():
             assert torch.equal(v, shards[r][k]), (r, k)
     # rank 1's fused QKV: its q heads, then the k and v heads of its query groups
@@ -112,7 +112,7 @@ def test_shard_state_dict_round_trip_and_tp_invariant_init(tp):
 def test_impossible_shapes_are_one_line_errors(kw, needle):
     cfg = ModelConfig(**{**CFG, **kw})
     with pytest.raises(ValueError, match=needle):
-        GPTModel(cfg, QSparseConfig(), 128, parallel=ParallelState.virtual_tp(4, 0))
+        GPTModel(cfg, 128, parallel=ParallelState.virtual_tp(4, 0))
     with pytest.raises(ValueError, match="padded vocabulary size"):
         VocabParallelEmbedding(130, 8, parallel=ParallelState.virtual_tp(4, 0))
     with pytest.raises(ValueError, match="ColumnParallelLinear output size: 6 is not divisible"):

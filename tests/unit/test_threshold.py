@@ -81,7 +81,7 @@ def _model(layers=2, ffn="swiglu", q=None):
     cfg = ModelConfig(num_layers=layers, hidden_size=64, num_attention_heads=4,
                       num_query_groups=2, seq_length=32, ffn_hidden_size=128, ffn_type=ffn)
     torch.manual_seed(0)
-    return GPTModel(cfg, q or QSparseConfig(mode="none"), 256), cfg
+    return GPTModel(cfg.with_sparsity(q or QSparseConfig(mode="none")), 256), cfg
 
 
 @pytest.mark.parametrize("ffn", ["swiglu", "relu2_glu"])
@@ -92,7 +92,7 @@ def test_calibration_reaches_the_target_density(ffn):
     assert cal["tokens"] == data.numel() and len(cal["thresholds"]) == 8
     assert all(len(t) == 101 and t == sorted(t) for t in cal["thresholds"].values())
     for ratio in (0.4, 0.6):
-        model = GPTModel(cfg, QSparseConfig(mode="threshold", ratio=ratio, calibration=cal), 256)
+        model = GPTModel(cfg.with_sparsity(QSparseConfig(mode="threshold", ratio=ratio, calibration=cal)), 256)
         model.load_state_dict(dense.state_dict())
         reset_density(model)
         with torch.no_grad():
@@ -169,7 +169,7 @@ def test_decoding_a_thresholded_model_matches_the_reference():
     q = QSparseConfig(mode="threshold", ratio=0.5, calibration=cal)
 
     def build():
-        m = GPTModel(cfg, q, 256)
+        m = GPTModel(cfg.with_sparsity(q), 256)
         m.load_state_dict(dense.state_dict())
         return m
 
