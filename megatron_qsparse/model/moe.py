@@ -125,7 +125,8 @@ class MoELayer(nn.Module):
             p.expert_parallel_size = ep_size  # other EP ranks hold as many different ones
         self.router_sparsifier = None
         if cfg.moe_router_sparsify_input:
-            self.router_sparsifier = build_sparsifier(cfg.qsparse, "gate_up", layer)
+            self.router_sparsifier = build_sparsifier(cfg.qsparse, "gate_up", layer).bind(
+                cfg.hidden_size)
             self.router_sparsifier.kind = "router"  # its own density entry
         self._router_input: torch.Tensor | None = None
         gate.register_forward_pre_hook(self._capture_router_input)

@@ -98,13 +98,24 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, dim: int, max_positions: int, base: float = 10000.0):
         super().__init__()
         self.dim, self.max_positions, self.base = dim, max_positions, float(base)
+        self._tables = rope_tables(dim, max_positions, self.base, torch.device("cpu"))
+
+    def _apply(self, fn, recurse=True):
+        # follow the module to a new device (not to a new dtype): the shared tables of that device
+        moved = fn(torch.empty(0))
+        if moved.device != self._tables[0].device:
+            self._tables = rope_tables(self.dim, self.max_positions, self.base, moved.device)
+        return super()._apply(fn, recurse)
 
     def forward(self, seq_len: int, device: torch.device, offset: int = 0):
         """``(cos, sin)``, each ``[seq_len, dim]`` fp32, for positions ``offset`` onwards."""
         if offset + seq_len > self.max_positions:
             raise ValueError(f"position {offset + seq_len - 1} is beyond the rotary table "
                              f"({self.max_positions}); raise --max-position-embeddings")
-        cos, sin = rope_tables(self.dim, self.max_positions, self.base, torch.device(device))
+        cos, sin = self._tables
+        if cos.device != torch.device(device):  # a module moved by other means than .to()
+            cos, sin = self._tables = rope_tables(self.dim, self.max_positions, self.base,
+                                                  torch.device(device))
         return cos[offset:offset + seq_len], sin[offset:offset + seq_len]
 
     def extra_repr(self) -> str:

@@ -114,7 +114,7 @@ class _SparseLinear(nn.Module):
                 set_partition(self.bias, 0, sizes, tp)
         else:
             self.register_parameter("bias", None)
-        self.sparsifier = sparsifier
+        self.sparsifier = sparsifier.bind(input_size) if sparsifier is not None else None
 
     def _weight(self) -> torch.Tensor:
         if not self.bitnet:

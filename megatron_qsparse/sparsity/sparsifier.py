@@ -50,6 +50,22 @@ class Sparsifier(nn.Module):
         self.ratio_scale = 1.0
         self.density_stats = DensityStats()
         self.method = get_method(cfg.mode)(cfg, kind, layer)
+        self.width: int | None = None  # the projection's whole input width, once bound
+        # K of fixed-K methods at the current warm-up scale, on the model's device: the compiled
+        # forward reads it as data (a new K every warm-up step, no recompilation)
+        self.register_buffer("keep_k", torch.zeros((), dtype=torch.int64), persistent=False)
+
+    def bind(self, width: int) -> "Sparsifier":
+        """Tie this sparsifier to its projection's whole input width (the parallel layers do)."""
+        self.width = int(width)
+        self._update_keep()
+        return self
+
+    def _update_keep(self) -> None:
+        if self.width is not None:
+            k = self.method.fixed_keep(self, self.width)
+            if k is not None:
+                self.keep_k.fill_(k)
 
     def keep(self, d: int) -> int | str:
         """Inputs kept per token out of ``d`` by the fused decode paths at the current warm-up
@@ -96,3 +112,4 @@ def set_sparsity_scale(model: nn.Module, scale: float) -> None:
     for m in model.modules():
         if isinstance(m, Sparsifier):
             m.ratio_scale = float(scale)
+            m._update_keep()

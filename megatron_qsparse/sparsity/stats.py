@@ -19,34 +19,49 @@ from torch import nn
 
 
 class DensityStats:
-    """Running ``nonzero`` / ``total`` counts of one sparsifier's outputs since the last reset."""
+    """Running ``nonzero`` / ``total`` counts of one sparsifier's outputs since the last reset.
+
+    Both counts become 0-dim int64 tensors on the outputs' device at the first record and are
+    then added to and zeroed in place, so a step never reads them on the host and a compiled
+    block sees the same kind of value every step (a Python int bumped in the forward pass would
+    be a new constant each time: one recompilation per step).
+    """
 
     def __init__(self) -> None:
         self.enabled = True
-        self.reset()
+        self.nonzero: torch.Tensor | int = 0
+        self.total: torch.Tensor | int = 0
 
     def reset(self) -> None:
-        """Forget everything recorded so far."""
-        self.nonzero: torch.Tensor | int = 0
-        self.total = 0
+        """Forget everything recorded so far (in place, outside the forward pass)."""
+        if isinstance(self.total, torch.Tensor):
+            self.nonzero.zero_()
+            self.total.zero_()
+        else:
+            self.nonzero, self.total = 0, 0
 
     def record(self, y: torch.Tensor) -> None:
         """Add the nonzero count of ``y`` (one ``count_nonzero``, no host sync)."""
-        if not self.enabled:
-            return
-        with torch.no_grad():
-            self.nonzero = self.nonzero + torch.count_nonzero(y)
-        self.total += y.numel()
+        if self.enabled:
+            with torch.no_grad():
+                self.add(torch.count_nonzero(y), y.numel())
 
     def add(self, nonzero: torch.Tensor | int, total: int) -> None:
-        """Add an already computed ``nonzero`` count out of ``total`` entries."""
-        if self.enabled:
-            self.nonzero = self.nonzero + nonzero
-            self.total += total
+        """Add an already computed ``nonzero`` count (a device tensor) out of ``total`` entries."""
+        if not self.enabled:
+            return
+        nz = torch.as_tensor(nonzero, dtype=torch.int64)
+        if not isinstance(self.total, torch.Tensor):  # the first record: counters on its device
+            self.nonzero = torch.zeros((), dtype=torch.int64, device=nz.device) + self.nonzero
+            self.total = torch.zeros((), dtype=torch.int64, device=nz.device) + self.total
+        self.nonzero = self.nonzero + nz
+        self.total = self.total + total
 
     def density(self) -> float | None:
-        """Fraction of nonzero entries recorded, or None if nothing was recorded."""
-        return float(self.nonzero) / self.total if self.total else None
+        """Fraction of nonzero entries recorded, or None if nothing was recorded (reads the
+        counts on the host: call it on log steps)."""
+        total = int(self.total)
+        return float(self.nonzero) / total if total else None
 
 
 def _stats(model: nn.Module) -> Iterator[tuple[str, int, DensityStats]]:
@@ -91,9 +106,10 @@ def collect_density(model: nn.Module, group=None) -> dict[str, float]:
     """
     counts: dict = {}
     for kind, layer, st in _stats(model):  # the experts of an MoE layer pool into one entry
-        if st.total:
+        st_total = int(st.total)
+        if st_total:
             nz, total = counts.get((kind, layer), (0.0, 0))
-            counts[(kind, layer)] = (nz + float(st.nonzero), total + st.total)
+            counts[(kind, layer)] = (nz + float(st.nonzero), total + st_total)
     if group is not None and torch.distributed.get_world_size(group) > 1:
         gathered = [None] * torch.distributed.get_world_size(group)
         torch.distributed.all_gather_object(gathered, counts, group=group)

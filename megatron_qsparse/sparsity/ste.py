@@ -5,8 +5,7 @@
   and BitNet's activations), STE.
 * :func:`apply_mask` — ``x ⊙ mask`` with the STE backward (the mask treated as identity) or, with
   ``ste=False`` (``--no-ste``), the masked gradient; optional L2 rescale of the kept entries.
-* :class:`KernelSparsify` — the same forward/backward around a compiled kernel that selects and
-  writes the sparse output in one pass and hands back its nonzero count.
+The selecting kernels, with the same forward/backward, are the custom ops of ``ops.py``.
 
 See DESIGN.md, "The method, precisely".
 """
@@ -80,35 +79,6 @@ class _ApplyMask(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return _mask_backward(ctx, grad), None, None, None
-
-
-class KernelSparsify(torch.autograd.Function):
-    """``y = select(x) (· scale)`` where ``select`` is a compiled kernel returning
-    ``(y, mask | None, nonzero)``; same backward as :func:`apply_mask`.
-
-    With ``ste`` nothing is saved (only the per-token scale when rescaling) and no mask is even
-    built; without ``ste`` the kernel also writes the bool mask, which is saved. The nonzero count
-    of ``y`` is added to ``stats`` (a :class:`~.stats.DensityStats` or None) at no extra cost.
-    """
-
-    @staticmethod
-    def forward(ctx, x, select, ste, rescale, stats):
-        want_mask = not ste and ctx.needs_input_grad[0]
-        y, mask, nonzero = select(x, want_mask)
-        scale = None
-        if rescale == "l2":
-            scale = l2_scale(x, y)
-            y.mul_(scale)
-            nonzero = torch.count_nonzero(y) if stats is not None else 0
-        if stats is not None:
-            stats.add(nonzero, y.numel())
-        ctx.ste, ctx.has_scale = ste, scale is not None
-        ctx.save_for_backward(*([mask] if want_mask else []), *([] if scale is None else [scale]))
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _mask_backward(ctx, grad), None, None, None, None
 
 
 def l2_scale(x: torch.Tensor, sparse: torch.Tensor, sums=None) -> torch.Tensor:

@@ -97,6 +97,11 @@ class SparsityMethod:
         elementwise methods; density is recorded by the caller."""
         return self.sparsify(x, sp, None)
 
+    def fixed_keep(self, sp: "nn.Module", d: int) -> int | None:
+        """The K this method keeps of ``d`` inputs at the current warm-up scale, when it keeps a
+        fixed number (stored in the sparsifier's device buffer ``keep_k``), else None."""
+        return None
+
     # ---- decoding
     def decode_keep(self, sp: "nn.Module", d: int) -> int | str:
         """For the fused Top-K GEMV and the compiled decode step: the inputs kept per token out

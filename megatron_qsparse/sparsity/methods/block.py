@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 
 from megatron_qsparse.config import ConfigError, flag_of
-from megatron_qsparse.sparsity import kernels
 from megatron_qsparse.sparsity.methods.base import SparsityMethod, register
-from megatron_qsparse.sparsity.ste import KernelSparsify, apply_mask
+from megatron_qsparse.sparsity.ops import block_sparsify_op
+from megatron_qsparse.sparsity.ste import apply_mask
 from megatron_qsparse.sparsity.stats import DensityStats
 
 
@@ -34,17 +34,20 @@ def block_sparsify(x: torch.Tensor, n: int, m: int, *, ste: bool = True,
                    stats: DensityStats | None = None, use_kernel: bool = True) -> torch.Tensor:
     """Block N:M sparsification of ``x``: ``apply_mask(x, block_mask(x, n, m), ste=ste)``.
 
-    Runs the compiled CPU kernel when it supports ``x`` (bit-identical results); the nonzero count
-    of the output is added to ``stats`` if given.
+    Runs the ``qsparse::block_sparsify`` op (``ops.py``; bit-identical results), or with
+    ``use_kernel=False`` the reference mask; the nonzero count of the output is added to
+    ``stats`` if given.
     """
     if x.shape[-1] % m:
         block_mask(x, n, m)  # raises the explanatory error
-    if use_kernel and m <= kernels.MAX_BLOCK_M and kernels.supports(x):
-        return KernelSparsify.apply(x, lambda t, w: kernels.block_sparsify(t, n, m, w), ste,
-                                    "none", stats)
-    y = apply_mask(x, block_mask(x, n, m), ste=ste)
+    if not use_kernel:
+        y = apply_mask(x, block_mask(x, n, m), ste=ste)
+        if stats is not None:
+            stats.record(y)
+        return y
+    y, _, nonzero = block_sparsify_op(x, n, m, not ste)
     if stats is not None:
-        stats.record(y)
+        stats.add(nonzero, y.numel())
     return y
 
 

@@ -34,9 +34,9 @@ import math
 
 import torch
 
-from megatron_qsparse.sparsity import kernels
 from megatron_qsparse.sparsity.methods.base import RowSlices, SparsityMethod, register
-from megatron_qsparse.sparsity.ste import KernelSparsify, apply_mask, check_rescale
+from megatron_qsparse.sparsity.ops import topk_sparsify_op
+from megatron_qsparse.sparsity.ste import apply_mask, check_rescale, l2_scale
 from megatron_qsparse.sparsity.stats import DensityStats
 
 
@@ -53,50 +53,59 @@ def keep_count(d: int, ratio: float) -> int:
     return max(1, d - int(math.floor(ratio * d + 1e-9)))
 
 
-def topk_mask(x: torch.Tensor, k: int) -> torch.Tensor:
+def topk_mask(x: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
     """Boolean mask keeping the ``k`` largest ``|x|`` along the last dim, exactly ``k`` per row.
 
     Ties at the threshold are broken toward the lower feature index. The threshold is the k-th
-    largest ``|x|``, found with a partial selection (``torch.topk`` of the smaller side, no full
-    sort); rows where ties at the threshold would keep more than ``k`` entries (rare for float
-    data, common after quantization or with many exact zeros) are then fixed with a cumulative
-    count over the tied positions.
+    largest ``|x|``: with an int ``k`` from a partial selection (``torch.topk`` of the smaller
+    side, no full sort), with a 0-dim tensor ``k`` (the compiled path, where K is data) from a
+    sort. The tie rule is applied to every row, branch-free: entries above the threshold, then the
+    tied ones in index order while room is left. Nothing is read back on the host.
     """
     d = x.shape[-1]
-    if k >= d:
+    if isinstance(k, int) and k >= d:
         return torch.ones_like(x, dtype=torch.bool)
     a = x.detach().abs().reshape(-1, d)
-    thr = _kth_largest(a, k)
-    mask = a >= thr
-    tied = (mask.sum(-1, dtype=torch.int32) != k).nonzero(as_tuple=True)
-    if tied[0].numel():
-        at, tt = a[tied], thr[tied]
-        gt, eq = at > tt, at == tt
-        room = k - gt.sum(-1, keepdim=True, dtype=torch.int32)
-        mask[tied] = gt | (eq & (eq.cumsum(-1, dtype=torch.int32) <= room))
+    if isinstance(k, int):
+        thr = _kth_largest(a, k)
+    else:
+        idx = (k.to(torch.int64).clamp(1, d) - 1).reshape(1, 1).expand(a.shape[0], 1)
+        thr = a.sort(dim=-1, descending=True).values.gather(-1, idx)
+    gt, eq = a > thr, a == thr
+    room = k - gt.sum(-1, keepdim=True, dtype=torch.int32)
+    mask = gt | (eq & (eq.cumsum(-1, dtype=torch.int32) <= room))
     return mask.view(x.shape)
 
 
-def topk_sparsify(x: torch.Tensor, k: int, *, ste: bool = True, rescale: str = "none",
-                  stats: DensityStats | None = None, use_kernel: bool = True) -> torch.Tensor:
+def topk_sparsify(x: torch.Tensor, k: int | torch.Tensor, *, ste: bool = True,
+                  rescale: str = "none", stats: DensityStats | None = None,
+                  use_kernel: bool = True) -> torch.Tensor:
     """Top-K sparsification of ``x`` (last dim): ``apply_mask(x, topk_mask(x, k), ...)``.
 
-    Runs the compiled CPU kernel when it supports ``x`` (see ``kernels.py``), else, or with
-    ``use_kernel=False``, the reference mask; outputs and gradients are bit-identical either way.
-    The nonzero count of the output is added to ``stats`` if given.
+    ``k``: an int, or a 0-dim int64 tensor on ``x``'s device (what compiled steps pass: K is
+    data). Runs the ``qsparse::topk_sparsify`` op (``ops.py``: the compiled CPU kernel, Triton on
+    CUDA, else the reference mask), or with ``use_kernel=False`` the reference mask directly;
+    outputs and gradients are bit-identical either way. The nonzero count of the output is added
+    to ``stats`` if given (as a device tensor).
     """
     check_rescale(rescale)
     d = x.shape[-1]
-    if k >= d:
+    if isinstance(k, int) and k >= d:
         if stats is not None:
             stats.record(x)
         return x
-    if use_kernel and kernels.supports(x):
-        return KernelSparsify.apply(x, lambda t, m: kernels.topk_sparsify(t, k, m), ste,
-                                    rescale, stats)
-    y = apply_mask(x, topk_mask(x, k), ste=ste, rescale=rescale)
+    if not use_kernel:
+        y = apply_mask(x, topk_mask(x, k), ste=ste, rescale=rescale)
+        if stats is not None:
+            stats.record(y)
+        return y
+    kt = k if isinstance(k, torch.Tensor) else torch.tensor(k, dtype=torch.int64)
+    y, _, nonzero = topk_sparsify_op(x, kt, not ste)
+    if rescale == "l2":
+        y = y * l2_scale(x, y)
+        nonzero = None
     if stats is not None:
-        stats.record(y)
+        stats.add(torch.count_nonzero(y) if nonzero is None else nonzero, y.numel())
     return y
 
 
@@ -159,9 +168,9 @@ def global_topk_mask(x: torch.Tensor, k: int, row: RowSlices) -> torch.Tensor:
         exact = (ge.sum(0) == k) & ((ge < c) | (c == d_l)).all(0)
     else:
         exact = ge.sum(0) == t * c - d + k  # the d - K entries < thr are all dropped
-    rows = (~exact).nonzero(as_tuple=True)[0]
-    if rows.numel():
-        mask[rows] = _resolve_ties(a[rows], thr[rows], every[:, rows], k, d, r, top)
+    # branch-free (no host read of which rows tie): the tie rule of every row, used where needed
+    fixed = _resolve_ties(a, thr, every, k, d, r, top)
+    mask = torch.where(exact.unsqueeze(-1), mask, fixed)
     return mask.view(x.shape)
 
 
@@ -212,9 +221,14 @@ class TopK(SparsityMethod):
     def keep(self, sp, d: int) -> int:
         return keep_count(d, self.ratio * sp.ratio_scale)
 
+    def fixed_keep(self, sp, d: int) -> int:
+        return self.keep(sp, d)
+
     def sparsify(self, x, sp, stats):
-        return topk_sparsify(x, self.keep(sp, x.shape[-1]), ste=sp.ste, rescale=sp.rescale,
-                             stats=stats)
+        d = x.shape[-1]
+        # the K of the bound width lives in a device buffer (set with the warm-up scale)
+        k = sp.keep_k if sp.width == d else self.keep(sp, d)
+        return topk_sparsify(x, k, ste=sp.ste, rescale=sp.rescale, stats=stats)
 
     def sparsify_sharded(self, x, sp, row):
         d = x.shape[-1] * row.size
