@@ -412,6 +412,10 @@ class TrainConfig:
         2.0, "Warn and count a loss spike when the loss exceeds this multiple of its recent "
         "average (0 disables).")
     test: bool = arg(False, "Evaluate on the test split at the end of training.")
+    torch_compile: bool = arg(
+        False, "Compile every transformer block with torch.compile (as torchtitan does; the "
+        "sparsifiers are custom ops, so Q-Sparse blocks compile whole). One process or data "
+        "parallelism, any ZeRO stage; not with tensor/pipeline parallelism or MoE.")
 
     def validate(self) -> None:
         """Check the schedule, batch sizes and checkpoint settings (the global batch against
@@ -585,6 +589,7 @@ def _cross_section_rules(cfg: Config, world_size: int | None) -> None:
                    f"world size {world_size} is not divisible by TP x PP = {tp * pp}",
                    "launch a multiple of TP x PP processes")
     _moe_layout_rules(m, p, world_size)
+    _compile_rules(m, p, t)
     if world_size is not None and t.global_batch_size is not None:
         dp = world_size // (tp * pp)
         if t.global_batch_size % (t.micro_batch_size * dp):
@@ -592,6 +597,24 @@ def _cross_section_rules(cfg: Config, world_size: int | None) -> None:
                        f"{t.global_batch_size} is not divisible by micro-batch "
                        f"{t.micro_batch_size} x data-parallel size {dp}",
                        f"use a multiple of {t.micro_batch_size * dp}")
+
+
+def _compile_rules(m: ModelConfig, p: ParallelConfig, t: TrainConfig) -> None:
+    """What ``--torch-compile`` does not cover yet, each with the reason."""
+    if not t.torch_compile:
+        return
+    if p.tensor_model_parallel_size > 1:
+        raise _err("train", "torch_compile", "tensor parallelism is not compiled yet (its "
+                   "row-parallel Top-K sizes an all-gather by K, which the warm-up changes, and "
+                   "the TP collectives are not traced)", "drop --torch-compile or use "
+                   "--tensor-model-parallel-size 1")
+    if p.pipeline_model_parallel_size > 1:
+        raise _err("train", "torch_compile", "DeepSpeed's pipeline engine runs the layers "
+                   "itself, outside the compiled blocks", "drop --torch-compile or use "
+                   "--pipeline-model-parallel-size 1")
+    if m.num_experts is not None:
+        raise _err("train", "torch_compile", "DeepSpeed's MoE routing has data-dependent "
+                   "shapes (token dispatch by capacity)", "drop --torch-compile or --num-experts")
 
 
 def _moe_layout_rules(m: ModelConfig, p: ParallelConfig, world_size: int | None) -> None:

@@ -132,9 +132,20 @@ def build_model(cfg: Config, vocab_size: int, parallel=None) -> torch.nn.Module:
         return build_pipeline_model(cfg.model, vocab_size, parallel,
                                     init_seed=cfg.train.seed,
                                     partition_method=cfg.parallel.pipeline_partition_method)
-    return GPTModel(cfg.model, vocab_size, parallel=parallel,
-                    init_seed=cfg.train.seed,
-                    expert_parallel_size=cfg.parallel.expert_model_parallel_size)
+    model = GPTModel(cfg.model, vocab_size, parallel=parallel, init_seed=cfg.train.seed,
+                     expert_parallel_size=cfg.parallel.expert_model_parallel_size)
+    if cfg.train.torch_compile:
+        compile_blocks(model)
+    return model
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """``--torch-compile``: compile each transformer block in place (torchtitan's granularity:
+    the blocks are identical, so one compilation serves all; parameter names are unchanged).
+    A block compiles as one graph on its own; under ZeRO-3 DeepSpeed's parameter hooks run
+    inside it, so graph breaks are allowed there."""
+    for block in model.layers:
+        block.compile()
 
 
 def build_tokenizer_and_vocab(cfg: Config):

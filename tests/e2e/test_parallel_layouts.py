@@ -113,6 +113,35 @@ def test_layout_matches_one_process(kjv_small, reference, tmp_path, layout, zero
             assert evaluated(toks[:, :-1], toks[:, 1:]).mean().item() == a
 
 
+COMPILED = [(1, 0), (1, 1), (2, 2), (2, 3)]  # (DP, ZeRO stage) with --torch-compile
+
+
+@pytest.mark.parametrize("dp,zero", COMPILED, ids=[f"dp{d}-zero{z}" for d, z in COMPILED])
+def test_torch_compile_matches_eager(kjv_small, reference, tmp_path, dp, zero):
+    """--torch-compile (every block compiled) under the DeepSpeed engine: the same losses, grad
+    norms, validation loss and densities as the eager one-process run, within the layouts'
+    fp32 tolerance (compiled norms and matmuls sum in another order)."""
+    flags = ["--torch-compile", "--zero-stage", str(zero), "--tensorboard-dir",
+             str(tmp_path / "tb"), "--summary-json", str(tmp_path / "summary.json")]
+    if dp == 1:
+        pretrain(kjv_small, *COMMON, *flags)
+    else:
+        if not os.path.exists(LAUNCHER):
+            pytest.skip("deepspeed launcher not installed")
+        launch(dp, kjv_small, *flags)
+    _assert_same(_result(tmp_path), reference)
+
+
+def test_torch_compile_refuses_what_it_does_not_cover(kjv_small):
+    for flags, needle in ((["--tensor-model-parallel-size", "2"], "tensor parallelism"),
+                          (["--pipeline-model-parallel-size", "2"], "pipeline engine"),
+                          (["--num-experts", "2"], "MoE routing")):
+        proc = pretrain(kjv_small, "--torch-compile", *flags, check=False)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "--torch-compile: " in proc.stderr and needle in proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
 @needs_launcher
 def test_pipeline_checkpoint_resumes_exactly(kjv_small, tmp_path):
     """PP = 2 with recomputation: saved at iteration 2, resumed under the same layout, the third
