@@ -3,15 +3,19 @@ their PyTorch references, bit for bit (the decode GEMV: to a stated fp32 toleran
 
 Where the tests run: with CUDA, on the GPU. Without it, on CPU tensors through Triton's
 interpreter, so CI (no GPU) runs every kernel. The interpreter is chosen by ``TRITON_INTERPRET=1``,
-which Triton reads when a kernel is *decorated* (``@triton.jit`` consults ``triton.knobs.runtime.
-interpret`` at decoration time; not at ``import triton``). Importing torch, deepspeed,
-transformers or this package imports no Triton kernel module (checked), but under the full pytest
-run another test module (or the ops registration) may already have imported a kernel module in
-compiled mode. So this module, when CUDA is absent, sets ``TRITON_INTERPRET=1`` at import time and
-re-imports (``importlib.reload``) any kernel module whose kernels were decorated without it; the
-reload re-runs the decorators in the same module namespace, so functions that other modules hold
-see the interpreted kernels. The variable stays set for the rest of the session: on a machine
-without CUDA nothing else can run a Triton kernel, and torch.compile's CPU backend ignores it.
+read when a kernel is decorated, and Triton's own ``triton.language`` functions (``tl.sum``,
+``tl.cumsum``...) are decorated when ``triton.language`` is first imported: the variable must be
+set before Triton is first imported in the process. Importing torch, deepspeed, transformers or
+this package imports no Triton, but ``torch.compile`` does (inductor probes for it, also on CPU),
+and earlier test modules compile. Hence, without CUDA:
+
+* ``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` when it is imported, before any test module;
+  with the variable set, ``torch.compile``'s CPU backend still works (checked), and on a machine
+  without CUDA nothing else runs a Triton kernel;
+* should Triton nevertheless have been imported in compiled mode (another conftest or harness, a
+  plugin), every test here runs in ONE child process (this file under pytest with the variable
+  set, started on the first test) and each test reports its own outcome there (``@interpreted``),
+  so no test is skipped.
 
 The interpreter is slow (one Python-level numpy op per Triton op), so the shapes are small: rows
 <= 8, ``d`` in {7, 64, 130, 256}. Inputs are tie-heavy on purpose: an all-zero row, rows of mostly
@@ -27,15 +31,19 @@ choice of kept inputs would move ``y`` by whole weight rows, far outside it.
 
 from __future__ import annotations
 
-import importlib
+import functools
 import os
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
 
 import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
 if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["TRITON_INTERPRET"] = "1"  # in time if nothing imported Triton yet
 
 triton = pytest.importorskip("triton")
 
@@ -44,17 +52,52 @@ from megatron_qsparse.sparsity import (block_mask, keep_count, quantize_int8,  #
                                        topk_mask)
 from megatron_qsparse.sparsity import triton_kernels as tk  # noqa: E402
 from megatron_qsparse.sparsity.methods.topk import _extreme  # noqa: E402
+from tests.helpers import ROOT, clean_env  # noqa: E402
+
+# Runs here: on CUDA, or when this process's Triton (its own library included) is interpreted.
+IN_PROCESS = CUDA or not any(isinstance(f, triton.runtime.jit.JITFunction)
+                             for f in (triton.language.sum, tk._topk_kernel,
+                                       gemv_module._sparse_gemv))
+
+_CHILD = "QSPARSE_TRITON_TEST_CHILD"
 
 
-def _interpreted(module):
-    """``module``, re-imported if its kernels were decorated for compilation (see above)."""
-    if not CUDA and any(isinstance(v, triton.runtime.jit.JITFunction) for v in vars(module).values()):
-        module = importlib.reload(module)
-    return module
+@functools.cache
+def _child_outcomes() -> dict:
+    """Run this file in a child process with the interpreter on; ``{test name: failure or None}``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = os.path.join(tmp, "report.xml")
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               os.path.abspath(__file__), f"--junitxml={report}"],
+                              env=clean_env(TRITON_INTERPRET="1", **{_CHILD: "1"}), cwd=ROOT, capture_output=True,
+                              text=True, timeout=900)
+        if not os.path.exists(report):
+            raise RuntimeError(f"the child pytest wrote no report:\n{proc.stdout[-4000:]}"
+                               f"\n{proc.stderr[-4000:]}")
+        out = {}
+        for case in ET.parse(report).getroot().iter("testcase"):
+            bad = [e for e in case if e.tag in ("failure", "error", "skipped")]
+            out[case.get("name")] = (f"{bad[0].tag}: {bad[0].get('message')}\n{bad[0].text}"
+                                     if bad else None)
+        return out
 
 
-tk = _interpreted(tk)
-gemv_module = _interpreted(gemv_module)
+def interpreted(test):
+    """Run ``test`` here, or (see the module docstring) report its outcome in the child process."""
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        if IN_PROCESS:
+            return test(*args, **kwargs)
+        if os.environ.get(_CHILD):
+            pytest.fail("Triton is not interpreted even in the child process")
+        name = os.environ["PYTEST_CURRENT_TEST"].split("::")[-1].rsplit(" ", 1)[0]
+        outcomes = _child_outcomes()
+        if name not in outcomes:
+            pytest.fail(f"{name} did not run in the child process")
+        if outcomes[name] is not None:
+            pytest.fail(f"in the child process (TRITON_INTERPRET=1): {outcomes[name]}")
+    return run
+
 
 DEVICE = "cuda" if CUDA else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -107,6 +150,7 @@ def k_tensor(k: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("d", [7, 64, 130, 256])
+@interpreted
 def test_topk_sparsify_bit_identical(dtype, d):
     x = tie_heavy(d, dtype, seed=d)
     for i, k in enumerate(ks_for(d)):
@@ -119,6 +163,7 @@ def test_topk_sparsify_bit_identical(dtype, d):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@interpreted
 def test_topk_sparsify_layouts_and_signs(dtype):
     # 3-D and non-contiguous inputs; rows of signed zeros only
     x = tie_heavy(64, dtype).view(2, 4, 64)
@@ -135,6 +180,7 @@ def test_topk_sparsify_layouts_and_signs(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("d", [7, 130])
+@interpreted
 def test_int8_topk_sparsify_bit_identical(dtype, d):
     x = tie_heavy(d, dtype, seed=3 * d)
     x[0, 0] = 0.5  # an exact .5 after scaling lands on a half-way point for some rows
@@ -148,6 +194,7 @@ def test_int8_topk_sparsify_bit_identical(dtype, d):
     assert_sparsify_matches(got, q, topk_mask(q, 2), True)
 
 
+@interpreted
 def test_int8_quantization_rounding_edges():
     # values whose scaled magnitude is an exact half-integer (round half to even, signed zero)
     row = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, -0.25, 0.25, -0.0, 63.5, -126.5])
@@ -160,6 +207,7 @@ def test_int8_quantization_rounding_edges():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (3, 8), (5, 5), (4, 4)])
+@interpreted
 def test_block_sparsify_bit_identical(dtype, n, m):
     d = {4: 64, 8: 64, 5: 130}[m]
     x = tie_heavy(d, dtype, seed=n * m)
@@ -170,6 +218,7 @@ def test_block_sparsify_bit_identical(dtype, n, m):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@interpreted
 def test_topk_candidates_multiset(dtype):
     for d in (7, 130):
         a = tie_heavy(d, dtype, seed=d).abs()
@@ -181,6 +230,7 @@ def test_topk_candidates_multiset(dtype):
                 assert torch.equal(bits(got.sort(-1).values), bits(ref.sort(-1).values))
 
 
+@interpreted
 def test_no_host_sync_contract_and_availability():
     assert tk.available()
     x = tie_heavy(64, torch.float32)
@@ -207,6 +257,7 @@ def assert_gemv_close(y: torch.Tensor, xs: torch.Tensor, wt: torch.Tensor, bias=
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@interpreted
 def test_decode_gemv_matches_reference(dtype):
     d, n = 130, 150
     g = torch.Generator().manual_seed(5)
