@@ -51,8 +51,8 @@ def _sparse_gemv(idx_ptr, val_ptr, cnt_ptr, w_ptr, bias_ptr, y_ptr, N, ld, strid
 
 def _gemv_kept(x: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor, wt: torch.Tensor,
                bias: torch.Tensor | None) -> torch.Tensor:
-    """``y[r] = sum over the kept i of x[r, i] · wt[i] (+ bias)`` in fp32, ``x``/``mask`` ``[R, d]``,
-    ``counts`` the kept count per row (on the device)."""
+    """``y[r] = sum over the kept i of x[r, i] · wt[i] (+ bias)`` in fp32; ``x`` and ``mask``
+    ``[R, d]``, ``counts`` the kept count per row (on the device)."""
     wt = wt.contiguous()
     rows, d = x.shape
     n = wt.shape[1]

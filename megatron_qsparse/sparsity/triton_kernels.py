@@ -17,8 +17,8 @@ Contract (``x`` a float tensor ``[..., d]``: float32, bfloat16 or float16; rows 
   non-negative ``[rows, d_l]``, ``[rows, c]`` in no particular order (``methods/topk._extreme``).
 
 ``y`` has ``x``'s dtype and shape: kept entries are copied, dropped ones become a zero with the sign
-of ``x`` (what ``x * 0`` gives for finite ``x``; a dropped ``±inf`` also becomes a signed zero, as in
-the C++ kernel, where the product would be NaN). ``mask`` is the bool mask of kept entries, or None
+of ``x`` (what ``x * 0`` gives for finite ``x``; a dropped ``±inf`` also becomes a signed zero, as
+in the C++ kernel, where the product would be NaN). ``mask`` is the bool mask of kept entries, or None
 when ``want_mask`` is false; ``nonzero`` a 0-dim int64 device tensor, the number of nonzero
 entries of ``y``.
 
@@ -46,7 +46,8 @@ reference's order: ``γ = max|x| + eps``; ``s = (1 / γ) · 127`` (``127.0 / γ`
 ``γ.reciprocal() * 127``); ``round_half_even(x·s)`` (floor, then the exact fraction decides; no
 libdevice, so the interpreter runs it too), ``clamp(-128, 127)``, ``· (γ / 127)``, rounded to
 ``x``'s dtype (to bfloat16 by hand, round to nearest even on the bits, because the interpreter's
-cast truncates). ``round_half_even`` keeps the sign of a zero result, as ``torch.round`` does. Divisions are IEEE round-to-nearest (``tl.math.div_rn``) and the kernel is built
+cast truncates). ``round_half_even`` keeps the sign of a zero result, as ``torch.round`` does.
+Divisions are IEEE round-to-nearest (``tl.math.div_rn``) and the kernel is built
 with ``enable_fp_fusion=False`` so that no multiply-add is contracted into an FMA. ``γ / 127`` is
 an exact division on CPU tensors and a multiply by ``fl32(1/127)`` on CUDA, as PyTorch computes a
 division by a scalar on each device. The quantized row then goes through the Top-K above.
@@ -55,8 +56,9 @@ division by a scalar on each device. The quantized row then goes through the Top
 largest keys are the smallest values) are selected exactly as in Top-K and compacted into
 ``out[row, :c]`` at their rank among the selected (a cumulative count), in feature order.
 
-Without CUDA, set ``TRITON_INTERPRET=1`` before this module is imported (Triton reads it when a
-kernel is decorated) and the kernels run on CPU tensors through Triton's interpreter — slowly;
+Without CUDA, set ``TRITON_INTERPRET=1`` before Triton is first imported in the process (it is
+read when a kernel is decorated, and ``triton.language``'s own functions are decorated on its
+import; ``torch.compile`` imports Triton, also on CPU) and the kernels run on CPU tensors through Triton's interpreter — slowly;
 that is how ``tests/unit/test_triton_kernels.py`` runs them in CI. :func:`available` tells whether
 they can run here.
 """

@@ -64,13 +64,13 @@ _CHILD = "QSPARSE_TRITON_TEST_CHILD"
 
 @functools.cache
 def _child_outcomes() -> dict:
-    """Run this file in a child process with the interpreter on; ``{test name: failure or None}``."""
+    """Run this file in a child process with the interpreter on: ``{test: failure or None}``."""
     with tempfile.TemporaryDirectory() as tmp:
         report = os.path.join(tmp, "report.xml")
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                                os.path.abspath(__file__), f"--junitxml={report}"],
-                              env=clean_env(TRITON_INTERPRET="1", **{_CHILD: "1"}), cwd=ROOT, capture_output=True,
-                              text=True, timeout=900)
+                              env=clean_env(TRITON_INTERPRET="1", **{_CHILD: "1"}), cwd=ROOT,
+                              capture_output=True, text=True, timeout=900)
         if not os.path.exists(report):
             raise RuntimeError(f"the child pytest wrote no report:\n{proc.stdout[-4000:]}"
                                f"\n{proc.stderr[-4000:]}")
