@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
+
+# Triton's interpreter for the Triton kernel tests on machines without CUDA: the variable must be
+# set before Triton is first imported, and torch.compile (earlier tests) imports it. See
+# tests/unit/test_triton_kernels.py.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.helpers import CORPUS, TOKENIZER, run_cli
 
