@@ -1,10 +1,12 @@
 """The sparsifier kernels as ``torch.library`` custom ops: traceable by ``torch.compile``.
 
-Two ops, each returning ``(y, mask, nonzero)``:
+Three ops, each returning ``(y, mask, nonzero)``:
 
 * ``qsparse::topk_sparsify(x, k, masked_grad)`` — the exact per-row Top-K of ``|x|`` (ties to the
   lower index). ``k`` is a 0-dim int64 *tensor* (``1 <= k <= d``): K is data, not a constant of
   the graph, so the sparsity warm-up (a new K every step) never recompiles;
+* ``qsparse::int8_topk_sparsify(x, k, eps, masked_grad)`` — per-token int8 absmax fake
+  quantization then Top-K (``--qsparse-quantize-activations``), fused on CUDA;
 * ``qsparse::block_sparsify(x, n, m, masked_grad)`` — Block N:M.
 
 ``y`` is the sparse copy of ``x`` (dropped entries: a zero with the sign of ``x``), ``nonzero``
@@ -16,7 +18,9 @@ Implementations: on CPU the compiled C++ kernels of ``kernels.py``; on CUDA the 
 ``triton_kernels.py`` when Triton is present; anywhere else (or with the kernels switched off)
 the pure-PyTorch reference masks of ``methods/``, which need no host synchronisation either. The
 fake (meta) implementations give ``torch.compile`` the output shapes; the autograd formula is the
-straight-through estimator: ``grad_x = grad_y`` (``masked_grad``: ``grad_y ⊙ mask``).
+straight-through estimator: ``grad_x = grad_y`` (``masked_grad``: ``grad_y ⊙ mask``). The
+Triton module also serves the local candidate step of the tensor-parallel global Top-K
+(:func:`topk_candidates`).
 """
 
 from __future__ import annotations
@@ -74,6 +78,26 @@ def _(x, k, masked_grad):
     return torch.empty_like(x), mask, x.new_empty((), dtype=torch.int64)
 
 
+@torch.library.custom_op("qsparse::int8_topk_sparsify", mutates_args=())
+def int8_topk_sparsify_op(x: Tensor, k: Tensor, eps: float,
+                          masked_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token absmax int8 fake quantization, then Top-K: one pass on CUDA (Triton), the two
+    steps in turn elsewhere; bit-identical to ``topk_sparsify(quantize_int8(x, eps), k)``."""
+    from megatron_qsparse.sparsity.ste import _fake_quant_int8
+
+    tk = _triton()
+    if tk is not None and x.is_cuda:
+        y, mask, nz = tk.int8_topk_sparsify(x, k, masked_grad, eps)
+        return y, (mask if mask is not None else _empty_mask(x)), nz
+    return topk_sparsify_op(_fake_quant_int8(x, eps, None), k, masked_grad)
+
+
+@int8_topk_sparsify_op.register_fake
+def _(x, k, eps, masked_grad):
+    mask = torch.empty_like(x, dtype=torch.bool) if masked_grad else _empty_mask(x)
+    return torch.empty_like(x), mask, x.new_empty((), dtype=torch.int64)
+
+
 # ---------------------------------------------------------------------------------------------
 # Block N:M
 
@@ -117,7 +141,12 @@ def _backward_block(ctx, grad_y, grad_mask, grad_nz):
     return (grad_y * ctx.saved_tensors[0] if ctx.masked_grad else grad_y), None, None, None
 
 
+def _backward_int8_topk(ctx, grad_y, grad_mask, grad_nz):
+    return (grad_y * ctx.saved_tensors[0] if ctx.masked_grad else grad_y), None, None, None
+
+
 topk_sparsify_op.register_autograd(_backward_topk, setup_context=_setup)
+int8_topk_sparsify_op.register_autograd(_backward_int8_topk, setup_context=_setup)
 block_sparsify_op.register_autograd(_backward_block, setup_context=_setup)
 
 
@@ -137,4 +166,11 @@ def _triton():
     return _TRITON[0]
 
 
-__all__ = ["block_sparsify_op", "topk_sparsify_op"]
+def topk_candidates(a: Tensor, c: int, largest: bool) -> Tensor | None:
+    """The Triton candidate step of the tensor-parallel global Top-K for a CUDA ``a``, or None
+    (the caller then selects with ``torch.topk``)."""
+    tk = _triton()
+    return tk.topk_candidates(a, c, largest) if tk is not None and a.is_cuda else None
+
+
+__all__ = ["block_sparsify_op", "int8_topk_sparsify_op", "topk_candidates", "topk_sparsify_op"]

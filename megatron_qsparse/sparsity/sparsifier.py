@@ -73,7 +73,7 @@ class Sparsifier(nn.Module):
         return self.method.decode_keep(self, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quantize:
+        if self.quantize and not self.method.fuses_int8:
             x = quantize_int8(x)
         stats = self.density_stats if self.density_stats.enabled else None
         return self.method.sparsify(x, self, stats)

@@ -62,6 +62,9 @@ class SparsityMethod:
     rescalable: ClassVar[bool] = False
     #: the identity (mode ``none``): models with it and no BitNet decode as dense models
     dense: ClassVar[bool] = False
+    #: ``sparsify`` applies the int8 pre-quantization itself (``sp.quantize``), fused with the
+    #: selection; otherwise the Sparsifier quantizes before calling it
+    fuses_int8: ClassVar[bool] = False
 
     def __init__(self, cfg: "QSparseConfig", kind: str, layer: int):
         self.kind, self.layer = kind, layer

@@ -35,8 +35,9 @@ import math
 import torch
 
 from megatron_qsparse.sparsity.methods.base import RowSlices, SparsityMethod, register
-from megatron_qsparse.sparsity.ops import topk_sparsify_op
-from megatron_qsparse.sparsity.ste import apply_mask, check_rescale, l2_scale
+from megatron_qsparse.sparsity import ops
+from megatron_qsparse.sparsity.ops import int8_topk_sparsify_op, topk_sparsify_op
+from megatron_qsparse.sparsity.ste import apply_mask, check_rescale, l2_scale, quantize_int8
 from megatron_qsparse.sparsity.stats import DensityStats
 
 
@@ -79,17 +80,20 @@ def topk_mask(x: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
 
 def topk_sparsify(x: torch.Tensor, k: int | torch.Tensor, *, ste: bool = True,
                   rescale: str = "none", stats: DensityStats | None = None,
-                  use_kernel: bool = True) -> torch.Tensor:
+                  use_kernel: bool = True, quantize: bool = False) -> torch.Tensor:
     """Top-K sparsification of ``x`` (last dim): ``apply_mask(x, topk_mask(x, k), ...)``.
 
     ``k``: an int, or a 0-dim int64 tensor on ``x``'s device (what compiled steps pass: K is
     data). Runs the ``qsparse::topk_sparsify`` op (``ops.py``: the compiled CPU kernel, Triton on
     CUDA, else the reference mask), or with ``use_kernel=False`` the reference mask directly;
-    outputs and gradients are bit-identical either way. The nonzero count of the output is added
-    to ``stats`` if given (as a device tensor).
+    outputs and gradients are bit-identical either way. ``quantize``: per-token int8 fake
+    quantization first (``--qsparse-quantize-activations``; one fused op). The nonzero count of
+    the output is added to ``stats`` if given (as a device tensor).
     """
     check_rescale(rescale)
     d = x.shape[-1]
+    if quantize and (rescale != "none" or not use_kernel or (isinstance(k, int) and k >= d)):
+        x, quantize = quantize_int8(x), False  # the unfused order: quantize, then select
     if isinstance(k, int) and k >= d:
         if stats is not None:
             stats.record(x)
@@ -100,7 +104,10 @@ def topk_sparsify(x: torch.Tensor, k: int | torch.Tensor, *, ste: bool = True,
             stats.record(y)
         return y
     kt = k if isinstance(k, torch.Tensor) else torch.tensor(k, dtype=torch.int64)
-    y, _, nonzero = topk_sparsify_op(x, kt, not ste)
+    if quantize:  # fused on CUDA; on CPU the quantization, then the kernel
+        y, _, nonzero = int8_topk_sparsify_op(x, kt, 1e-5, not ste)
+    else:
+        y, _, nonzero = topk_sparsify_op(x, kt, not ste)
     if rescale == "l2":
         y = y * l2_scale(x, y)
         nonzero = None
@@ -125,6 +132,9 @@ def _extreme(a: torch.Tensor, c: int, largest: bool) -> torch.Tensor:
     d = a.shape[-1]
     if c == d:
         return a
+    fast = ops.topk_candidates(a, c, largest)  # Triton on CUDA
+    if fast is not None:
+        return fast
     if 2 * c <= d:
         return a.topk(c, dim=-1, largest=largest, sorted=False).values
     # cheaper to find the d - c values left out, then drop them
@@ -205,6 +215,7 @@ class TopK(SparsityMethod):
     help = "per-token top-K by |x|"
     uses_ratio = True
     rescalable = True
+    fuses_int8 = True
 
     def __init__(self, cfg, kind, layer):
         super().__init__(cfg, kind, layer)
@@ -228,7 +239,8 @@ class TopK(SparsityMethod):
         d = x.shape[-1]
         # the K of the bound width lives in a device buffer (set with the warm-up scale)
         k = sp.keep_k if sp.width == d else self.keep(sp, d)
-        return topk_sparsify(x, k, ste=sp.ste, rescale=sp.rescale, stats=stats)
+        return topk_sparsify(x, k, ste=sp.ste, rescale=sp.rescale, stats=stats,
+                             quantize=sp.quantize)
 
     def sparsify_sharded(self, x, sp, row):
         d = x.shape[-1] * row.size
