@@ -104,6 +104,11 @@ class GPTModel(nn.Module):
         recompute = self.recompute_blocks and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             h = checkpoint(layer, h, state=self.parallel) if recompute else layer(h)
+        return self.head(h, labels)
+
+    def head(self, h: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """Final norm, LM head and (with ``labels``) the per-token loss of the last hidden
+        states: one region, which ``--torch-compile`` compiles like a block."""
         h = self.final_norm(h)
         logits = parallel_lm_logits(h, self.output_weight(), self.parallel)  # [b, s, V/tp]
         if labels is None:

@@ -141,11 +141,13 @@ def build_model(cfg: Config, vocab_size: int, parallel=None) -> torch.nn.Module:
 
 def compile_blocks(model: torch.nn.Module) -> None:
     """``--torch-compile``: compile each transformer block in place (torchtitan's granularity:
-    the blocks are identical, so one compilation serves all; parameter names are unchanged).
+    the blocks are identical, so one compilation serves all; parameter names are unchanged),
+    and the head (final norm, LM head, cross entropy) as one more region.
     A block compiles as one graph on its own; under ZeRO-3 DeepSpeed's parameter hooks run
     inside it, so graph breaks are allowed there."""
     for block in model.layers:
         block.compile()
+    model.head = torch.compile(model.head)  # final norm + LM head + loss, one region too
 
 
 def build_tokenizer_and_vocab(cfg: Config):
