@@ -135,19 +135,23 @@ def build_model(cfg: Config, vocab_size: int, parallel=None) -> torch.nn.Module:
     model = GPTModel(cfg.model, vocab_size, parallel=parallel, init_seed=cfg.train.seed,
                      expert_parallel_size=cfg.parallel.expert_model_parallel_size)
     if cfg.train.torch_compile:
-        compile_blocks(model)
+        # ZeRO-3 gathers a partitioned parameter in the hooks of the module that owns it; the
+        # head reads the (tied) embedding weight outside that module, which a compiled region
+        # would capture partitioned: under ZeRO-3 the head stays eager
+        compile_blocks(model, head=cfg.parallel.zero_stage < 3)
     return model
 
 
-def compile_blocks(model: torch.nn.Module) -> None:
+def compile_blocks(model: torch.nn.Module, head: bool = True) -> None:
     """``--torch-compile``: compile each transformer block in place (torchtitan's granularity:
     the blocks are identical, so one compilation serves all; parameter names are unchanged),
-    and the head (final norm, LM head, cross entropy) as one more region.
+    and (``head``) the final norm, LM head and cross entropy as one more region.
     A block compiles as one graph on its own; under ZeRO-3 DeepSpeed's parameter hooks run
     inside it, so graph breaks are allowed there."""
     for block in model.layers:
         block.compile()
-    model.head = torch.compile(model.head)  # final norm + LM head + loss, one region too
+    if head:
+        model.head = torch.compile(model.head)  # final norm + LM head + loss, one region too
 
 
 def build_tokenizer_and_vocab(cfg: Config):
