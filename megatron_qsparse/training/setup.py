@@ -157,7 +157,8 @@ def build_datasets(cfg: Config, tokenizer, dp_size: int, rank: int) -> tuple:
     from megatron_qsparse.data.gpt_dataset import build_train_valid_test_datasets
 
     gbs = cfg.train.global_batch_size or cfg.train.micro_batch_size * dp_size
-    evals = cfg.train.train_iters // cfg.train.eval_interval + 1
+    evals = (cfg.train.train_iters // cfg.train.eval_interval + 1) if cfg.train.eval_interval \
+        else 0
     num_samples = (cfg.train.train_iters * gbs,
                    evals * cfg.train.eval_iters * gbs if cfg.train.eval_iters else 0,
                    cfg.train.eval_iters * gbs if cfg.train.test else 0)

@@ -151,8 +151,9 @@ class Trainer:
         if self.run_steps:
             summary["tokens_per_sec"] = self.tokens_per_step * self.run_steps / self.run_time
         if summary["exit_reason"] == "finished":
-            summary["valid_loss"] = self.evaluate(state.valid_ds, it // max(1, t.eval_interval),
-                                                  "validation")
+            if t.eval_interval:  # --eval-interval 0: no evaluation at all
+                summary["valid_loss"] = self.evaluate(state.valid_ds, it // t.eval_interval,
+                                                      "validation")
             if t.test:
                 summary["test_loss"] = self.evaluate(state.test_ds, 0, "test")
             last_saved = t.save_interval and it % t.save_interval == 0
