@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_qsparse.training.logging import setup_logging
     from megatron_qsparse.training.setup import setup
     from megatron_qsparse.training.trainer import Trainer, TrainingStopped
+    from megatron_qsparse.training.watchdog import start as watch_launcher
 
+    watch_launcher()  # under the deepspeed launcher: stop when it is killed
     try:
         setup_logging(int(os.environ.get("RANK", 0)))
         if cfg.train.save:  # before building anything, not at the first save

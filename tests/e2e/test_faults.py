@@ -169,3 +169,43 @@ def test_tampered_rng_state_is_refused_in_one_line(kjv_small, tmp_path):
     proc = pretrain(kjv_small, "--train-iters", "2", "--eval-iters", "0", "--load", str(ckpt))
     one_line_error(proc, 2, "--load: cannot read", "rng_rank00000.pt")
     assert not (tmp_path / "pwned").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# orphaned ranks
+
+LAUNCHER = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+
+
+@pytest.mark.skipif(not os.path.exists(LAUNCHER), reason="deepspeed launcher not installed")
+def test_kill_9_of_the_launcher_stops_every_rank(kjv_small, tmp_path):
+    import psutil
+
+    log = tmp_path / "log.txt"
+    with open(log, "w") as out:
+        runner = subprocess.Popen(
+            [LAUNCHER, "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 400),
+             "pretrain_qsparse.py", *TINY, "--data-path", kjv_small, "--train-iters", "100000",
+             "--eval-iters", "0", "--log-interval", "1"],
+            cwd=ROOT, env=clean_env(), stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while "iteration        2/" not in log.read_text():
+            assert runner.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        job = psutil.Process(runner.pid).children(recursive=True)  # launch.py and both ranks
+        ranks = [p for p in job if "pretrain_qsparse.py" in " ".join(p.cmdline())
+                 and "deepspeed" not in " ".join(p.cmdline())]
+        assert len(ranks) == 2, [p.cmdline() for p in job]
+        os.kill(runner.pid, signal.SIGKILL)  # the launcher only, as a scheduler would
+        runner.wait()
+        killed = time.time()
+        gone, alive = psutil.wait_procs(job, timeout=15)
+        assert not alive, f"still running {time.time() - killed:.0f} s later: {alive}"
+        assert "the launcher (pid" in log.read_text()
+    finally:
+        try:
+            os.killpg(runner.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
