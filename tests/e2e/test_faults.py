@@ -209,3 +209,87 @@ def test_kill_9_of_the_launcher_stops_every_rank(kjv_small, tmp_path):
             os.killpg(runner.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+# ---------------------------------------------------------------------------------------------
+# preprocessing: no documents, unwritable or full output, Ctrl-C
+
+PREP = ["tools/preprocess_data.py", "--tokenizer-type", "SentencePieceTokenizer",
+        "--tokenizer-model", str(TOKENIZER), "--workers", "1"]
+
+
+def _outputs(folder) -> list[str]:
+    return sorted(os.listdir(folder))  # hidden .tmp files included
+
+
+@pytest.mark.parametrize("content", [b"", os.urandom(4096) + b"\n\xff\xfe\n",
+                                     b'{"other": "key"}\n\n{"text": ""}\n'],
+                         ids=["empty", "binary", "all-skipped"])
+def test_preprocess_without_documents_is_an_error(tmp_path, content):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(content)
+    out = tmp_path / "out"
+    proc = run_cli([*PREP, "--input", str(src), "--output-prefix", str(out / "d")], check=False)
+    one_line_error(proc, 2, "no documents", "--allow-empty")
+    assert not out.exists() or _outputs(out) == []
+    ok = run_cli([*PREP, "--input", str(src), "--output-prefix", str(out / "d"), "--allow-empty"])
+    assert ok.returncode == 0 and "d_text_document.idx" in _outputs(out)
+
+
+def test_preprocess_sft_without_samples_is_an_error(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"nothing": 1}\nnot json\n')
+    out = tmp_path / "out"
+    proc = run_cli(["tools/preprocess_sft.py", "--input", str(src), "--output-prefix",
+                    str(out / "d"), "--tokenizer-type", "SentencePieceTokenizer",
+                    "--tokenizer-model", str(TOKENIZER)], check=False)
+    one_line_error(proc, 2, "no samples", "--allow-empty")
+    assert _outputs(out) == []
+    assert "train with" not in proc.stdout
+
+
+def test_preprocess_unwritable_output_dir(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    proc = run_cli([*PREP, "--input", str(ROOT / "examples/data/kjv_sample.jsonl"),
+                    "--output-prefix", str(blocker / "d")], check=False)
+    one_line_error(proc, 2, "cannot create output directory")
+
+
+def test_preprocess_full_disk_leaves_no_temporaries(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.run([sys.executable, *PREP, "--input",
+                           str(ROOT / "examples/data/kjv_sample.jsonl"),
+                           "--output-prefix", str(out / "d")],
+                          cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300,
+                          preexec_fn=_fsize_limit(200 * 1024))  # EFBIG, as ENOSPC
+    one_line_error(proc, 2, "cannot write the dataset", "nothing was written")
+    assert _outputs(out) == []
+
+
+def test_preprocess_ctrl_c_is_one_line_and_leaves_nothing(tmp_path):
+    src = tmp_path / "big.jsonl"
+    corpus = (ROOT / "examples/data/kjv_sample.jsonl").read_bytes()
+    src.write_bytes(corpus * 6)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, *PREP[:-1], "2", "--input", str(src),
+                             "--output-prefix", str(out / "d"), "--log-interval", "200"],
+                            cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        seen = []
+        for line in proc.stderr:  # wait for the first progress line: workers are running
+            seen.append(line)
+            if line.startswith("processed "):
+                break
+        assert proc.poll() is None, "".join(seen)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    assert "interrupted" in stderr
+    assert _outputs(out) == []
