@@ -293,3 +293,24 @@ def test_preprocess_ctrl_c_is_one_line_and_leaves_nothing(tmp_path):
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
     assert "interrupted" in stderr
     assert _outputs(out) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# token ids outside the vocabulary
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_when_the_data_opens(tmp_path):
+    from megatron_qsparse.data.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(tmp_path / "bad_text_document")
+    rng = np.random.default_rng(0)
+    with IndexedDatasetBuilder(prefix, np.int32) as b:
+        for i in range(60):
+            doc = rng.integers(0, 4096, size=80)
+            if i == 7:
+                doc[3] = 9999
+            b.add_document(doc)
+    proc = pretrain(prefix, *FAST)
+    one_line_error(proc, 2, "--data-path:", "bad_text_document.bin holds token id 9999",
+                   "vocabulary of 4096 ids")
+    assert any("_token_range_" in n for n in os.listdir(tmp_path))  # cached with the indices
