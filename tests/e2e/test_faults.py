@@ -314,3 +314,48 @@ def test_token_ids_outside_the_vocabulary_are_refused_when_the_data_opens(tmp_pa
     one_line_error(proc, 2, "--data-path:", "bad_text_document.bin holds token id 9999",
                    "vocabulary of 4096 ids")
     assert any("_token_range_" in n for n in os.listdir(tmp_path))  # cached with the indices
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint_convert.py import-hf on damaged Hugging Face files
+
+
+@pytest.fixture(scope="module")
+def hf_llama(tmp_path_factory):
+    from tests.hf_models import build_hf_model
+
+    path = tmp_path_factory.mktemp("hf") / "llama"
+    build_hf_model("llama", str(path))
+    return path
+
+
+def _damage(src, dst, how: str) -> None:
+    import shutil
+
+    shutil.copytree(src, dst)
+    st = dst / "model.safetensors"
+    data = st.read_bytes()
+    if how == "truncated":
+        st.write_bytes(data[: len(data) // 2])
+    elif how == "corrupt-header":
+        st.write_bytes((10**12).to_bytes(8, "little") + b"{not json" + data[17:])
+    elif how == "missing-shard":
+        from safetensors import safe_open
+
+        with safe_open(str(st), "pt") as f:
+            names = sorted(f.keys())
+        st.rename(dst / "model-00001-of-00002.safetensors")
+        where = {n: f"model-0000{1 + i % 2}-of-00002.safetensors" for i, n in enumerate(names)}
+        (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": where}))
+
+
+@pytest.mark.parametrize("how", ["truncated", "corrupt-header", "missing-shard"])
+def test_import_hf_of_damaged_files_is_one_line_and_leaves_no_save_dir(hf_llama, tmp_path, how,
+                                                                       capsys):
+    damaged, save = tmp_path / "hf", tmp_path / "ckpt"
+    _damage(hf_llama, damaged, how)
+    code = load_tool("checkpoint_convert").main(["import-hf", "--hf-dir", str(damaged),
+                                                 "--save", str(save)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err and err[-1].startswith("error: --hf-dir:"), err
+    assert ("download" in err[-1]) and not save.exists()
