@@ -359,3 +359,20 @@ def test_import_hf_of_damaged_files_is_one_line_and_leaves_no_save_dir(hf_llama,
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err and err[-1].startswith("error: --hf-dir:"), err
     assert ("download" in err[-1]) and not save.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# scaling-law fits from data that cannot determine them
+
+
+@pytest.mark.parametrize("rows,needle", [
+    ([(1e8, s, 3.0 + s) for s in (0.0, 0.2, 0.4, 0.5, 0.6, 0.7)], "1 distinct model sizes"),
+    ([(n, 0.0, 3.0 + 1e8 / n) for n in (1e7, 3e7, 1e8, 3e8, 1e9, 3e9)],
+     "1 distinct sparsity ratios"),
+])
+def test_scaling_law_fit_refuses_unidentifiable_data(tmp_path, rows, needle):
+    csv = tmp_path / "runs.csv"
+    csv.write_text("params,sparsity,loss\n" + "".join(f"{n},{s},{l}\n" for n, s, l in rows))
+    proc = run_cli(["tools/scaling_law.py", "fit", "--csv", str(csv)], check=False)
+    one_line_error(proc, 2, needle, "add runs")
+    assert "S* =" not in proc.stdout
