@@ -44,13 +44,17 @@ def format_summary(summary: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse(argv)
     # Imported after parsing so that --help and flag errors answer instantly.
-    from megatron_qsparse.training.checkpointing import atomic_write_text, load
+    from megatron_qsparse.training.checkpointing import atomic_write_text, check_save_dir, load
     from megatron_qsparse.training.logging import setup_logging
     from megatron_qsparse.training.setup import setup
     from megatron_qsparse.training.trainer import Trainer, TrainingStopped
+    from megatron_qsparse.training.watchdog import start as watch_launcher
 
+    watch_launcher()  # under the deepspeed launcher: stop when it is killed
     try:
         setup_logging(int(os.environ.get("RANK", 0)))
+        if cfg.train.save:  # before building anything, not at the first save
+            check_save_dir(cfg.train.save)
         state = setup(cfg)
         setup_logging(state.rank)
         if cfg.train.load:

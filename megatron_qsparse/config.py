@@ -41,6 +41,8 @@ NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 DATA_FORMATS = ("gpt", "sft")
 MOE_DROP_POLICIES = ("position", "random", "none")
 MOE_NOISY_GATE_POLICIES = ("none", "jitter", "rsample")
+# An AdamW step moves each weight by about lr: above this a run diverges at once.
+MAX_LR = 1.0
 
 
 @dataclass
@@ -387,7 +389,8 @@ class TrainConfig:
     clip_grad: float = arg(1.0, "Clip the global gradient norm to this (0 disables).")
     bf16: bool = arg(False, "Train in bfloat16 mixed precision.")
     seed: int = arg(1234, "Random seed for initialisation, data order and dropout.")
-    eval_interval: int = arg(1000, "Evaluate on the validation split every this many iterations.")
+    eval_interval: int = arg(1000, "Evaluate on the validation split every this many iterations "
+                             "(0: never, not even at the end).")
     eval_iters: int = arg(10, "Global batches per evaluation (the same samples under any "
                           "parallel layout).")
     save: str | None = arg(None, "Directory to save checkpoints to.")
@@ -421,7 +424,7 @@ class TrainConfig:
         """Check the schedule, batch sizes and checkpoint settings (the global batch against
         the world size: :func:`validate`)."""
         _positive("train", self, ("micro_batch_size", "global_batch_size", "train_iters",
-                                  "eval_interval", "save_interval", "lr_decay_iters",
+                                  "save_interval", "lr_decay_iters",
                                   "lr_wsd_decay_iters", "keep_last_n_checkpoints",
                                   "exit_interval", "max_consecutive_skipped_iters"))
         if self.exit_duration_in_mins is not None and self.exit_duration_in_mins <= 0:
@@ -449,9 +452,13 @@ class TrainConfig:
         elif self.lr_wsd_decay_iters is not None:
             raise _err("train", "lr_wsd_decay_iters", f"only used with --lr-decay-style WSD, "
                        f"not {self.lr_decay_style}", "drop it or use --lr-decay-style WSD")
-        _positive("train", self, ("lr_warmup_iters", "eval_iters"), allow_zero=True)
+        _positive("train", self, ("lr_warmup_iters", "eval_iters", "eval_interval"),
+                  allow_zero=True)
         if self.lr <= 0:
             raise _err("train", "lr", f"got {self.lr}", "use a positive learning rate")
+        if self.lr > MAX_LR:
+            raise _err("train", "lr", f"{self.lr} would move every weight by about that much per "
+                       "step (AdamW)", f"use at most {MAX_LR} (typical: 1e-4 to 1e-2)")
         if not 0 <= self.min_lr <= self.lr:
             raise _err("train", "min_lr", f"{self.min_lr} is not within [0, --lr {self.lr}]",
                        "set it at or below --lr")
@@ -550,6 +557,14 @@ def _positive(section: str, obj: Any, names: tuple[str, ...], allow_zero: bool =
             raise _err(section, n, f"got {v}", f"use {want} integer")
 
 
+def _finite(section: str, obj: Any) -> None:
+    """Every float setting of a section is a finite number (nan/inf pass most range checks)."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            raise _err(section, f.name, f"got {v}", "use a finite number")
+
+
 def validate(cfg: Config, world_size: int | None = None) -> Config:
     """Check every setting and their combinations; raise :class:`ConfigError` on the first problem.
 
@@ -561,6 +576,7 @@ def validate(cfg: Config, world_size: int | None = None) -> Config:
     (this module imports no package module). Returns ``cfg`` for chaining.
     """
     for section in SECTIONS:
+        _finite(section, getattr(cfg, section))
         getattr(cfg, section).validate()
     _cross_section_rules(cfg, world_size)
     for check in _CHECKS:  # the sparsifier method's own rules (sparsity/methods/)

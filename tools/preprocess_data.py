@@ -34,6 +34,7 @@ to ``--partitions 1``. The last line on stdout summarises the run.
 from __future__ import annotations
 
 import argparse
+import errno
 import itertools
 import json
 import os
@@ -111,6 +112,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="Print a progress line to stderr every this many input lines (0: never).")
     g.add_argument("--strict", action="store_true",
                    help="Stop at the first bad line (file:line: reason) instead of skipping it.")
+    g.add_argument("--allow-empty", action="store_true",
+                   help="Write the dataset even when no document came out of the input (by "
+                   "default that is an error: exit status 2, nothing written).")
     g.add_argument("--max-skip-reports", type=int, default=10,
                    help="Print file:line: reason for this many skipped lines (all are counted).")
     return p
@@ -207,6 +211,7 @@ _WORKER: Encoder | None = None
 
 def _init_worker(json_keys, tokenizer_type, tokenizer_model, append_eod) -> None:
     global _WORKER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     _WORKER = Encoder(json_keys, build_tokenizer(tokenizer_type, tokenizer_model), append_eod)
 
 
@@ -414,6 +419,7 @@ def output_prefix_for(output_prefix: str, key: str) -> str:
 def _partition_main(index: int, pieces: list[Piece], shard: str, job: Job, dtype, queue) -> None:
     """Body of one ``--partitions`` process: writes ``{shard}_{key}_document`` and reports."""
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # run the cleanup (pool, temporary files)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # on Ctrl-C the parent terminates us
     builders = {}
     try:
         for key in job.json_keys:
@@ -505,6 +511,14 @@ def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 
+def _no_documents(stats: Stats, args) -> str:
+    skipped = ", ".join(f"{r}: {stats.skipped[r]}" for r in SKIP_REASONS if stats.skipped[r])
+    return (f"no documents came out of the input ({stats.lines} lines read, "
+            f"{sum(stats.skipped.values())} skipped{': ' + skipped if skipped else ''}); nothing "
+            f"was written; check --input and --json-keys {' '.join(args.json_keys)}, or pass "
+            "--allow-empty to write an empty dataset")
+
+
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
@@ -571,6 +585,8 @@ def _run(argv: list[str] | None) -> int:
                 for key, prefix in outputs.items():
                     builders[key] = IndexedDatasetBuilder(prefix, dtype)
                 stats = process_pieces(plan[0], job, builders, reporter, encoder)
+                if stats.docs == 0 and not args.allow_empty:
+                    raise InputError(_no_documents(stats, args))
                 for builder in builders.values():
                     builder.finalize()
             except BaseException:
@@ -579,8 +595,23 @@ def _run(argv: list[str] | None) -> int:
                 raise
         else:
             stats = run_partitions(plan, job, dtype, outputs, reporter, out_dir)
+            if stats.docs == 0 and not args.allow_empty:
+                for prefix in outputs.values():
+                    for path in (prefix + ".bin", prefix + ".idx"):
+                        if os.path.exists(path):
+                            os.remove(path)
+                raise InputError(_no_documents(stats, args))
     except (InputError, ValueError) as e:
         return _fail(str(e))
+    except OSError as e:  # a read-only or full output directory: one line, temporaries removed
+        name = errno.errorcode.get(e.errno or 0, "")
+        return _fail(f"cannot write the dataset under {out_dir}: {e.strerror or e}"
+                     f"{' (' + name + ')' if name else ''}; nothing was written; free space "
+                     "there or pass a writable --output-prefix")
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written (temporary files removed)",
+              file=sys.stderr)
+        return 130
 
     elapsed = max(time.perf_counter() - start, 1e-9)
     tokens = sum(stats.tokens.values())

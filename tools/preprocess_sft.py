@@ -49,13 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Skip samples longer than this many tokens (default: keep all; training "
                    "truncates to --seq-length + 1).")
     p.add_argument("--strict", action="store_true", help="Stop at the first bad line.")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="Write the dataset even when no sample came out of the input (by default "
+                   "that is an error: exit status 2, nothing written).")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_qsparse.data.corpus import expand_inputs, iter_lines
-    from megatron_qsparse.data.indexed_dataset import IndexedDatasetBuilder, best_token_dtype
-    from megatron_qsparse.data.sft_dataset import encode, record_fields, render
+    from megatron_qsparse.data.corpus import expand_inputs
     from megatron_qsparse.data.tokenizer import build_tokenizer
 
     args = build_parser().parse_args(argv)
@@ -67,7 +68,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     prefix = args.output_prefix + "_sft"
     out_dir = os.path.dirname(os.path.abspath(prefix))
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        return _write(args, tokenizer, paths, prefix)
+    except OSError as e:
+        print(f"error: cannot write the dataset under {out_dir}: {e.strerror or e}; nothing was "
+              "written; free space there or pass a writable --output-prefix", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _write(args, tokenizer, paths, prefix) -> int:
+    from megatron_qsparse.data.corpus import iter_lines
+    from megatron_qsparse.data.indexed_dataset import IndexedDatasetBuilder, best_token_dtype
+    from megatron_qsparse.data.sft_dataset import encode, record_fields, render
+
     stats = {"samples": 0, "skipped_bad": 0, "skipped_long": 0, "tokens": 0, "loss_tokens": 0,
              "template": args.template, "tokenizer": tokenizer.name}
     shown = 0
@@ -100,6 +117,13 @@ def main(argv: list[str] | None = None) -> int:
             stats["samples"] += 1
             stats["tokens"] += len(tokens)
             stats["loss_tokens"] += sum(mask)
+        if stats["samples"] == 0 and not args.allow_empty:
+            tok_b.abort()
+            mask_b.abort()
+            print(f"error: no samples came out of the input ({stats['skipped_bad']} bad and "
+                  f"{stats['skipped_long']} too-long lines skipped); nothing was written; check "
+                  "--input, --template and --max-length, or pass --allow-empty", file=sys.stderr)
+            return 2
     from megatron_qsparse.atomic import write_text
 
     write_text(prefix + ".json", json.dumps(stats, indent=1) + "\n")

@@ -270,8 +270,34 @@ def _save_fig(fig, path: str) -> None:
 # commands
 
 
+# distinct model sizes (E vs alpha vs the N-scaled term) and sparsities (the constant vs C vs
+# beta) a fit needs before each of its parameters is determined by the data
+MIN_DISTINCT = 3
+
+
+def check_identifiable(rows: np.ndarray, bits: float, path: str) -> None:
+    """CSVError unless the runs of one precision span enough model sizes and sparsities."""
+    if len(rows) < len(PARAM_NAMES) + 1:
+        return  # fit_law says how many runs it needs
+    for col, what, flag in ((0, "model sizes (params)", "alpha and E"),
+                            (1, "sparsity ratios", "beta, B and C")):
+        distinct = np.unique(rows[:, col]).size
+        if distinct < MIN_DISTINCT:
+            raise CSVError(f"{path}: the {bits:g}-bit runs have {distinct} distinct "
+                           f"{what}, which cannot determine {flag}; add runs at "
+                           f"{MIN_DISTINCT - distinct} or more other {what} (at least "
+                           f"{MIN_DISTINCT})")
+
+
+def _wide(ci: tuple, value: float) -> bool:
+    """An interval wider than the value itself: the data hardly constrain the parameter."""
+    return ci[1] - ci[0] > max(abs(value), 1e-12)
+
+
 def cmd_fit(args) -> int:
     groups = read_runs(args.csv)
+    for bits, rows in sorted(groups.items()):
+        check_identifiable(rows, bits, args.csv)
     laws, out = {}, {}
     for bits, rows in sorted(groups.items()):
         law, obj = fit_law(rows)
@@ -281,14 +307,23 @@ def cmd_fit(args) -> int:
         resid = np.log(pred) - np.log(rows[:, 2])
         print(f"\n{bits:g}-bit weights: {len(rows)} runs, Huber objective {obj:.3e}")
         print(f"  {'param':<6} {'value':>12}   95% bootstrap interval")
+        wide = [k for k in PARAM_NAMES if k in ci and _wide(ci[k], getattr(law, k))]
         for k in PARAM_NAMES:
             lo_hi = f"[{ci[k][0]:.4g}, {ci[k][1]:.4g}]" if k in ci else "n/a"
-            print(f"  {k:<6} {getattr(law, k):>12.5g}   {lo_hi}")
+            print(f"  {k:<6} {getattr(law, k):>12.5g}   {lo_hi}"
+                  + ("   WIDE: poorly determined" if k in wide else ""))
+        if args.bootstrap and not ci:
+            print("  warning: no bootstrap resample had enough distinct runs; the intervals "
+                  "are unknown, add runs", file=sys.stderr)
+        if wide:
+            print(f"  warning: the 95% intervals of {', '.join(wide)} are wider than their "
+                  "values; these runs do not pin them down (add model sizes/sparsities)",
+                  file=sys.stderr)
         print(f"  log-loss residuals: max |r| {np.abs(resid).max():.2e}, "
               f"rms {np.sqrt(np.mean(resid ** 2)):.2e}")
         s_star = optimal_sparsity(law)
         print(f"  inference-optimal sparsity S* = {s_star:.2%} (N = {1 / (1 - s_star):.2f} x N_a)")
-        out[f"{bits:g}"] = {"params": law.as_dict(), "ci95": ci,
+        out[f"{bits:g}"] = {"params": law.as_dict(), "ci95": ci, "wide": wide,
                             "residuals": resid.tolist(), "optimal_sparsity": s_star}
     if args.plot:
         _plot_fit(args.plot, groups, laws)

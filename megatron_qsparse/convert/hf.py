@@ -123,13 +123,32 @@ class SafetensorsDir:
                 if os.path.basename(f) != f or not f.endswith(".safetensors"):
                     raise ConfigError(f"--hf-dir: {index} names {f!r}, not a .safetensors file "
                                       "of the directory; fix the index")
+            for f in sorted(set(self.where.values())):
+                if not os.path.isfile(os.path.join(hf_dir, f)):
+                    raise ConfigError(f"--hf-dir: {index} names {f}, which is not in "
+                                      f"{hf_dir}; download every shard the index lists")
+                self._check_readable(f)
         elif os.path.isfile(single):
-            with safe_open(single, "pt") as f:
+            with self._opened("model.safetensors") as f:
                 self.where = {k: "model.safetensors" for k in f.keys()}
         else:
             raise ConfigError(f"--hf-dir: {hf_dir} has no model.safetensors(.index.json); "
                               "convert .bin weights to safetensors first (loading pickles is "
                               "not safe)")
+
+    def _opened(self, name: str):
+        """``safe_open`` of one file; a truncated or corrupt file is a one-line ConfigError."""
+        path = os.path.join(self.dir, name)
+        try:
+            return self._open(path, "pt")
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: one clear line
+            raise ConfigError(f"--hf-dir: {path} is not a readable safetensors file "
+                              f"({_first_line(e)}); it is truncated or corrupt, download it "
+                              "again") from None
+
+    def _check_readable(self, name: str) -> None:
+        with self._opened(name):
+            pass
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
@@ -137,8 +156,19 @@ class SafetensorsDir:
     def get(self, name: str) -> torch.Tensor:
         if name not in self.where:
             raise ConfigError(f"--hf-dir: tensor {name!r} is missing from {self.dir}")
-        with self._open(os.path.join(self.dir, self.where[name]), "pt") as f:
-            return f.get_tensor(name)
+        with self._opened(self.where[name]) as f:
+            try:
+                return f.get_tensor(name)
+            except Exception as e:  # noqa: BLE001 - a file cut short after its header
+                raise ConfigError(f"--hf-dir: cannot read tensor {name!r} from "
+                                  f"{os.path.join(self.dir, self.where[name])} "
+                                  f"({_first_line(e)}); the file is truncated or corrupt, "
+                                  "download it again") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
 def name_map(m: ModelConfig, model_type: str = "llama") -> dict[str, list[str]]:

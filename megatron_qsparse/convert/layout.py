@@ -123,6 +123,7 @@ def write_checkpoint(save_dir: str, cfg: Config, source: TensorSource, *, iterat
     padded = padded_vocab_size(cfg.model.vocab_size, cfg)
     specs = partition_specs(cfg.model, padded, tp)
     tag = tag_for(iteration)
+    created = not os.path.exists(save_dir)
     os.makedirs(save_dir, exist_ok=True)
     tmp = os.path.join(save_dir, TMP_PREFIX + tag)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -172,6 +173,11 @@ def write_checkpoint(save_dir: str, cfg: Config, source: TensorSource, *, iterat
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created:  # leave no empty --save folder behind
+            try:
+                os.rmdir(save_dir)
+            except OSError:
+                pass
         raise
     write_text(os.path.join(save_dir, LATEST), tag)
     write_text(os.path.join(save_dir, MODEL_ARGS), model_args_yaml(cfg))

@@ -346,10 +346,16 @@ class IndexedDatasetBuilder:
     def _remove_temporaries(self, *extra: str | None) -> None:
         for f in self._files.values():
             if not f.closed:
-                f.close()
+                try:
+                    f.close()  # flushes: fails on a full disk, but closes the file all the same
+                except OSError:
+                    pass
         for path in list(self._tmp.values()) + list(extra):
-            if path is not None and os.path.exists(path):
-                os.remove(path)
+            if path is not None:
+                try:
+                    os.remove(path)
+                except FileNotFoundError:
+                    pass
         self._tmp = {}
 
     def abort(self) -> None:

@@ -11,17 +11,22 @@ Layout under ``--save`` (:mod:`megatron_qsparse.checkpoint.layout`)::
 
 A checkpoint is written into a hidden ``.tmp-iter_0000100`` folder and renamed into place only when
 every rank has finished; ``latest`` is replaced after the rename. A crash at any point leaves the
-previous checkpoint and ``latest`` intact. Loading never unpickles arbitrary objects: DeepSpeed's
+previous checkpoint and ``latest`` intact. A checkpoint whose weights or optimizer state hold
+NaN/Inf is never written (:class:`CheckpointNotWritten`; ``latest`` stays on the last good one),
+and neither is one that fails for lack of space or permission: its partial folder is removed, and
+the error names the cause in one line. Loading never unpickles arbitrary objects: DeepSpeed's
 files are read with ``torch.load(weights_only=True)`` and an allow-list of its plain state classes.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import random
 import shutil
+import tempfile
 
 import numpy as np
 import torch
@@ -94,6 +99,107 @@ def make_loading_safe(engine) -> None:
 # save
 
 
+class CheckpointNotWritten(RuntimeError):
+    """A checkpoint was refused (non-finite state) or could not be written (no space, read-only,
+    no permission); ``latest`` still names the last good one. The message says why, in one line."""
+
+
+# errno -> what to do about it
+_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_ACCESS = {errno.EROFS, errno.EACCES, errno.EPERM}
+# how torch.save's C++ writer reports a failed write (it does not keep the errno)
+_WRITE_FAILURES = ("iostream error", "unexpected pos", "file write failed", "PytorchStreamWriter")
+
+
+def check_save_dir(save_dir: str) -> None:
+    """ConfigError unless ``--save`` is (or can be made) a directory this process can write to:
+    checked at start, not at the first save an interval later."""
+    try:
+        os.makedirs(save_dir, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=save_dir)
+        try:
+            os.write(fd, b"x")
+        finally:
+            os.close(fd)
+            os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"--save: cannot write to {save_dir} ({_describe_os_error(e)}); "
+                          f"{_fix_for(e)}") from None
+
+
+def _describe_os_error(e: OSError) -> str:
+    name = errno.errorcode.get(e.errno or 0)
+    return f"{e.strerror or e}" + (f", {name}" if name else "")
+
+
+def _fix_for(e: OSError) -> str:
+    if e.errno in _SPACE:
+        return "free space there or point --save at a larger disk"
+    return "point --save at a writable directory"
+
+
+def _write_failure(e: BaseException, save_dir: str) -> str | None:
+    """One line on why a save failed for want of space or access; None for other errors."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return f"{_describe_os_error(e)}; {_fix_for(e)}"
+    if isinstance(e, RuntimeError) and any(m in str(e) for m in _WRITE_FAILURES):
+        try:
+            free = f"{shutil.disk_usage(save_dir).free / 2**20:.1f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        first = str(e).strip().splitlines()[0]
+        return (f"a write failed ({first!r}): the disk is probably full or over quota "
+                f"({free}); free space there or point --save at a larger disk")
+    return None
+
+
+def _state_tensors(engine):
+    """The tensors a checkpoint would hold: this rank's weights (its ZeRO-3 partition) and its
+    optimizer state (ZeRO partitions, fp32 master copies, moments)."""
+    for p in engine.module.parameters():
+        yield "weights", getattr(p, "ds_tensor", p).detach()
+    seen, opt = set(), getattr(engine, "optimizer", None)
+    while opt is not None and id(opt) not in seen:
+        seen.add(id(opt))
+        state = getattr(opt, "state", None)
+        if isinstance(state, dict):
+            for st in state.values():
+                if isinstance(st, dict):
+                    for v in st.values():
+                        if torch.is_tensor(v) and v.is_floating_point():
+                            yield "optimizer state", v.detach()
+        for group in getattr(opt, "param_groups", None) or []:
+            for p in group.get("params", []) if isinstance(group, dict) else []:
+                if torch.is_tensor(p):
+                    yield "optimizer state", p.detach()
+        opt = getattr(opt, "optimizer", None)
+
+
+def non_finite_state(engine) -> str | None:
+    """'weights' or 'optimizer state' if that holds NaN/Inf on any rank, else None (every rank
+    must call this: the answer is agreed over all ranks)."""
+    bad = {"weights": 0.0, "optimizer state": 0.0}
+    for what, t in _state_tensors(engine):
+        if t.numel() and not bad[what] and not bool(torch.isfinite(t).all()):
+            bad[what] = 1.0
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        flags = torch.tensor([bad["weights"], bad["optimizer state"]], dtype=torch.float64)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        bad = dict(zip(bad, flags.tolist()))
+    for what, flag in bad.items():
+        if flag:
+            return what
+    return None
+
+
+def _latest_tag(save_dir: str) -> str:
+    try:
+        with open(os.path.join(save_dir, LATEST)) as fh:
+            return fh.read().strip() or "none"
+    except OSError:
+        return "none"
+
+
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
@@ -105,7 +211,34 @@ def _barrier() -> None:
 
 def save(engine, cfg: Config, iteration: int, consumed_samples: int, *, dp_size: int,
          extra: dict | None = None) -> str:
-    """Save a complete checkpoint for ``iteration`` atomically, then point ``latest`` at it."""
+    """Save a complete checkpoint for ``iteration`` atomically, then point ``latest`` at it.
+
+    Raises :class:`CheckpointNotWritten` (``latest`` untouched) when the weights or optimizer
+    state hold NaN/Inf, or when the disk is full, read-only or not ours to write (the partial
+    folder is removed)."""
+    save_dir = cfg.train.save
+    tag = tag_for(iteration)
+    bad = non_finite_state(engine)
+    if bad:
+        raise CheckpointNotWritten(
+            f"iteration {iteration}: the {bad} hold NaN/Inf, so no checkpoint was written "
+            f"('{LATEST}' in {save_dir} stays at {_latest_tag(save_dir)}); lower --lr or raise "
+            f"--lr-warmup-iters and resume from '{LATEST}'")
+    tmp_dir = os.path.join(save_dir, TMP_PREFIX + tag)
+    try:
+        return _save(engine, cfg, iteration, consumed_samples, dp_size, extra)
+    except (OSError, RuntimeError) as e:
+        why = _write_failure(e, save_dir)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if why is None:
+            raise
+        raise CheckpointNotWritten(
+            f"--save: could not write checkpoint {tag} to {save_dir}: {why}; the partial folder "
+            f"was removed and '{LATEST}' stays at {_latest_tag(save_dir)}") from None
+
+
+def _save(engine, cfg: Config, iteration: int, consumed_samples: int, dp_size: int,
+          extra: dict | None) -> str:
     save_dir = cfg.train.save
     tag = tag_for(iteration)
     tmp_tag = TMP_PREFIX + tag
@@ -219,7 +352,14 @@ def load(engine, cfg: Config, dp_size: int) -> tuple[int, int]:
         raise ConfigError(f"--load: could not read checkpoint {path}; check the directory")
     rng_path = os.path.join(path, RNG_FILE.format(_rank()))
     if os.path.isfile(rng_path):
-        set_rng_state(torch.load(rng_path, weights_only=True))
+        try:
+            rng = torch.load(rng_path, weights_only=True)
+            set_rng_state(rng)
+        except Exception as e:  # noqa: BLE001 - a tampered or corrupt file: one clear line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"--load: cannot read {rng_path} safely ({first[:200]}); it is "
+                              "corrupt or not ours: restore it, or delete it to resume without "
+                              "exact dropout replay") from None
     else:
         logger.warning("%s has no RNG state for rank %d; dropout will not replay exactly", path,
                        _rank())

@@ -168,19 +168,25 @@ def build_tokenizer_and_vocab(cfg: Config):
     return tokenizer, padded_vocab_size(cfg.model.vocab_size, cfg)
 
 
-def build_datasets(cfg: Config, tokenizer, dp_size: int, rank: int) -> tuple:
+def build_datasets(cfg: Config, tokenizer, dp_size: int, rank: int,
+                   vocab: int | None = None) -> tuple:
     """The train / validation / test datasets (GPT or SFT), sized for the whole run; rank 0
     builds (and caches) the sample indices first, the other ranks then read the cache."""
     from megatron_qsparse.data.gpt_dataset import build_train_valid_test_datasets
 
     gbs = cfg.train.global_batch_size or cfg.train.micro_batch_size * dp_size
-    evals = cfg.train.train_iters // cfg.train.eval_interval + 1
+    evals = (cfg.train.train_iters // cfg.train.eval_interval + 1) if cfg.train.eval_interval \
+        else 0
     num_samples = (cfg.train.train_iters * gbs,
                    evals * cfg.train.eval_iters * gbs if cfg.train.eval_iters else 0,
                    cfg.train.eval_iters * gbs if cfg.train.test else 0)
     if rank != 0:
         torch.distributed.barrier()
     try:
+        if vocab is not None:  # ids the embedding has no row for: refused here, not mid-step
+            from megatron_qsparse.data.validation import check_token_ids
+
+            check_token_ids(cfg.data.data_path, vocab, cfg.data.data_cache_path)
         if cfg.data.data_format == "sft":
             from megatron_qsparse.data.sft_dataset import build_sft_datasets
 
@@ -227,7 +233,7 @@ def setup(cfg: Config) -> TrainingState:
     assert dp_size == data_parallel_size(cfg, world_size)
 
     tokenizer, vocab = build_tokenizer_and_vocab(cfg)
-    train_ds, valid_ds, test_ds = build_datasets(cfg, tokenizer, dp_size, rank)
+    train_ds, valid_ds, test_ds = build_datasets(cfg, tokenizer, dp_size, rank, vocab)
 
     set_seed(cfg.train.seed)  # the same on every rank: TP shards are cut from identical draws
     model = build_model(cfg, vocab, parallel).to(device())

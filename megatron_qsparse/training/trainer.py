@@ -151,13 +151,17 @@ class Trainer:
         if self.run_steps:
             summary["tokens_per_sec"] = self.tokens_per_step * self.run_steps / self.run_time
         if summary["exit_reason"] == "finished":
-            summary["valid_loss"] = self.evaluate(state.valid_ds, it // max(1, t.eval_interval),
-                                                  "validation")
+            if t.eval_interval:  # --eval-interval 0: no evaluation at all
+                summary["valid_loss"] = self.evaluate(state.valid_ds, it // t.eval_interval,
+                                                      "validation")
             if t.test:
                 summary["test_loss"] = self.evaluate(state.test_ds, 0, "test")
             last_saved = t.save_interval and it % t.save_interval == 0
             if t.save and it > self.start_iteration and not last_saved:
                 self.save()
+            elif it > self.start_iteration and checkpointing.non_finite_state(self.engine):
+                raise TrainingStopped(f"the weights hold NaN/Inf after iteration {it}; lower "
+                                      "--lr or raise --lr-warmup-iters")
         self.writer.close()
         return summary
 
@@ -309,10 +313,13 @@ class Trainer:
     def save(self) -> None:
         """Checkpoint this iteration (engine, data position, RNG, skipped-iteration count)."""
         state = self.state
-        checkpointing.save(state.engine, self.cfg, state.iteration, state.consumed_samples,
-                           dp_size=state.dp_size,
-                           extra={"skipped_iterations": getattr(self.optimizer, "skipped_iters",
-                                                                0)})
+        try:
+            checkpointing.save(state.engine, self.cfg, state.iteration, state.consumed_samples,
+                               dp_size=state.dp_size,
+                               extra={"skipped_iterations": getattr(self.optimizer,
+                                                                    "skipped_iters", 0)})
+        except checkpointing.CheckpointNotWritten as e:  # latest stays on the last good one
+            raise TrainingStopped(str(e)) from None
 
     def _maybe_exit(self, saved: bool) -> bool:
         """On an exit condition record why, save (unless this iteration just did) and say
