@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from megatron_qsparse.sparsity import kernels as _sparsify_kernels
-from megatron_qsparse.sparsity.methods.topk import topk_mask
+from megatron_qsparse.sparsity.masks import topk_mask
 
 _CSRC = Path(__file__).with_name("csrc")
 _EXT = _sparsify_kernels.LazyExtension(

@@ -6,7 +6,7 @@ weight ``[in, out]``; program ``(j, r)`` computes ``BLOCK_N`` outputs of token `
 that token's kept inputs ``BLOCK_K`` at a time and loading, for each, a contiguous (coalesced) run
 of its weight row, so only the kept rows are read; fp32 accumulation. The kept set of
 :func:`gemv_topk` is exact Top-K (ties to the lower index, identical to
-:func:`~megatron_qsparse.sparsity.methods.topk.topk_mask`), chosen on the device by
+:func:`~megatron_qsparse.sparsity.masks.topk_mask`), chosen on the device by
 :func:`megatron_qsparse.sparsity.triton_kernels.topk_sparsify`; the kept indices of every token are
 gathered in ascending order by one stable sort of the mask, and the per-token counts stay on the
 device, so neither function waits on the host and all tokens go in one launch.

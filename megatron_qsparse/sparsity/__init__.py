@@ -8,8 +8,9 @@ from megatron_qsparse.sparsity.activations import ACTIVATIONS, relu2_glu, swiglu
 from megatron_qsparse.sparsity.bitnet import int8_activation, ternary_weight
 from megatron_qsparse.sparsity.methods import (SparsityMethod, describe, get_method,
                                                method_names, register, summary)
-from megatron_qsparse.sparsity.methods.block import block_mask, block_sparsify
-from megatron_qsparse.sparsity.methods.topk import keep_count, topk_mask, topk_sparsify
+from megatron_qsparse.sparsity.masks import block_mask, topk_mask
+from megatron_qsparse.sparsity.methods.block import block_sparsify
+from megatron_qsparse.sparsity.methods.topk import keep_count, topk_sparsify
 from megatron_qsparse.sparsity.sparsifier import (Sparsifier, build_sparsifier,
                                                   quantize_int8_sharded, set_sparsity_scale)
 from megatron_qsparse.sparsity.stats import (DensityStats, collect_density, recording,

@@ -21,7 +21,7 @@ Environment (``use_kernels(False)`` also switches them off inside a ``with`` blo
   named after a digest of the source, the torch version and the Python version.
 
 If the kernels are disabled or the build fails, one warning is logged and every caller falls back to
-:func:`~megatron_qsparse.sparsity.methods.topk.topk_mask` / ``block_mask`` (same results, slower).
+:func:`~megatron_qsparse.sparsity.masks.topk_mask` / ``block_mask`` (same results, slower).
 
 Both kernels return ``(y, mask, nonzero)``: ``y`` the sparsified copy of ``x`` (dropped entries are
 ``x * 0``, i.e. zeros carrying the sign of ``x``), ``mask`` the bool mask of kept entries or None

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from megatron_qsparse.sparsity import kernels
+from megatron_qsparse.sparsity.masks import block_mask, topk_mask
 
 _EMPTY_MASK = (0,)
 
@@ -55,8 +56,6 @@ def _cpu_kernel(fn, x: Tensor, masked_grad: bool, *args):
 @torch.library.custom_op("qsparse::topk_sparsify", mutates_args=())
 def topk_sparsify_op(x: Tensor, k: Tensor, masked_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     """See the module docstring. The default implementation serves every device."""
-    from megatron_qsparse.sparsity.methods.topk import topk_mask
-
     d = x.shape[-1]
     if x.device.type == "cpu" and kernels.supports(x):
         kk = int(k)  # a CPU tensor: no device synchronisation
@@ -106,8 +105,6 @@ def _(x, k, eps, masked_grad):
 def block_sparsify_op(x: Tensor, n: int, m: int,
                       masked_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     """See the module docstring. The default implementation serves every device."""
-    from megatron_qsparse.sparsity.methods.block import block_mask
-
     if x.device.type == "cpu" and m <= kernels.MAX_BLOCK_M and kernels.supports(x):
         return _cpu_kernel(kernels.block_sparsify, x, masked_grad, n, m)
     tk = _triton()

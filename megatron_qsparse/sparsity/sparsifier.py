@@ -61,6 +61,12 @@ class Sparsifier(nn.Module):
         self._update_keep()
         return self
 
+    def _apply(self, fn, recurse=True):
+        if self.keep_k.is_meta:  # built on the meta device and loaded with assign=True: the
+            self.keep_k = torch.zeros((), dtype=torch.int64)  # buffer is not in state dicts
+            self._update_keep()
+        return super()._apply(fn, recurse)
+
     def _update_keep(self) -> None:
         if self.width is not None:
             k = self.method.fixed_keep(self, self.width)

@@ -11,23 +11,11 @@ from __future__ import annotations
 import torch
 
 from megatron_qsparse.config import ConfigError, flag_of
+from megatron_qsparse.sparsity.masks import block_mask
 from megatron_qsparse.sparsity.methods.base import SparsityMethod, register
 from megatron_qsparse.sparsity.ops import block_sparsify_op
 from megatron_qsparse.sparsity.ste import apply_mask
 from megatron_qsparse.sparsity.stats import DensityStats
-
-
-def block_mask(x: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Boolean N:M mask: in every group of ``m`` consecutive features keep the ``n`` largest ``|x|``
-    (ties toward the lower index)."""
-    d = x.shape[-1]
-    if d % m:
-        raise ValueError(f"--qsparse-block {n}:{m}: input width {d} is not divisible by M={m}; "
-                         "pick an M that divides every projection's input width")
-    a = x.detach().abs().unflatten(-1, (d // m, m))
-    idx = a.sort(dim=-1, descending=True, stable=True).indices[..., :n]
-    mask = torch.zeros_like(a, dtype=torch.bool).scatter_(-1, idx, True)
-    return mask.flatten(-2)
 
 
 def block_sparsify(x: torch.Tensor, n: int, m: int, *, ste: bool = True,

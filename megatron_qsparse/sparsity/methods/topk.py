@@ -34,6 +34,7 @@ import math
 
 import torch
 
+from megatron_qsparse.sparsity.masks import kth_largest, topk_mask
 from megatron_qsparse.sparsity.methods.base import RowSlices, SparsityMethod, register
 from megatron_qsparse.sparsity import ops
 from megatron_qsparse.sparsity.ops import int8_topk_sparsify_op, topk_sparsify_op
@@ -52,30 +53,6 @@ def keep_count(d: int, ratio: float) -> int:
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"sparsity ratio {ratio} is outside [0, 1]")
     return max(1, d - int(math.floor(ratio * d + 1e-9)))
-
-
-def topk_mask(x: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
-    """Boolean mask keeping the ``k`` largest ``|x|`` along the last dim, exactly ``k`` per row.
-
-    Ties at the threshold are broken toward the lower feature index. The threshold is the k-th
-    largest ``|x|``: with an int ``k`` from a partial selection (``torch.topk`` of the smaller
-    side, no full sort), with a 0-dim tensor ``k`` (the compiled path, where K is data) from a
-    sort. The tie rule is applied to every row, branch-free: entries above the threshold, then the
-    tied ones in index order while room is left. Nothing is read back on the host.
-    """
-    d = x.shape[-1]
-    if isinstance(k, int) and k >= d:
-        return torch.ones_like(x, dtype=torch.bool)
-    a = x.detach().abs().reshape(-1, d)
-    if isinstance(k, int):
-        thr = _kth_largest(a, k)
-    else:
-        idx = (k.to(torch.int64).clamp(1, d) - 1).reshape(1, 1).expand(a.shape[0], 1)
-        thr = a.sort(dim=-1, descending=True).values.gather(-1, idx)
-    gt, eq = a > thr, a == thr
-    room = k - gt.sum(-1, keepdim=True, dtype=torch.int32)
-    mask = gt | (eq & (eq.cumsum(-1, dtype=torch.int32) <= room))
-    return mask.view(x.shape)
 
 
 def topk_sparsify(x: torch.Tensor, k: int | torch.Tensor, *, ste: bool = True,
@@ -143,14 +120,6 @@ def _extreme(a: torch.Tensor, c: int, largest: bool) -> torch.Tensor:
     return a[keep].view(a.shape[0], c)
 
 
-def _kth_largest(v: torch.Tensor, k: int) -> torch.Tensor:
-    """``[rows, 1]``: the ``k``-th largest value of every row (selecting the smaller side)."""
-    p = v.shape[-1]
-    if k <= p - k + 1:
-        return v.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
-    return v.topk(p - k + 1, dim=-1, largest=False, sorted=False).values.amax(-1, keepdim=True)
-
-
 def global_topk_mask(x: torch.Tensor, k: int, row: RowSlices) -> torch.Tensor:
     """This rank's slice of ``topk_mask(full_x, k)``, where ``full_x`` concatenates the ranks'
     ``x`` along the last dim in rank order. Boolean, shaped like ``x``. Every rank of ``row`` must
@@ -167,7 +136,7 @@ def global_topk_mask(x: torch.Tensor, k: int, row: RowSlices) -> torch.Tensor:
     pool = every.permute(1, 0, 2).reshape(a.shape[0], t * c)
     # the K-th largest of the row: of the pool when it holds the top side, else the (d-K+1)-th
     # smallest, i.e. the (t·c - d + K)-th largest of the pool
-    thr = _kth_largest(pool, k if top else t * c - d + k)  # [n, 1]
+    thr = kth_largest(pool, k if top else t * c - d + k)  # [n, 1]
     mask = a >= thr
     # Rows where exactly K entries are >= thr need nothing more (all of them, for float data that
     # has no ties at the threshold). Counted from the pool: on the top side the candidates hold
