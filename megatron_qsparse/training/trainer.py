@@ -206,7 +206,7 @@ class Trainer:
 
     def _micro_batches(self, logs_now: bool) -> float:
         engine, model = self.engine, self.model
-        loss_sum = 0.0
+        loss_sum = None  # a device tensor: the step reads the loss on the host once, at its end
         for micro in range(self.gas):
             tokens, labels = get_batch(next(self.data_iter))
             loss = mean_loss(engine(tokens, labels), labels)
@@ -215,8 +215,9 @@ class Trainer:
             if micro == self.gas - 1 and logs_now:
                 self._record_projection_norms(self.optimizer)
             engine.step()
-            loss_sum += loss.item()
-        return dp_mean(loss_sum / self.gas, self.state)
+            d = loss.detach().double()  # summed in fp64, as Python floats were
+            loss_sum = d if loss_sum is None else loss_sum + d
+        return dp_mean(float(loss_sum) / self.gas, self.state)
 
     def _account(self, loss: float) -> None:
         """Count the finished step into the interval: a skipped update (non-finite gradients;
