@@ -276,7 +276,10 @@ def test_preprocess_ctrl_c_is_one_line_and_leaves_nothing(tmp_path):
     proc = subprocess.Popen([sys.executable, *PREP[:-1], "2", "--input", str(src),
                              "--output-prefix", str(out / "d"), "--log-interval", "200"],
                             cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            # a suite started in the background (nohup, `&`) inherits SIGINT
+                            # ignored, and Python then never raises KeyboardInterrupt: restore it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         seen = []
         for line in proc.stderr:  # wait for the first progress line: workers are running
