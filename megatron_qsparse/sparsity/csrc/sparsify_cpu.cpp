@@ -1,6 +1,6 @@
 // Exact Q-Sparse sparsifiers on CPU: per-row Top-K by |x| and block N:M, fused with the write of
 // the sparse output. Built on first use by megatron_qsparse/sparsity/kernels.py, which documents
-// the Python API; sparsity/topk.py holds the pure-PyTorch reference these kernels must match bit
+// the Python API; sparsity/masks.py holds the pure-PyTorch reference these kernels must match bit
 // for bit (tests/unit/test_sparsify_kernel.py).
 //
 // Semantics (identical to topk_mask / block_mask + x * mask):

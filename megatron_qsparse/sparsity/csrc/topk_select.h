@@ -1,6 +1,6 @@
 // Exact per-row Top-K threshold by |x| on IEEE bit patterns, shared by the compiled sparsify kernel
 // (sparsify_cpu.cpp) and the sparse decode GEMV (inference/csrc/sparse_gemv_cpu.cpp), so both select
-// exactly the entries of sparsity/topk.py's topk_mask (ties to the LOWER index).
+// exactly the entries of sparsity/masks.py's topk_mask (ties to the LOWER index).
 //
 // With the sign bit cleared, the order of |x| equals the order of the bits read as unsigned
 // integers (NaN sorts above inf). Per row:
