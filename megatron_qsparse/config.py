@@ -97,10 +97,10 @@ class QSparseConfig:
             name = "ratio" if kind is None else f"{kind}_ratio"
             v = getattr(self, name)
             if v is not None and not 0.0 <= v < 1.0:
-                raise _err("qsparse", name, f"sparsity ratio {v} is outside [0, 1)",
+                raise flag_error("qsparse", name, f"sparsity ratio {v} is outside [0, 1)",
                            "give the fraction of features to zero, e.g. 0.4")
         if self.warmup_iters < 0:
-            raise _err("qsparse", "warmup_iters", f"got {self.warmup_iters}",
+            raise flag_error("qsparse", "warmup_iters", f"got {self.warmup_iters}",
                        "use 0 or more iterations")
 
 
@@ -218,34 +218,34 @@ class ModelConfig:
                                   "seq_length", "max_position_embeddings",
                                   "make_vocab_size_divisible_by", "vocab_size", "rotary_base"))
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
-            raise _err("model", "num_attention_heads",
+            raise flag_error("model", "num_attention_heads",
                        f"hidden size {self.hidden_size} is not divisible by "
                        f"{self.num_attention_heads} heads",
                        "pick a head count that divides --hidden-size or set --kv-channels")
         if self.resolved_kv_channels() % 2:
-            raise _err("model", "kv_channels", f"head width {self.resolved_kv_channels()} is odd",
+            raise flag_error("model", "kv_channels", f"head width {self.resolved_kv_channels()} is odd",
                        "rotary embeddings need an even head width")
         if self.num_attention_heads % self.resolved_query_groups():
-            raise _err("model", "num_query_groups",
+            raise flag_error("model", "num_query_groups",
                        f"{self.num_attention_heads} heads are not divisible into "
                        f"{self.resolved_query_groups()} groups",
                        "use a divisor of --num-attention-heads")
         if (self.max_position_embeddings is not None
                 and self.max_position_embeddings < self.seq_length):
-            raise _err("model", "max_position_embeddings",
+            raise flag_error("model", "max_position_embeddings",
                        f"{self.max_position_embeddings} is shorter than --seq-length "
                        f"{self.seq_length}", "raise it or leave it unset")
         if self.norm_epsilon <= 0:
-            raise _err("model", "norm_epsilon", f"got {self.norm_epsilon}",
+            raise flag_error("model", "norm_epsilon", f"got {self.norm_epsilon}",
                        "use a small positive number")
         if self.init_method_std <= 0:
-            raise _err("model", "init_method_std", f"got {self.init_method_std}", "use e.g. 0.02")
+            raise flag_error("model", "init_method_std", f"got {self.init_method_std}", "use e.g. 0.02")
         for n in ("hidden_dropout", "attention_dropout"):
             v = getattr(self, n)
             if not 0.0 <= v < 1.0:
-                raise _err("model", n, f"got {v}", "use a probability in [0, 1)")
+                raise flag_error("model", n, f"got {v}", "use a probability in [0, 1)")
         if self.recompute_activations and self.recompute_granularity not in (None, "selective"):
-            raise _err("model", "recompute_activations",
+            raise flag_error("model", "recompute_activations",
                        f"asks for selective recomputation but --recompute-granularity is "
                        f"{self.recompute_granularity}", "pass only one of the two flags")
         if self.num_experts is not None:
@@ -255,34 +255,34 @@ class ModelConfig:
         """The MoE settings of a model with experts (the parallel layout is checked elsewhere)."""
         E, k = self.num_experts, self.moe_router_topk
         if E < 2:
-            raise _err("model", "num_experts", f"got {E}", "use at least 2 experts (or leave it "
+            raise flag_error("model", "num_experts", f"got {E}", "use at least 2 experts (or leave it "
                        "unset for a dense FFN)")
         if k > E:
-            raise _err("model", "moe_router_topk", f"top-{k} of {E} experts",
+            raise flag_error("model", "moe_router_topk", f"top-{k} of {E} experts",
                        "use k <= --num-experts")
         if self.moe_layer_freq < 1:
-            raise _err("model", "moe_layer_freq", f"got {self.moe_layer_freq}",
+            raise flag_error("model", "moe_layer_freq", f"got {self.moe_layer_freq}",
                        "use a positive integer")
         for n in ("moe_expert_capacity_factor", "moe_eval_capacity_factor"):
             v = getattr(self, n)
             if v is not None and v <= 0:
-                raise _err("model", n, f"got {v}", "use a positive factor, e.g. 1.25")
+                raise flag_error("model", n, f"got {v}", "use a positive factor, e.g. 1.25")
         if self.moe_min_capacity < 0:
-            raise _err("model", "moe_min_capacity", f"got {self.moe_min_capacity}",
+            raise flag_error("model", "moe_min_capacity", f"got {self.moe_min_capacity}",
                        "use 0 or more")
         for n in ("moe_aux_loss_coeff", "moe_z_loss_coeff"):
             if getattr(self, n) < 0:
-                raise _err("model", n, f"got {getattr(self, n)}",
+                raise flag_error("model", n, f"got {getattr(self, n)}",
                            "use 0 (off) or a positive weight")
         if k == 2 and self.moe_token_drop_policy == "random":
-            raise _err("model", "moe_token_drop_policy", "random token selection is top-1 only "
+            raise flag_error("model", "moe_token_drop_policy", "random token selection is top-1 only "
                        "(DeepSpeed's top-2 gate keeps tokens by position)",
                        "use position or none, or --moe-router-topk 1")
         if k == 2 and self.moe_noisy_gate_policy == "rsample":
-            raise _err("model", "moe_noisy_gate_policy", "rsample is top-1 only",
+            raise flag_error("model", "moe_noisy_gate_policy", "rsample is top-1 only",
                        "use jitter or none, or --moe-router-topk 1")
         if self.resolved_recompute() == "full":
-            raise _err("model", "recompute_granularity", "full recomputation re-runs the routers "
+            raise flag_error("model", "recompute_granularity", "full recomputation re-runs the routers "
                        "without gradient for their auxiliary losses", "use selective "
                        "recomputation or none with --num-experts")
 
@@ -315,15 +315,15 @@ class ParallelConfig:
         _positive("parallel", self, ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                                      "distributed_timeout_minutes"))
         if self.expert_model_parallel_size < 1:
-            raise _err("parallel", "expert_model_parallel_size",
+            raise flag_error("parallel", "expert_model_parallel_size",
                        f"got {self.expert_model_parallel_size}", "use a positive integer")
         if self.pipeline_model_parallel_size > 1 and self.zero_stage > 1:
-            raise _err("parallel", "zero_stage",
+            raise flag_error("parallel", "zero_stage",
                        f"ZeRO-{self.zero_stage} partitions gradients, which DeepSpeed's pipeline "
                        "engine does not support", "use --zero-stage 0 or 1 with "
                        "--pipeline-model-parallel-size > 1")
         if self.deepspeed_config is not None and not os.path.isfile(self.deepspeed_config):
-            raise _err("parallel", "deepspeed_config", f"file {self.deepspeed_config!r} not found",
+            raise flag_error("parallel", "deepspeed_config", f"file {self.deepspeed_config!r} not found",
                        "give the path of a DeepSpeed JSON config")
 
 
@@ -356,10 +356,10 @@ class DataConfig:
         :func:`validate` (``arguments.parse`` and ``training.setup`` do).
         """
         if not self.data_path:
-            raise _err("data", "data_path", "no dataset given",
+            raise flag_error("data", "data_path", "no dataset given",
                        "preprocess a corpus with tools/preprocess_data.py and pass its prefix")
         if self.tokenizer_type != "ByteTokenizer" and not self.tokenizer_model:
-            raise _err("data", "tokenizer_model", f"{self.tokenizer_type} needs a model file",
+            raise flag_error("data", "tokenizer_model", f"{self.tokenizer_type} needs a model file",
                        "pass --tokenizer-model PATH.model (or --tokenizer-type ByteTokenizer)")
         _positive("data", self, ("num_workers",), allow_zero=True)
 
@@ -428,58 +428,58 @@ class TrainConfig:
                                   "lr_wsd_decay_iters", "keep_last_n_checkpoints",
                                   "exit_interval", "max_consecutive_skipped_iters"))
         if self.exit_duration_in_mins is not None and self.exit_duration_in_mins <= 0:
-            raise _err("train", "exit_duration_in_mins", f"got {self.exit_duration_in_mins}",
+            raise flag_error("train", "exit_duration_in_mins", f"got {self.exit_duration_in_mins}",
                        "use a positive number of minutes")
         if self.loss_spike_factor != 0 and self.loss_spike_factor <= 1:
-            raise _err("train", "loss_spike_factor", f"got {self.loss_spike_factor}",
+            raise flag_error("train", "loss_spike_factor", f"got {self.loss_spike_factor}",
                        "use a factor above 1 (e.g. 2.0) or 0 to disable")
         if self.finetune and not self.load:
-            raise _err("train", "finetune", "nothing to fine-tune from", "add --load DIR")
+            raise flag_error("train", "finetune", "nothing to fine-tune from", "add --load DIR")
         if self.keep_last_n_checkpoints and not self.save:
-            raise _err("train", "keep_last_n_checkpoints", "no checkpoints are saved",
+            raise flag_error("train", "keep_last_n_checkpoints", "no checkpoints are saved",
                        "add --save DIR")
         decay_iters = self.lr_decay_iters or self.train_iters
         if self.lr_decay_style == "WSD":
             if self.lr_wsd_decay_iters is None:
-                raise _err("train", "lr_wsd_decay_iters",
+                raise flag_error("train", "lr_wsd_decay_iters",
                            "WSD needs the length of its decay phase",
                            "add --lr-wsd-decay-iters N (e.g. 10-20% of --train-iters)")
             if self.lr_warmup_iters + self.lr_wsd_decay_iters > decay_iters:
-                raise _err("train", "lr_wsd_decay_iters",
+                raise flag_error("train", "lr_wsd_decay_iters",
                            f"warm-up ({self.lr_warmup_iters}) + decay "
                            f"({self.lr_wsd_decay_iters}) exceed the schedule ({decay_iters})",
                            "shorten them or raise --train-iters")
         elif self.lr_wsd_decay_iters is not None:
-            raise _err("train", "lr_wsd_decay_iters", f"only used with --lr-decay-style WSD, "
+            raise flag_error("train", "lr_wsd_decay_iters", f"only used with --lr-decay-style WSD, "
                        f"not {self.lr_decay_style}", "drop it or use --lr-decay-style WSD")
         _positive("train", self, ("lr_warmup_iters", "eval_iters", "eval_interval"),
                   allow_zero=True)
         if self.lr <= 0:
-            raise _err("train", "lr", f"got {self.lr}", "use a positive learning rate")
+            raise flag_error("train", "lr", f"got {self.lr}", "use a positive learning rate")
         if self.lr > MAX_LR:
-            raise _err("train", "lr", f"{self.lr} would move every weight by about that much per "
+            raise flag_error("train", "lr", f"{self.lr} would move every weight by about that much per "
                        "step (AdamW)", f"use at most {MAX_LR} (typical: 1e-4 to 1e-2)")
         if not 0 <= self.min_lr <= self.lr:
-            raise _err("train", "min_lr", f"{self.min_lr} is not within [0, --lr {self.lr}]",
+            raise flag_error("train", "min_lr", f"{self.min_lr} is not within [0, --lr {self.lr}]",
                        "set it at or below --lr")
         if self.lr_warmup_iters > decay_iters:
-            raise _err("train", "lr_warmup_iters",
+            raise flag_error("train", "lr_warmup_iters",
                        f"warm-up ({self.lr_warmup_iters}) is longer than the decay "
                        f"({decay_iters})",
                        "shorten the warm-up or raise --lr-decay-iters/--train-iters")
         for n in ("adam_beta1", "adam_beta2"):
             v = getattr(self, n)
             if not 0.0 <= v < 1.0:
-                raise _err("train", n, f"got {v}", "use a value in [0, 1)")
+                raise flag_error("train", n, f"got {v}", "use a value in [0, 1)")
         if self.adam_eps <= 0:
-            raise _err("train", "adam_eps", f"got {self.adam_eps}", "use a small positive number")
+            raise flag_error("train", "adam_eps", f"got {self.adam_eps}", "use a small positive number")
         if self.weight_decay < 0:
-            raise _err("train", "weight_decay", f"got {self.weight_decay}", "use 0 or more")
+            raise flag_error("train", "weight_decay", f"got {self.weight_decay}", "use 0 or more")
         if self.clip_grad < 0:
-            raise _err("train", "clip_grad", f"got {self.clip_grad}",
+            raise flag_error("train", "clip_grad", f"got {self.clip_grad}",
                        "use 0 (off) or a positive norm")
         if self.save_interval is not None and not self.save:
-            raise _err("train", "save_interval", "a save interval without a save directory",
+            raise flag_error("train", "save_interval", "a save interval without a save directory",
                        "add --save DIR")
 
 
@@ -543,7 +543,9 @@ def flag_of(section: str, name: str) -> str:
     return f.metadata.get("flag") or "--" + name.replace("_", "-")
 
 
-def _err(section: str, name: str, problem: str, fix: str) -> ConfigError:
+def flag_error(section: str, name: str, problem: str, fix: str) -> ConfigError:
+    """The one-line error of a setting: ``--flag: problem; fix`` (also for the sparsifier
+    methods' own rules)."""
     return ConfigError(f"{flag_of(section, name)}: {problem}; {fix}")
 
 
@@ -554,7 +556,7 @@ def _positive(section: str, obj: Any, names: tuple[str, ...], allow_zero: bool =
             continue
         if v < 0 or (v == 0 and not allow_zero):
             want = "a non-negative" if allow_zero else "a positive"
-            raise _err(section, n, f"got {v}", f"use {want} integer")
+            raise flag_error(section, n, f"got {v}", f"use {want} integer")
 
 
 def _finite(section: str, obj: Any) -> None:
@@ -562,7 +564,7 @@ def _finite(section: str, obj: Any) -> None:
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
         if isinstance(v, float) and not math.isfinite(v):
-            raise _err(section, f.name, f"got {v}", "use a finite number")
+            raise flag_error(section, f.name, f"got {v}", "use a finite number")
 
 
 def validate(cfg: Config, world_size: int | None = None) -> Config:
@@ -593,15 +595,15 @@ def _cross_section_rules(cfg: Config, world_size: int | None) -> None:
                             ("num_query_groups", m.resolved_query_groups()),
                             ("ffn_hidden_size", m.resolved_ffn_hidden_size())):
             if value % tp:
-                raise _err("model", name, f"{value} is not divisible by "
+                raise flag_error("model", name, f"{value} is not divisible by "
                            f"--tensor-model-parallel-size {tp}",
                            f"use a multiple of {tp} or a tensor-parallel size that divides it")
     if pp > m.num_layers:
-        raise _err("parallel", "pipeline_model_parallel_size",
+        raise flag_error("parallel", "pipeline_model_parallel_size",
                    f"{pp} stages for {m.num_layers} transformer blocks",
                    "use at most one stage per block")
     if world_size is not None and world_size % (tp * pp):
-        raise _err("parallel", "tensor_model_parallel_size",
+        raise flag_error("parallel", "tensor_model_parallel_size",
                    f"world size {world_size} is not divisible by TP x PP = {tp * pp}",
                    "launch a multiple of TP x PP processes")
     _moe_layout_rules(m, p, world_size)
@@ -609,7 +611,7 @@ def _cross_section_rules(cfg: Config, world_size: int | None) -> None:
     if world_size is not None and t.global_batch_size is not None:
         dp = world_size // (tp * pp)
         if t.global_batch_size % (t.micro_batch_size * dp):
-            raise _err("train", "global_batch_size",
+            raise flag_error("train", "global_batch_size",
                        f"{t.global_batch_size} is not divisible by micro-batch "
                        f"{t.micro_batch_size} x data-parallel size {dp}",
                        f"use a multiple of {t.micro_batch_size * dp}")
@@ -620,16 +622,16 @@ def _compile_rules(m: ModelConfig, p: ParallelConfig, t: TrainConfig) -> None:
     if not t.torch_compile:
         return
     if p.tensor_model_parallel_size > 1:
-        raise _err("train", "torch_compile", "tensor parallelism is not compiled yet (its "
+        raise flag_error("train", "torch_compile", "tensor parallelism is not compiled yet (its "
                    "row-parallel Top-K sizes an all-gather by K, which the warm-up changes, and "
                    "the TP collectives are not traced)", "drop --torch-compile or use "
                    "--tensor-model-parallel-size 1")
     if p.pipeline_model_parallel_size > 1:
-        raise _err("train", "torch_compile", "DeepSpeed's pipeline engine runs the layers "
+        raise flag_error("train", "torch_compile", "DeepSpeed's pipeline engine runs the layers "
                    "itself, outside the compiled blocks", "drop --torch-compile or use "
                    "--pipeline-model-parallel-size 1")
     if m.num_experts is not None:
-        raise _err("train", "torch_compile", "DeepSpeed's MoE routing has data-dependent "
+        raise flag_error("train", "torch_compile", "DeepSpeed's MoE routing has data-dependent "
                    "shapes (token dispatch by capacity)", "drop --torch-compile or --num-experts")
 
 
@@ -638,31 +640,31 @@ def _moe_layout_rules(m: ModelConfig, p: ParallelConfig, world_size: int | None)
     ep = p.expert_model_parallel_size
     if m.num_experts is None:
         if ep > 1:
-            raise _err("parallel", "expert_model_parallel_size",
+            raise flag_error("parallel", "expert_model_parallel_size",
                        "expert parallelism needs experts", "add --num-experts E or drop it")
         return
     if m.num_experts % ep:
-        raise _err("parallel", "expert_model_parallel_size",
+        raise flag_error("parallel", "expert_model_parallel_size",
                    f"{m.num_experts} experts do not split over {ep} expert-parallel ranks",
                    "use a divisor of --num-experts")
     if p.tensor_model_parallel_size > 1:
         # Our experts are not tensor-parallel, and DeepSpeed's MoE with a TP mpu either drops
         # duplicate tokens for non-TP experts or expects its own TP experts; see model/moe.py.
-        raise _err("parallel", "tensor_model_parallel_size", "MoE layers do not support tensor "
+        raise flag_error("parallel", "tensor_model_parallel_size", "MoE layers do not support tensor "
                    "parallelism", "use --tensor-model-parallel-size 1 with --num-experts "
                    "(scale experts with --expert-model-parallel-size)")
     if p.pipeline_model_parallel_size > 1:
-        raise _err("parallel", "pipeline_model_parallel_size", "MoE layers do not support "
+        raise flag_error("parallel", "pipeline_model_parallel_size", "MoE layers do not support "
                    "pipeline parallelism (the pipeline's loss sees only the last stage, not the "
                    "routers' auxiliary losses)", "use --pipeline-model-parallel-size 1 with "
                    "--num-experts")
     if p.zero_stage == 3:
-        raise _err("parallel", "zero_stage", "DeepSpeed's MoE does not support ZeRO-3",
+        raise flag_error("parallel", "zero_stage", "DeepSpeed's MoE does not support ZeRO-3",
                    "use --zero-stage 0, 1 or 2 with --num-experts")
     if world_size is not None:
         dp = world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
         if dp % ep:
-            raise _err("parallel", "expert_model_parallel_size",
+            raise flag_error("parallel", "expert_model_parallel_size",
                        f"data-parallel size {dp} is not divisible by {ep}",
                        "launch a multiple of --expert-model-parallel-size processes")
 

@@ -28,7 +28,7 @@ def summary(q) -> dict:
 def check_qsparse_config(cfg, world_size=None) -> None:
     """The method-specific rules of a :class:`~megatron_qsparse.config.Config`: those every method
     shares through its class attributes, then the method's own ``check_config``."""
-    from megatron_qsparse.config import PROJECTION_KINDS, ConfigError, flag_of
+    from megatron_qsparse.config import PROJECTION_KINDS, ConfigError, flag_error
 
     q = cfg.qsparse
     try:
@@ -37,15 +37,15 @@ def check_qsparse_config(cfg, world_size=None) -> None:
         raise ConfigError(str(e)) from None
     if not method.uses_ratio and any(getattr(q, f"{k}_ratio") is not None
                                      for k in PROJECTION_KINDS):
-        raise ConfigError(f"{flag_of('qsparse', 'mode')}: per-projection ratios have no effect "
-                          f"with mode {q.mode!r}; drop the --qsparse-*-ratio flags or use "
-                          "--qsparse-mode topk")
+        raise flag_error("qsparse", "mode", f"per-projection ratios have no effect with mode "
+                         f"{q.mode!r}", "drop the --qsparse-*-ratio flags or use --qsparse-mode "
+                         "topk")
     if method.dense and q.warmup_iters:
-        raise ConfigError(f"{flag_of('qsparse', 'warmup_iters')}: a sparsity warm-up needs a "
-                          "sparsifier; set --qsparse-mode topk or drop --qsparse-warmup-iters")
+        raise flag_error("qsparse", "warmup_iters", "a sparsity warm-up needs a sparsifier",
+                         "set --qsparse-mode topk or drop --qsparse-warmup-iters")
     if q.rescale != "none" and not method.rescalable:
-        raise ConfigError(f"{flag_of('qsparse', 'rescale')}: rescaling applies to top-K only, "
-                          f"mode is {q.mode!r}; use --qsparse-mode topk or --qsparse-rescale none")
+        raise flag_error("qsparse", "rescale", f"rescaling applies to top-K only, mode is "
+                         f"{q.mode!r}", "use --qsparse-mode topk or --qsparse-rescale none")
     method.check_config(cfg, world_size)
 
 

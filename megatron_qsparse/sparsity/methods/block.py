@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_qsparse.config import ConfigError, flag_of
+from megatron_qsparse.config import flag_error
 from megatron_qsparse.sparsity.masks import block_mask
 from megatron_qsparse.sparsity.methods.base import SparsityMethod, register
 from megatron_qsparse.sparsity.ops import block_sparsify_op
@@ -39,10 +39,6 @@ def block_sparsify(x: torch.Tensor, n: int, m: int, *, ste: bool = True,
     return y
 
 
-def _err(name: str, problem: str, fix: str) -> ConfigError:
-    return ConfigError(f"{flag_of('qsparse', name)}: {problem}; {fix}")
-
-
 @register
 class Block(SparsityMethod):
     """``--qsparse-mode block``: N:M per group of M consecutive features."""
@@ -60,8 +56,9 @@ class Block(SparsityMethod):
         parts = q.block.split(":")
         ok = len(parts) == 2 and all(s.strip().isdigit() for s in parts)
         if not ok or not 0 < int(parts[0]) <= int(parts[1]):
-            raise _err("block", f"{q.block!r} is not an N:M pattern with 0 < N <= M",
-                       "write it as e.g. 2:4")
+            raise flag_error("qsparse", "block",
+                             f"{q.block!r} is not an N:M pattern with 0 < N <= M",
+                             "write it as e.g. 2:4")
         tp = cfg.parallel.tensor_model_parallel_size
         if tp > 1:
             m_group = q.block_nm()[1]
@@ -69,11 +66,11 @@ class Block(SparsityMethod):
                       "FFN down": m.resolved_ffn_hidden_size() // tp}
             for what, width in widths.items():
                 if width % m_group:
-                    raise _err("block",
-                               f"the {what} projection's input is split into slices of {width} "
-                               f"features under --tensor-model-parallel-size {tp}, not "
-                               f"divisible by M={m_group}",
-                               "pick an M that divides every slice or a smaller TP size")
+                    raise flag_error("qsparse", "block",
+                                     f"the {what} projection's input is split into slices of "
+                                     f"{width} features under --tensor-model-parallel-size {tp}, "
+                                     f"not divisible by M={m_group}",
+                                     "pick an M that divides every slice or a smaller TP size")
 
     @classmethod
     def describe(cls, q) -> str:
