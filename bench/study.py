@@ -3,28 +3,33 @@
 
 Variants: dense; Q-Sparse top-K + STE at S = 0.4 and 0.6; top-K without STE (S = 0.6); the ReLU
 sparsifier; Block 2:4; BitNet b1.58 dense and with Q-Sparse (S = 0.6). Each is trained with
-`pretrain_qsparse.py` on the bundled corpus (preprocessed like `make demo`), then the script writes
-into ``--out``:
+`pretrain_qsparse.py` on the bundled corpus (preprocessed like `make demo`) with ``--seeds``
+seeds (``--seed 1234 + k``: the initialisation and the data order change), at the demo size
+(examples/configs/demo_tiny.yaml: 4 x 128) and, for the variants of ``--wide-variants``, at width
+256 (4 x 256, 4 heads / 2 KV groups), so the dense-vs-sparse gap is measured at two sizes. Runs
+are resumable (``bench/runlib.py``: finished runs are skipped). It writes into ``--out``:
 
-  results.md          table: final train/valid loss, measured sparsity, activated parameters, tokens/s
-  loss_curves.png     training loss of every variant
+  results.md          per size: final train/valid loss as mean ± std over the seeds, the
+                      difference from dense with its standard error and whether it exceeds
+                      twice that, measured sparsity, activated parameters, tokens/s
+  loss_curves.png     training loss of every variant (demo size, first seed)
   grad_norm_ste.png   gradient norm per layer and projection, STE vs no-STE (the paper's Fig. 2 idea)
   relu_density.png    measured density over training for the ReLU sparsifier vs top-K
-  summary.json        everything above as numbers
+  summary.json        every run's summary
 
-Usage: ``python bench/study.py [--out build/study] [--train-iters 300] [--only dense topk-0.4 ...]``
+Usage: ``python bench/study.py [--out bench/results/study] [--work build/study] [--seeds 3]
+[--train-iters 300] [--sizes demo wide] [--only dense topk-0.4 ...]``
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import subprocess
-import sys
-import time
+import statistics
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import runlib
 
 VARIANTS = {
     "dense": ["--qsparse-mode", "none"],
@@ -36,46 +41,23 @@ VARIANTS = {
     "bitnet-dense": ["--qsparse-mode", "none", "--bitnet"],
     "bitnet-topk-0.6": ["--qsparse-mode", "topk", "--qsparse-ratio", "0.6", "--bitnet"],
 }
+# the model flags of each size on top of examples/configs/demo_tiny.yaml
+SIZES = {"demo": [], "wide": ["--hidden-size", "256", "--num-attention-heads", "4",
+                              "--num-query-groups", "2"]}
+WIDE_VARIANTS = ("dense", "topk-0.4", "topk-0.6")
+BASE_SEED = 1234
 
 
-def read_scalars(tb_dir: str) -> dict:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(tb_dir, size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
-def prepare_data(out: str, py: str) -> str:
-    prefix = os.path.join(out, "data", "kjv")
-    if not os.path.isfile(prefix + "_text_document.idx"):
-        subprocess.run([py, "tools/preprocess_data.py", "--input", "examples/data/kjv_sample.jsonl",
-                        "--output-prefix", prefix, "--tokenizer-model",
-                        "examples/data/kjv_sp4k.model", "--append-eod", "--workers", "2"],
-                       cwd=ROOT, check=True)
-    return prefix + "_text_document"
-
-
-def run_variant(name: str, extra: list[str], data: str, out: str, args, py: str) -> dict:
-    run_dir = os.path.join(out, "runs", name)
-    os.makedirs(run_dir, exist_ok=True)
-    cmd = [py, "pretrain_qsparse.py", "--config", "examples/configs/demo_tiny.yaml",
-           "--data-path", data, "--data-cache-path", os.path.join(out, "cache"),
-           "--train-iters", str(args.train_iters), "--eval-interval", str(args.train_iters),
-           "--eval-iters", "16", "--log-interval", "10", "--log-sparsity-per-layer",
-           "--tensorboard-dir", os.path.join(run_dir, "tb"),
-           "--summary-json", os.path.join(run_dir, "summary.json"), *extra]
-    t = time.time()
-    with open(os.path.join(run_dir, "log.txt"), "w") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise SystemExit(f"variant {name} failed; see {run_dir}/log.txt")
-    with open(os.path.join(run_dir, "summary.json")) as fh:
-        summary = json.load(fh)
-    summary["wall_s"] = time.time() - t
-    summary["scalars"] = read_scalars(os.path.join(run_dir, "tb"))
-    print(f"  {name:<18} valid {summary['valid_loss']:.4f}  ({summary['wall_s']:.0f} s)",
-          flush=True)
+def run_variant(size: str, name: str, seed: int, data: str, work: str, args) -> dict:
+    run_dir = os.path.join(work, "runs", size, name, f"seed{seed}")
+    flags = ["--config", "examples/configs/demo_tiny.yaml", *SIZES[size], "--data-path", data,
+             "--data-cache-path", os.path.join(work, "cache"),
+             "--train-iters", str(args.train_iters), "--eval-interval", str(args.train_iters),
+             "--lr-warmup-iters", str(max(1, args.train_iters // 10)),
+             "--eval-iters", "16", "--log-interval", "10", "--log-sparsity-per-layer",
+             "--seed", str(BASE_SEED + seed), *VARIANTS[name]]
+    summary = runlib.train(run_dir, flags, save_interval=100)
+    summary["scalars_dir"] = os.path.join(run_dir, "tb")
     return summary
 
 
@@ -84,18 +66,47 @@ def sparsity_of(summary: dict) -> float:
     return 1.0 - sum(d.values()) / len(d) if d else 0.0
 
 
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def size_table(size: str, runs: dict[str, list[dict]]) -> str:
+    """One size: every variant's losses as mean ± std over seeds, and its gap to dense."""
+    lines = ["| variant | seeds | train loss | valid loss | valid − dense | exceeds 2 s.e.? | "
+             "measured sparsity | activated / non-embedding params | tokens/s |",
+             "|---|---:|---|---|---|---|---:|---|---:|"]
+    dense = [r["valid_loss"] for r in runs.get("dense", [])]
+    for name, rs in runs.items():
+        tr, va = mean_std([r["train_loss"] for r in rs]), mean_std([r["valid_loss"] for r in rs])
+        gap, verdict = "–", "–"
+        if name != "dense" and len(dense) > 1 and len(rs) > 1:
+            d_mean, d_std = mean_std(dense)
+            se = math.sqrt(va[1] ** 2 / len(rs) + d_std ** 2 / len(dense))
+            diff = va[0] - d_mean
+            gap = f"{diff:+.4f} ± {se:.4f}"
+            verdict = "yes" if abs(diff) > 2 * se else "no"
+        s0 = rs[0]
+        lines.append(
+            f"| {name} | {len(rs)} | {tr[0]:.4f} ± {tr[1]:.4f} | {va[0]:.4f} ± {va[1]:.4f} | "
+            f"{gap} | {verdict} | {sparsity_of(s0):.1%} | {s0.get('activated_params', 0):,.0f} / "
+            f"{s0['non_embedding_parameters']:,} | "
+            f"{statistics.fmean(r['tokens_per_sec'] for r in rs):,.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_table(results: dict, path: str, args) -> str:
-    lines = [f"| variant | final train loss | final valid loss | measured sparsity | "
-             f"activated params | tokens/s |", "|---|---|---|---|---|---|"]
-    for name, s in results.items():
-        lines.append(f"| {name} | {s['train_loss']:.4f} | {s['valid_loss']:.4f} | "
-                     f"{sparsity_of(s):.1%} | {s.get('activated_params', 0):,.0f} / "
-                     f"{s['non_embedding_parameters']:,} | {s['tokens_per_sec']:,.0f} |")
-    text = "\n".join(lines) + "\n"
-    header = (f"Study: demo model (examples/configs/demo_tiny.yaml), {args.train_iters} steps x "
-              f"16 x 128 tokens each, same data order and seed.\n\n")
-    from megatron_qsparse.training.checkpointing import atomic_write_text
-    atomic_write_text(path, header + text)
+    """``results[size][variant]`` = the runs over seeds."""
+    parts = [f"Study: {args.train_iters} steps x 16 x 128 tokens per run, the same data and "
+             f"schedule for every variant, seeds {BASE_SEED}..{BASE_SEED + args.seeds - 1} "
+             "(initialisation and data order); mean ± sample std over the seeds. "
+             "'valid − dense': difference of the means ± its standard error; 'exceeds': whether "
+             "it is larger than twice that.\n"]
+    for size, runs in results.items():
+        layout = "4 x 128 (examples/configs/demo_tiny.yaml)" if size == "demo" else \
+            "4 x 256, 4 heads / 2 KV groups"
+        parts.append(f"\n**{size}**: {layout}\n\n" + size_table(size, runs))
+    text = "".join(parts)
+    runlib.write_text(path, text)
     return text
 
 
@@ -160,22 +171,35 @@ def plots(results: dict, out: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="build/study", help="Results folder.")
-    p.add_argument("--train-iters", type=int, default=300, help="Steps per variant.")
-    p.add_argument("--only", nargs="+", choices=list(VARIANTS), help="Run only these variants.")
+    p.add_argument("--out", default="bench/results/study", help="Results folder.")
+    p.add_argument("--work", default="build/study", help="Runs, data and checkpoints.")
+    p.add_argument("--train-iters", type=int, default=300, help="Steps per run.")
+    p.add_argument("--seeds", type=int, default=3, help="Seeds per variant.")
+    p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    p.add_argument("--only", nargs="+", choices=list(VARIANTS),
+                   help="Run only these variants (at the demo size).")
+    p.add_argument("--wide-variants", nargs="+", choices=list(VARIANTS),
+                   default=list(WIDE_VARIANTS), help="Variants also run at width 256.")
     args = p.parse_args()
-    py = sys.executable
-    out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
-    data = prepare_data(out, py)
-    names = args.only or list(VARIANTS)
-    print(f"training {len(names)} variants for {args.train_iters} steps each -> {out}")
-    results = {n: run_variant(n, VARIANTS[n], data, out, args, py) for n in names}
+    out, work = os.path.abspath(args.out), os.path.abspath(args.work)
+    data = runlib.prepare_data(work)
+    plan = {"demo": args.only or list(VARIANTS), "wide": args.wide_variants}
+    results: dict = {}
+    for size in args.sizes:
+        print(f"{size}: {len(plan[size])} variants x {args.seeds} seeds, "
+              f"{args.train_iters} steps each -> {work}/runs/{size}", flush=True)
+        for seed in range(args.seeds):  # seed-major: a partial study has every variant once
+            for name in plan[size]:
+                run = run_variant(size, name, seed, data, work, args)
+                results.setdefault(size, {}).setdefault(name, []).append(run)
     table = write_table(results, os.path.join(out, "results.md"), args)
-    plots(results, out)
-    slim = {n: {k: v for k, v in s.items() if k != "scalars"} for n, s in results.items()}
-    with open(os.path.join(out, "summary.json"), "w") as fh:
-        json.dump(slim, fh, indent=1)
+    if "demo" in results:
+        first = {n: dict(rs[0], scalars=runlib.read_scalars(rs[0]["scalars_dir"]))
+                 for n, rs in results["demo"].items()}
+        plots(first, out)
+    runlib.write_text(os.path.join(out, "summary.json"), json.dumps(
+        {size: {n: [{k: v for k, v in r.items() if k != "scalars_dir"} for r in rs]
+                for n, rs in runs.items()} for size, runs in results.items()}, indent=1))
     print()
     print(table)
 

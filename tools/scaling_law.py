@@ -171,8 +171,9 @@ def fit_law(rows: np.ndarray, init: np.ndarray | None = None) -> tuple[Law, floa
     return _unpack(best), best_val
 
 
-def bootstrap(rows: np.ndarray, law: Law, samples: int, seed: int) -> dict[str, tuple]:
-    """95% intervals of each parameter from refits on resampled runs."""
+def bootstrap(rows: np.ndarray, law: Law, samples: int, seed: int) -> list[Law]:
+    """Refits on resampled runs (warm-started from ``law``); resamples with too few distinct
+    runs to identify the parameters are left out."""
     rng = np.random.default_rng(seed)
     theta = np.array([math.log(law.E), math.log(law.B), math.log(law.C), law.alpha, law.beta])
     draws = []
@@ -180,11 +181,20 @@ def bootstrap(rows: np.ndarray, law: Law, samples: int, seed: int) -> dict[str, 
         pick = rows[rng.integers(0, len(rows), len(rows))]
         if len(np.unique(pick[:, :2], axis=0)) < len(PARAM_NAMES) + 1:
             continue  # too few distinct runs in this resample to identify the parameters
-        draws.append(fit_law(pick, init=theta)[0].as_dict())
+        draws.append(fit_law(pick, init=theta)[0])
+    return draws
+
+
+def intervals(draws: list[Law]) -> dict[str, tuple]:
+    """95% percentile intervals of each parameter, of S* and of N / N_a over bootstrap draws."""
     if not draws:
         return {}
-    return {k: (float(np.percentile([d[k] for d in draws], 2.5)),
-                float(np.percentile([d[k] for d in draws], 97.5))) for k in PARAM_NAMES}
+    values = {k: [getattr(d, k) for d in draws] for k in PARAM_NAMES}
+    values["S*"] = [optimal_sparsity(d) for d in draws]
+    ci = {k: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5)))
+          for k, v in values.items()}
+    ci["N/N_a"] = tuple(1.0 / (1.0 - s) for s in ci["S*"])  # monotone in S*
+    return ci
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,6 +268,38 @@ def _plot_optimum(path: str, law: Law, n_a: float, s_star: float) -> None:
     _save_fig(fig, path)
 
 
+def _plot_fit_optimum(path: str, groups: dict, laws: dict) -> float:
+    """Loss vs S at one fixed number of activated parameters per precision, S* marked.
+
+    N_a is the geometric mean of the runs' activated parameters ``(1 - S) N``. Each run is moved
+    to that N_a along its fitted law, ``E + (L - E) (N_a,run / N_a)^alpha``, so the points show
+    how far the runs themselves lie from the curve (they would sit on it if the law held)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    all_rows = np.concatenate(list(groups.values()))
+    n_a = float(np.exp(np.mean(np.log((1.0 - all_rows[:, 1]) * all_rows[:, 0]))))
+    s = np.linspace(0.0, 0.9, 400)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for j, (bits, rows) in enumerate(sorted(groups.items())):
+        law, color = laws[bits], f"C{j}"
+        ax.plot(s, law.E + _reduced_loss(law, s) / n_a ** law.alpha, color=color,
+                label=f"{bits:g}-bit fit")
+        run_na = (1.0 - rows[:, 1]) * rows[:, 0]
+        moved = law.E + (rows[:, 2] - law.E) * (run_na / n_a) ** law.alpha
+        ax.scatter(rows[:, 1], moved, color=color, s=14, alpha=0.7)
+        s_star = optimal_sparsity(law)
+        ax.axvline(s_star, color=color, ls="--", label=f"{bits:g}-bit S* = {s_star:.1%}")
+    ax.set_xlabel("sparsity ratio S")
+    ax.set_ylabel("validation loss")
+    ax.set_title(f"loss at fixed activated parameters N_a = {n_a:.3g}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save_fig(fig, path)
+    return n_a
+
+
 def _save_fig(fig, path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -294,6 +336,35 @@ def _wide(ci: tuple, value: float) -> bool:
     return ci[1] - ci[0] > max(abs(value), 1e-12)
 
 
+def _print_fit(bits: float, rows: np.ndarray, law: Law, obj: float, ci: dict, args) -> list:
+    """Print one precision's fit; returns the names of poorly determined parameters."""
+    pred = law.loss(rows[:, 0], rows[:, 1])
+    resid = np.log(pred) - np.log(rows[:, 2])
+    print(f"\n{bits:g}-bit weights: {len(rows)} runs, Huber objective {obj:.3e}")
+    print(f"  {'param':<6} {'value':>12}   95% bootstrap interval")
+    wide = [k for k in PARAM_NAMES if k in ci and _wide(ci[k], getattr(law, k))]
+    for k in PARAM_NAMES:
+        lo_hi = f"[{ci[k][0]:.4g}, {ci[k][1]:.4g}]" if k in ci else "n/a"
+        print(f"  {k:<6} {getattr(law, k):>12.5g}   {lo_hi}"
+              + ("   WIDE: poorly determined" if k in wide else ""))
+    if args.bootstrap and not ci:
+        print("  warning: no bootstrap resample had enough distinct runs; the intervals "
+              "are unknown, add runs", file=sys.stderr)
+    if wide:
+        print(f"  warning: the 95% intervals of {', '.join(wide)} are wider than their "
+              "values; these runs do not pin them down (add model sizes/sparsities)",
+              file=sys.stderr)
+    print(f"  log-loss residuals: max |r| {np.abs(resid).max():.2e}, "
+          f"rms {np.sqrt(np.mean(resid ** 2)):.2e}")
+    s_star = optimal_sparsity(law)
+    s_ci = (f", 95% interval [{ci['S*'][0]:.2%}, {ci['S*'][1]:.2%}]" if "S*" in ci else "")
+    n_ci = (f", 95% interval [{ci['N/N_a'][0]:.2f}, {ci['N/N_a'][1]:.2f}]" if "N/N_a" in ci
+            else "")
+    print(f"  inference-optimal sparsity S* = {s_star:.2%}{s_ci}")
+    print(f"  model size at S*: N = {1 / (1 - s_star):.2f} x N_a{n_ci}")
+    return wide, resid
+
+
 def cmd_fit(args) -> int:
     groups = read_runs(args.csv)
     for bits, rows in sorted(groups.items()):
@@ -302,32 +373,18 @@ def cmd_fit(args) -> int:
     for bits, rows in sorted(groups.items()):
         law, obj = fit_law(rows)
         laws[bits] = law
-        ci = bootstrap(rows, law, args.bootstrap, args.seed) if args.bootstrap else {}
-        pred = law.loss(rows[:, 0], rows[:, 1])
-        resid = np.log(pred) - np.log(rows[:, 2])
-        print(f"\n{bits:g}-bit weights: {len(rows)} runs, Huber objective {obj:.3e}")
-        print(f"  {'param':<6} {'value':>12}   95% bootstrap interval")
-        wide = [k for k in PARAM_NAMES if k in ci and _wide(ci[k], getattr(law, k))]
-        for k in PARAM_NAMES:
-            lo_hi = f"[{ci[k][0]:.4g}, {ci[k][1]:.4g}]" if k in ci else "n/a"
-            print(f"  {k:<6} {getattr(law, k):>12.5g}   {lo_hi}"
-                  + ("   WIDE: poorly determined" if k in wide else ""))
-        if args.bootstrap and not ci:
-            print("  warning: no bootstrap resample had enough distinct runs; the intervals "
-                  "are unknown, add runs", file=sys.stderr)
-        if wide:
-            print(f"  warning: the 95% intervals of {', '.join(wide)} are wider than their "
-                  "values; these runs do not pin them down (add model sizes/sparsities)",
-                  file=sys.stderr)
-        print(f"  log-loss residuals: max |r| {np.abs(resid).max():.2e}, "
-              f"rms {np.sqrt(np.mean(resid ** 2)):.2e}")
+        ci = intervals(bootstrap(rows, law, args.bootstrap, args.seed)) if args.bootstrap else {}
+        wide, resid = _print_fit(bits, rows, law, obj, ci, args)
         s_star = optimal_sparsity(law)
-        print(f"  inference-optimal sparsity S* = {s_star:.2%} (N = {1 / (1 - s_star):.2f} x N_a)")
-        out[f"{bits:g}"] = {"params": law.as_dict(), "ci95": ci, "wide": wide,
-                            "residuals": resid.tolist(), "optimal_sparsity": s_star}
+        out[f"{bits:g}"] = {"params": law.as_dict(), "ci95": ci, "wide": wide, "runs": len(rows),
+                            "residuals": resid.tolist(), "optimal_sparsity": s_star,
+                            "size_over_activated": 1.0 / (1.0 - s_star)}
     if args.plot:
         _plot_fit(args.plot, groups, laws)
         print(f"\nplot: {args.plot}")
+    if args.plot_optimum:
+        n_a = _plot_fit_optimum(args.plot_optimum, groups, laws)
+        print(f"plot: {args.plot_optimum} (loss vs S at N_a = {n_a:.3g})")
     if args.output:
         from megatron_qsparse.training.checkpointing import atomic_write_text
         atomic_write_text(args.output, json.dumps(out, indent=1))
@@ -378,6 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--bootstrap", type=int, default=100, help="Bootstrap refits (0: none).")
     f.add_argument("--seed", type=int, default=0, help="Seed of the bootstrap resampling.")
     f.add_argument("--plot", help="Write the fitted curves over the points to this PNG.")
+    f.add_argument("--plot-optimum", help="Write loss vs S at fixed activated parameters (runs "
+                   "moved there along the fit, S* marked) to this PNG.")
     f.add_argument("--output", help="Write the parameters and intervals to this JSON.")
     o = sub.add_parser("optimum", help="Inference-optimal sparsity for given parameters.")
     o.add_argument("--alpha", type=float, required=True, help="Exponent of N.")

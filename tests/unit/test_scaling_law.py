@@ -65,14 +65,30 @@ def test_fit_cli_with_bits_groups_plot_and_json(tmp_path):
     lines += [f"{n},{s},{loss},16" for n, s, loss in full]
     lines += [f"{n},{s},{loss},1.58" for n, s, loss in ternary]
     csv_path.write_text("\n".join(lines) + "\n")
+    opt_png = tmp_path / "optimum.png"
     proc = run_cli(["tools/scaling_law.py", "fit", "--csv", str(csv_path), "--bootstrap", "5",
-                    "--plot", str(png), "--output", str(out)])
+                    "--plot", str(png), "--plot-optimum", str(opt_png), "--output", str(out)])
     assert "16-bit weights: 36 runs" in proc.stdout and "1.58-bit weights: 36 runs" in proc.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     fitted = json.loads(out.read_text())
     assert fitted["16"]["params"]["alpha"] == pytest.approx(0.32, rel=1e-3)
     assert fitted["1.58"]["params"]["beta"] == pytest.approx(1.5, rel=1e-3)
-    assert set(fitted["16"]["ci95"]) == set(sl.PARAM_NAMES)
+    assert set(fitted["16"]["ci95"]) == set(sl.PARAM_NAMES) | {"S*", "N/N_a"}
+    s_star = sl.optimal_sparsity(sl.Law(E=1.9, B=300.0, C=1.0, alpha=0.3, beta=1.5))
+    assert fitted["1.58"]["optimal_sparsity"] == pytest.approx(s_star, abs=1e-3)
+    assert fitted["1.58"]["size_over_activated"] == pytest.approx(1 / (1 - s_star), rel=1e-2)
+    assert f"inference-optimal sparsity S* = {s_star:.2%}, 95% interval [" in proc.stdout
+    assert opt_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bootstrap_intervals_of_the_optimum_cover_the_truth_under_noise():
+    rows = synthetic_rows(noise=0.003, seed=3)
+    law, _ = sl.fit_law(rows)
+    ci = sl.intervals(sl.bootstrap(rows, law, samples=40, seed=0))
+    truth = sl.optimal_sparsity(TRUE)
+    assert ci["S*"][0] <= truth <= ci["S*"][1]
+    assert ci["N/N_a"] == pytest.approx((1 / (1 - ci["S*"][0]), 1 / (1 - ci["S*"][1])))
+    assert ci["alpha"][0] <= TRUE.alpha <= ci["alpha"][1]
 
 
 def test_optimum_cli(tmp_path):
