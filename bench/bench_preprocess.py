@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Data pipeline throughput: preprocessing tokens/s (1 vs 2 workers) and GPT index build time.
+"""Data pipeline throughput: preprocessing tokens/s (workers; JSONL, Parquet, Arrow), GPT index build.
 
 1. Generates a JSON-lines corpus of ``--size-mb`` MB (default 200) in a temporary directory:
    English text made of random passages of the bundled KJV corpus (``examples/data``), documents
@@ -7,13 +7,19 @@
    (the real CLI, a fresh process each time) with the committed ``kjv_sp4k.model`` and
    ``--append-eod`` at 1 worker, 2 workers, and 2 workers in 2 partitions; prints docs/s, MB/s
    (input bytes), tokens/s and the ratio to 1 worker, and checks the outputs are identical.
+   The same documents are also written as Parquet (snappy, row groups of 4096 rows) and as a
+   ``datasets`` ``save_to_disk`` folder (Arrow stream, batches of 1000 rows, written with
+   pyarrow) and run alike, each run's three formats back to back; a second table gives MB/s of
+   *text* (the UTF-8 bytes of the documents, the same for every format), the ratio to the JSONL
+   run of the same flags, whether the outputs equal the JSONL ones, and the rate of reading each
+   format alone, without tokenizing (``--skip-tables``: JSONL only).
 2. Writes a synthetic indexed dataset of ``--tokens`` tokens (default 1e9) as only its ``.idx``
    (random document lengths, mean ``--doc-tokens``) plus a sparse ``.bin`` of the right size,
    and times building the GPT document/sample/shuffle indices for ``--seq-length`` samples
    covering it once: cold (empty cache), cached (second run), and a 0.3/0.7 blend of two such
    datasets; with the peak Python/numpy memory of each step (tracemalloc).
 
-Usage: ``python bench/bench_preprocess.py [--quick] [--size-mb 200] [--tokens 1e9]``
+Usage: ``python bench/bench_preprocess.py [--quick] [--size-mb 200] [--tokens 1e9] [--skip-tables]``
 (``--quick``: 20 MB and 1e8 tokens). Timings are wall-clock on a shared machine; compare rows of
 one run.
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import itertools
 import json
 import os
 import shutil
@@ -65,6 +72,42 @@ def generate_corpus(path: str, size_bytes: int, seed: int = 0) -> tuple[int, int
     return docs, written
 
 
+def write_tables(corpus: str, parquet: str, arrow_dir: str) -> int:
+    """The documents of ``corpus`` as one Parquet file and one save_to_disk folder (Arrow
+    stream shards, as ``datasets`` writes them); returns the UTF-8 bytes of their text."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("text", pa.string()), ("id", pa.string())])
+    os.makedirs(arrow_dir)
+    shard = "data-00000-of-00001.arrow"
+    text_bytes = 0
+    with open(corpus, encoding="utf-8") as f, \
+            pq.ParquetWriter(parquet, schema, compression="snappy") as pw, \
+            pa.OSFile(os.path.join(arrow_dir, shard), "wb") as sink, \
+            pa.ipc.new_stream(sink, schema) as aw:
+        while True:
+            docs = [json.loads(line) for line in itertools.islice(f, 4096)]
+            if not docs:
+                break
+            table = pa.Table.from_pylist(docs, schema=schema)
+            text_bytes += sum(len(d["text"].encode("utf-8")) for d in docs)
+            pw.write_table(table, row_group_size=4096)
+            for batch in table.to_batches(max_chunksize=1000):
+                aw.write_batch(batch)
+    with open(os.path.join(arrow_dir, "state.json"), "w") as f:
+        json.dump({"_data_files": [{"filename": shard}], "_split": None}, f)
+    with open(os.path.join(arrow_dir, "dataset_info.json"), "w") as f:
+        json.dump({}, f)
+    return text_bytes
+
+
+def disk_bytes(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path))
+
+
 def run_preprocess(corpus: str, prefix: str, workers: int, partitions: int) -> tuple[float, str]:
     cmd = [sys.executable, TOOL, "--input", corpus, "--output-prefix", prefix,
            "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", MODEL,
@@ -78,7 +121,18 @@ def run_preprocess(corpus: str, prefix: str, workers: int, partitions: int) -> t
     return wall, r.stdout.strip().splitlines()[-1]
 
 
-def bench_preprocess(tmp: str, size_mb: float) -> None:
+RUNS = ((1, 1), (2, 1), (2, 2))  # (workers, partitions)
+
+
+def run_name(workers: int, partitions: int) -> str:
+    return f"--workers {workers}" + (f" --partitions {partitions}" if partitions > 1 else "")
+
+
+def same_output(a: str, b: str) -> bool:
+    return all(filecmp.cmp(a + ext, b + ext, shallow=False) for ext in (".bin", ".idx"))
+
+
+def bench_preprocess(tmp: str, size_mb: float, tables: bool = True) -> None:
     corpus = os.path.join(tmp, "corpus.jsonl")
     t = time.perf_counter()
     docs, nbytes = generate_corpus(corpus, int(size_mb * 1e6))
@@ -86,24 +140,67 @@ def bench_preprocess(tmp: str, size_mb: float) -> None:
           f"(mean {nbytes / docs / 1e3:.1f} KB), generated in {time.perf_counter() - t:.1f} s; "
           f"SentencePieceTokenizer kjv_sp4k.model (vocab 4096), --append-eod; "
           f"{os.cpu_count()} CPUs")
+    inputs = {"JSONL": corpus}
+    if tables:
+        parquet, arrow = os.path.join(tmp, "corpus.parquet"), os.path.join(tmp, "corpus_arrow")
+        t = time.perf_counter()
+        text = write_tables(corpus, parquet, arrow)
+        inputs.update(Parquet=parquet, Arrow=arrow)
+        written = time.perf_counter() - t
+    # each run's formats back to back, so a drift in the machine's load touches them alike
+    walls, outs, tokens = {}, {}, 0
+    for run in RUNS:
+        for fmt, src in inputs.items():
+            prefix = os.path.join(tmp, f"{fmt.lower()}_w{run[0]}_p{run[1]}")
+            walls[fmt, run], summary = run_preprocess(src, prefix, *run)
+            outs[fmt, run] = prefix + "_text_document"
+            tokens = int(summary.split(" documents, ")[1].split(" tokens")[0])
     widths = (26, 7, 8, 6, 10, 11)
     print(row(("run", "wall s", "docs/s", "MB/s", "tokens/s", "vs 1 worker"), widths))
     print(rule(widths))
-    base = None
-    outputs = []
-    for workers, partitions in ((1, 1), (2, 1), (2, 2)):
-        prefix = os.path.join(tmp, f"out_w{workers}_p{partitions}")
-        wall, summary = run_preprocess(corpus, prefix, workers, partitions)
-        tokens = int(summary.split(" documents, ")[1].split(" tokens")[0])
-        base = base or wall
-        name = f"--workers {workers}" + (f" --partitions {partitions}" if partitions > 1 else "")
-        print(row((name, f"{wall:.1f}", f"{docs / wall:,.0f}", f"{nbytes / wall / 1e6:.2f}",
-                   f"{tokens / wall:,.0f}", f"{base / wall:.2f}x"), widths))
-        outputs.append(prefix + "_text_document")
-    same = all(filecmp.cmp(outputs[0] + ext, o + ext, shallow=False)
-               for o in outputs[1:] for ext in (".bin", ".idx"))
+    base = walls["JSONL", RUNS[0]]
+    for run in RUNS:
+        wall = walls["JSONL", run]
+        print(row((run_name(*run), f"{wall:.1f}", f"{docs / wall:,.0f}",
+                   f"{nbytes / wall / 1e6:.2f}", f"{tokens / wall:,.0f}", f"{base / wall:.2f}x"),
+                  widths))
+    same = all(same_output(outs["JSONL", RUNS[0]], outs["JSONL", run]) for run in RUNS[1:])
     print(f"outputs byte-identical across runs: {'yes' if same else 'NO'}; {tokens:,} tokens "
           f"({tokens / docs:,.0f} per document)")
+    if not tables:
+        return
+    sizes = ", ".join(f"{fmt} {disk_bytes(src) / 1e6:.1f} MB" for fmt, src in inputs.items())
+    print(f"\n## input formats: the same documents, {text / 1e6:.1f} MB of text; on disk {sizes} "
+          f"(Parquet snappy, 4096-row groups; Arrow = a datasets save_to_disk folder, 1000-row "
+          f"batches; written in {written:.1f} s); text MB/s = UTF-8 bytes of the documents / "
+          f"wall time; vs JSONL = the JSONL run of the same flags")
+    widths = (36, 7, 11, 8, 10)
+    print(row(("input, run", "wall s", "text MB/s", "vs JSONL", "same bytes"), widths))
+    print(rule(widths))
+    for fmt in inputs:
+        for run in RUNS:
+            wall, ref = walls[fmt, run], walls["JSONL", run]
+            same = "-" if fmt == "JSONL" else (
+                "yes" if same_output(outs["JSONL", run], outs[fmt, run]) else "NO")
+            print(row((f"{fmt} {run_name(*run)}", f"{wall:.1f}", f"{text / wall / 1e6:.2f}",
+                       f"{ref / wall:.2f}x", same), widths))
+    rates = ", ".join(f"{fmt} {text / read_seconds(src) / 1e6:,.0f}" for fmt, src in inputs.items())
+    print(f"reading alone (this process, no tokenizer), text MB/s: {rates}")
+
+
+def read_seconds(src: str) -> float:
+    """Seconds to stream ``src`` as preprocess_data.py does (blobs or row blocks), untokenized."""
+    from megatron_qsparse.data.corpus import BlobReader, expand_inputs, plan_partitions
+    from megatron_qsparse.data.tables import TablePiece, TableReader, table_info, table_kind
+
+    files = expand_inputs([src], tables=True)
+    tables = {f: table_info(f, k, ["text"]) for f in files if (k := table_kind(f))}
+    start = time.perf_counter()
+    for piece in plan_partitions(files, 1, tables)[0]:
+        table = isinstance(piece, TablePiece)
+        for _ in TableReader(piece, ["text"]) if table else BlobReader(piece):
+            pass
+    return time.perf_counter() - start
 
 
 def write_synthetic(prefix: str, num_tokens: int, doc_tokens: int, seed: int) -> int:
@@ -193,6 +290,8 @@ def main() -> None:
     p.add_argument("--doc-tokens", type=int, default=2048, help="Mean document length.")
     p.add_argument("--seq-length", type=int, default=2048, help="Sample length.")
     p.add_argument("--skip-preprocess", action="store_true", help="Only the index build.")
+    p.add_argument("--skip-tables", action="store_true",
+                   help="No Parquet/Arrow runs (they need pyarrow).")
     p.add_argument("--tmpdir", default=None, help="Where the temporary files go.")
     args = p.parse_args()
     size_mb = args.size_mb or (20 if args.quick else 200)
@@ -200,7 +299,7 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="bench_preprocess_", dir=args.tmpdir)
     try:
         if not args.skip_preprocess:
-            bench_preprocess(tmp, size_mb)
+            bench_preprocess(tmp, size_mb, tables=not args.skip_tables)
         bench_index(tmp, tokens, args.doc_tokens, args.seq_length)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python}
 HF_DIR=${HF_DIR:-checkpoints/hf/Mistral-7B-v0.1}       # config.json, *.safetensors, tokenizer.model
 TOKENIZER=${TOKENIZER:-$HF_DIR/tokenizer.model}
-CORPUS=${CORPUS:-data/fineweb-edu}                       # jsonl(.gz/.zst) files, dirs or globs
+CORPUS=${CORPUS:-data/fineweb-edu}                       # Parquet (as on the Hub) or jsonl(.gz/.zst): files, dirs, globs
 DATA=${DATA:-data/fineweb_edu_mistral}                   # output prefix of the tokenized corpus
 CKPT=${CKPT:-checkpoints/mistral7b-qsparse}
 NUM_GPUS=${NUM_GPUS:-8}

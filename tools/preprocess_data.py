@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Tokenize JSON-lines corpora into Megatron-LM ``.bin``/``.idx`` datasets (Megatron's flags).
+"""Tokenize JSON-lines, Parquet or Arrow corpora into Megatron-LM ``.bin``/``.idx`` datasets.
 
 Example (from the repository root)::
 
@@ -14,29 +14,37 @@ writes ``data/kjv_text_document.bin`` and ``data/kjv_text_document.idx`` (one pa
 than 65500 ids, else int32), so they move freely between the two code bases.
 
 Input: ``--input`` takes files, directories of shards (searched recursively for
-``*.jsonl``/``*.json``/``*.ndjson``, optionally ``.gz``/``.zst``) and glob patterns, read in
-sorted order; compression is recognised by content (``.zst`` needs the ``zstandard`` package).
-Input is streamed in ~1 MiB blobs of whole lines with a bounded number in flight, and the index
-is assembled from side files, so memory stays flat for inputs of any size.
+``*.jsonl``/``*.json``/``*.ndjson``, optionally ``.gz``/``.zst``, and ``*.parquet``) and glob
+patterns, read in sorted order; compression is recognised by content (``.zst`` needs the
+``zstandard`` package). Parquet files (``.parquet``), Arrow IPC files (``.arrow``) and Hugging
+Face ``datasets`` folders written by ``save_to_disk`` (their ``data-*.arrow`` shards, in the
+dataset's order; a ``DatasetDict`` folder with several splits needs the split's folder, e.g.
+``DIR/train``) are read with pyarrow, row group by row group (record batch by record batch): a
+row is a document, ``--json-keys`` names columns, a null or non-string value is skipped as in
+JSON lines, and the output equals that of the same rows written as JSON lines. Input is streamed
+in ~1 MiB blobs of whole lines (or rows) with a bounded number in flight, and the index is
+assembled from side files, so memory stays flat for inputs of any size.
 
 Bad lines (blank, invalid UTF-8, invalid JSON, not an object, missing key, non-string or empty
 text) are skipped and counted; the first ``--max-skip-reports`` are printed as ``file:line:
-reason``. ``--strict`` stops at the first one instead (exit status 2, nothing written). A
-truncated or corrupt compressed file is reported and the rest of that file skipped (an error under
-``--strict``). Outputs are written under temporary names and renamed only when complete.
+reason`` (``file: row N: reason`` for tables, N counted from 0 as pyarrow and ``datasets`` do).
+``--strict`` stops at the first one instead (exit status 2, nothing written). A truncated or
+corrupt compressed file is reported and the rest of that file skipped, an undecodable Parquet row
+group or Arrow record batch is reported and skipped (errors under ``--strict``); a column missing
+from a table, or a table whose metadata cannot be read, stops the run before it starts. Outputs
+are written under temporary names and renamed only when complete.
 
 ``--workers N`` tokenizes in N processes (output order is always the input order).
-``--partitions P`` (Megatron-LM's flag) cuts the input into P contiguous parts processed by
-separate processes with ``N / P`` workers each, then merges them in order: the output is identical
-to ``--partitions 1``. The last line on stdout summarises the run.
+``--partitions P`` (Megatron-LM's flag) cuts the input into P contiguous parts (tables between
+row groups / record batches) processed by separate processes with ``N / P`` workers each, then
+merges them in order: the output is identical to ``--partitions 1``. The last line on stdout
+summarises the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
-import itertools
-import json
 import os
 import queue as queue_module
 import shutil
@@ -59,19 +67,25 @@ from megatron_qsparse.data.corpus import (  # noqa: E402
     check_decoders,
     expand_inputs,
     plan_partitions,
-    split_lines,
 )
-from megatron_qsparse.data.indexed_dataset import IndexedDatasetBuilder, best_token_dtype  # noqa: E402
-from megatron_qsparse.data.tokenizer import TOKENIZER_TYPES, Tokenizer, build_tokenizer  # noqa: E402
+from megatron_qsparse.data.encoding import (  # noqa: E402
+    BAD_GROUP,
+    CORRUPT,
+    SKIP_REASONS,
+    BlobResult,
+    Encoder,
+)
+from megatron_qsparse.data.indexed_dataset import IndexedDatasetBuilder  # noqa: E402
+from megatron_qsparse.data.tables import (  # noqa: E402
+    KIND_NAMES,
+    TablePiece,
+    TableReader,
+    table_info,
+    table_kind,
+)
+from megatron_qsparse.data.tokenizer import TOKENIZER_TYPES, build_tokenizer  # noqa: E402
 
 BLOB_BYTES = 1 << 20  # input bytes per task sent to a worker
-
-# Skip reasons, in the order the summary lists them.
-BLANK, BAD_UTF8, BAD_JSON, NOT_OBJECT, MISSING_KEY, NOT_STRING, EMPTY, CORRUPT = (
-    "blank line", "invalid UTF-8", "invalid JSON", "not a JSON object", "missing key",
-    "non-string value", "empty text", "unreadable compressed file tail")
-SKIP_REASONS = (BLANK, BAD_UTF8, BAD_JSON, NOT_OBJECT, MISSING_KEY, NOT_STRING, EMPTY, CORRUPT)
-
 
 class InputError(Exception):
     """A bad input under ``--strict`` (or an unusable input): one line, ``file:line: reason``."""
@@ -80,15 +94,20 @@ class InputError(Exception):
 def get_parser() -> argparse.ArgumentParser:
     """The command-line interface (Megatron-LM flag names and meanings)."""
     p = argparse.ArgumentParser(
-        description="Tokenize .jsonl(.gz/.zst) corpora into Megatron .bin/.idx datasets.",
+        description="Tokenize .jsonl(.gz/.zst), Parquet and Hugging Face datasets (save_to_disk) "
+                    "corpora into Megatron .bin/.idx datasets.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("input data")
     g.add_argument("--input", required=True, nargs="+",
                    help="JSON-lines files (one document per line; .jsonl, .jsonl.gz, .jsonl.zst), "
-                        "directories of shards, or glob patterns; read in sorted order.")
+                        "Parquet or Arrow IPC files (.parquet, .arrow; one document per row), "
+                        "datasets save_to_disk folders "
+                        "(a DatasetDict's split folder, e.g. DIR/train), directories of shards "
+                        "(.jsonl/.json/.ndjson[.gz|.zst], .parquet), or glob patterns; read in "
+                        "sorted order.")
     g.add_argument("--json-keys", nargs="+", default=["text"],
-                   help="Keys to tokenize; one output dataset per key (a line is skipped for all "
-                        "keys if any key is unusable).")
+                   help="Keys (Parquet/Arrow: columns) to tokenize; one output dataset per key (a "
+                        "line or row is skipped for all keys if any key is unusable).")
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", default="SentencePieceTokenizer", choices=TOKENIZER_TYPES,
                    help="Tokenizer implementation.")
@@ -109,103 +128,23 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-sequential-samples", action="store_true",
                    help="Accepted for Megatron-LM compatibility; input order is always kept.")
     g.add_argument("--log-interval", type=int, default=1000,
-                   help="Print a progress line to stderr every this many input lines (0: never).")
+                   help="Print a progress line to stderr every this many input lines or rows "
+                        "(0: never).")
     g.add_argument("--strict", action="store_true",
-                   help="Stop at the first bad line (file:line: reason) instead of skipping it.")
+                   help="Stop at the first bad line or row (file:line: reason) instead of "
+                        "skipping it.")
     g.add_argument("--allow-empty", action="store_true",
                    help="Write the dataset even when no document came out of the input (by "
                    "default that is an error: exit status 2, nothing written).")
     g.add_argument("--max-skip-reports", type=int, default=10,
-                   help="Print file:line: reason for this many skipped lines (all are counted).")
+                   help="Print file:line: reason for this many skipped lines or rows (all are "
+                        "counted).")
     return p
 
 
 # ---------------------------------------------------------------------------------------------
-# encoding (runs in the workers)
+# encoding (runs in the workers; the rules live in megatron_qsparse.data.encoding)
 # ---------------------------------------------------------------------------------------------
-@dataclass
-class BlobResult:
-    """What a worker returns for one blob of lines."""
-
-    num_lines: int
-    num_bytes: int
-    skips: list  # (line index in the blob, reason, message)
-    tokens: dict  # key -> (concatenated token ids, int32 lengths)
-
-
-class Encoder:
-    """Turns raw input lines into token arrays (one per JSON key), or a skip reason."""
-
-    def __init__(self, json_keys: list[str], tokenizer: Tokenizer, append_eod: bool):
-        self.json_keys = list(json_keys)
-        self.tokenizer = tokenizer
-        self.append_eod = bool(append_eod)
-        self.dtype = best_token_dtype(tokenizer.vocab_size)
-
-    def check_line(self, line: bytes) -> tuple[str, str] | dict[str, str]:
-        """The texts of ``line`` by key, or ``(reason, message)`` if the line is unusable."""
-        if not line.strip():
-            return BLANK, "blank line"
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            return BAD_UTF8, f"invalid UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})"
-        try:
-            obj = json.loads(text.lstrip("\ufeff"))
-        except json.JSONDecodeError as e:
-            return BAD_JSON, f"invalid JSON ({e.msg} at column {e.colno})"
-        except (ValueError, RecursionError) as e:
-            return BAD_JSON, f"invalid JSON ({type(e).__name__})"
-        if not isinstance(obj, dict):
-            return NOT_OBJECT, f"not a JSON object (a {type(obj).__name__})"
-        values = {}
-        for key in self.json_keys:
-            if key not in obj:
-                keys = ", ".join(list(obj)[:8]) or "none"
-                return MISSING_KEY, f"missing key {key!r} (keys: {keys})"
-            value = obj[key]
-            if not isinstance(value, str):
-                return NOT_STRING, f"non-string value under {key!r} ({type(value).__name__})"
-            if not value.strip():
-                return EMPTY, f"empty text under {key!r}"
-            values[key] = value
-        return values
-
-    def encode(self, line: bytes) -> tuple[str | None, dict[str, np.ndarray] | None, int]:
-        """One line: ``(skip reason or None, {key: token ids}, number of input bytes)``."""
-        checked = self.check_line(line)
-        if isinstance(checked, tuple):
-            return checked[0], None, len(line)
-        return None, {k: np.asarray(self._ids(v), dtype=self.dtype)
-                      for k, v in checked.items()}, len(line)
-
-    def _ids(self, text: str) -> list[int]:
-        ids = self.tokenizer.tokenize(text)
-        if self.append_eod:
-            ids.append(self.tokenizer.eod)
-        return ids
-
-    def encode_blob(self, blob: bytes) -> BlobResult:
-        """All lines of a blob: token ids concatenated per key, plus the skipped lines."""
-        lines = split_lines(blob)
-        skips = []
-        ids: dict[str, list[list[int]]] = {k: [] for k in self.json_keys}
-        for i, line in enumerate(lines):
-            checked = self.check_line(line)
-            if isinstance(checked, tuple):
-                skips.append((i, checked[0], checked[1]))
-                continue
-            for key, text in checked.items():
-                ids[key].append(self._ids(text))
-        tokens = {}
-        for key, docs in ids.items():
-            lengths = np.fromiter(map(len, docs), dtype=np.int32, count=len(docs))
-            flat = np.fromiter(itertools.chain.from_iterable(docs), dtype=self.dtype,
-                               count=int(lengths.sum(dtype=np.int64)))
-            tokens[key] = (flat, lengths)
-        return BlobResult(len(lines), len(blob), skips, tokens)
-
-
 _WORKER: Encoder | None = None
 
 
@@ -215,9 +154,9 @@ def _init_worker(json_keys, tokenizer_type, tokenizer_model, append_eod) -> None
     _WORKER = Encoder(json_keys, build_tokenizer(tokenizer_type, tokenizer_model), append_eod)
 
 
-def _encode_blob_in_worker(blob: bytes) -> BlobResult:
+def _encode_in_worker(task) -> BlobResult:
     assert _WORKER is not None
-    return _WORKER.encode_blob(blob)
+    return _WORKER.encode_task(task)
 
 
 def bounded_imap(pool, fn, tasks, max_in_flight: int):
@@ -352,6 +291,16 @@ def process_pieces(pieces: list[Piece], job: Job, builders: dict, reporter,
     def tasks():
         raw_base = 0  # on-disk bytes of the pieces before the current one
         for piece in pieces:
+            if isinstance(piece, TablePiece):
+                reader = TableReader(piece, job.json_keys, BLOB_BYTES)
+                for block in reader:
+                    done = raw_base + reader.raw_done
+                    if block.error:
+                        yield ("corrupt", block.error, done), None
+                    else:
+                        yield (piece, block.first_row, done), block
+                raw_base += reader.raw_total
+                continue
             reader = BlobReader(piece, BLOB_BYTES)
             try:
                 for first, blob in reader:
@@ -366,13 +315,13 @@ def process_pieces(pieces: list[Piece], job: Job, builders: dict, reporter,
             pool = Pool(job.workers, initializer=_init_worker,
                         initargs=(job.json_keys, job.tokenizer_type, job.tokenizer_model,
                                   job.append_eod))
-            fn = _encode_blob_in_worker
+            fn = _encode_in_worker
         else:
             if encoder is None:
                 encoder = Encoder(job.json_keys,
                                   build_tokenizer(job.tokenizer_type, job.tokenizer_model),
                                   job.append_eod)
-            fn = encoder.encode_blob
+            fn = encoder.encode_task
         next_report = job.log_interval
         for meta, result in bounded_imap(pool, fn, tasks(), max(2, 3 * job.workers)):
             stats.raw_done = meta[2]  # input read up to the end of this blob
@@ -380,17 +329,19 @@ def process_pieces(pieces: list[Piece], job: Job, builders: dict, reporter,
                 e = meta[1]
                 if job.strict:
                     raise InputError(str(e))
-                stats.skipped[CORRUPT] += 1
+                stats.skipped[BAD_GROUP if isinstance(e, str) else CORRUPT] += 1
                 reporter.bad_line(str(e))
                 continue
             piece, first, _ = meta
+            table = isinstance(piece, TablePiece)
             stats.lines += result.num_lines
             stats.bytes += result.num_bytes
             for i, reason, message in result.skips:
-                where = f"{piece.path}:{first + i}"
+                where = f"{piece.path}: row {first + i}" if table else f"{piece.path}:{first + i}"
                 if job.strict:
-                    raise InputError(f"{where}: {message}; fix or drop the line, or leave out "
-                                     f"--strict to skip and count bad lines")
+                    what = "row" if table else "line"
+                    raise InputError(f"{where}: {message}; fix or drop the {what}, or leave out "
+                                     f"--strict to skip and count bad {what}s")
                 stats.skipped[reason] += 1
                 reporter.bad_line(f"{where}: {message}")
             for key, (flat, lengths) in result.tokens.items():
@@ -553,10 +504,12 @@ def _run(argv: list[str] | None) -> int:
     if len(set(args.json_keys)) != len(args.json_keys):
         return _fail(f"--json-keys has duplicates: {args.json_keys}")
     try:
-        files = expand_inputs(args.input)
-        check_decoders(files)
+        files = expand_inputs(args.input, tables=True)
+        kinds = {f: table_kind(f) for f in files}
+        tables = {f: table_info(f, k, args.json_keys) for f, k in kinds.items() if k}
+        check_decoders([f for f in files if f not in tables])
         tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
-        plan = plan_partitions(files, args.partitions)
+        plan = plan_partitions(files, args.partitions, tables)
     except (ValueError, OSError) as e:
         return _fail(str(e))
     out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
@@ -570,7 +523,10 @@ def _run(argv: list[str] | None) -> int:
     job = Job(list(args.json_keys), args.tokenizer_type, args.tokenizer_model, args.append_eod,
               args.strict, args.log_interval, args.max_skip_reports,
               max(1, args.workers // len(plan)) if len(plan) > 1 else args.workers)
-    print(f"input: {len(files)} file(s), {raw_total / 1e6:,.1f} MB on disk; tokenizer "
+    kind_counts = Counter(KIND_NAMES[k] for k in kinds.values() if k)
+    table_text = "".join(f", {n} {kind}" for kind, n in sorted(kind_counts.items())) + (
+        f" ({sum(t.rows for t in tables.values()):,} rows)" if tables else "")
+    print(f"input: {len(files)} file(s){table_text}, {raw_total / 1e6:,.1f} MB on disk; tokenizer "
           f"{tokenizer.name}: vocab {tokenizer.vocab_size}, eod {tokenizer.eod}, dtype "
           f"{np.dtype(dtype).name}; {len(plan)} partition(s) x {job.workers} worker(s)",
           file=sys.stderr)

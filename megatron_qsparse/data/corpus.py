@@ -1,6 +1,7 @@
 """Reading JSON-lines corpora of any size: input discovery, compressed streams, line-aligned ranges.
 
-Used by ``tools/preprocess_data.py`` and ``tools/train_tokenizer.py``.
+Used by ``tools/preprocess_data.py`` and ``tools/train_tokenizer.py``; Parquet and ``datasets``
+Arrow input (``tables=True``, preprocess_data only) is read by :mod:`.tables`.
 
 - :func:`expand_inputs` turns ``--input`` values (files, directories of shards, glob patterns)
   into one sorted, de-duplicated list of files, so the order of documents is deterministic.
@@ -8,7 +9,7 @@ Used by ``tools/preprocess_data.py`` and ``tools/train_tokenizer.py``.
   names); ``.zst`` needs the optional ``zstandard`` package.
 - :func:`plan_partitions` cuts the inputs into ``N`` contiguous, ordered pieces of about equal
   size: uncompressed files are split at byte offsets (each line belongs to the piece holding its
-  first byte), compressed files stay whole.
+  first byte), compressed files stay whole, tables are cut between row groups / record batches.
 - :class:`BlobReader` streams one piece as blobs of whole lines (about 1 MiB each) with the
   number of their first line, so nothing ever holds a whole file in memory.
 """
@@ -22,7 +23,15 @@ import os
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
+
+from megatron_qsparse.data.tables import (
+    TABLE_FILE_PATTERN,
+    TableInfo,
+    TablePiece,
+    dataset_folder_files,
+    is_dataset_folder,
+)
 
 #: File names a directory given as ``--input`` is searched for (case-insensitive).
 CORPUS_FILE_PATTERN = re.compile(r"\.(jsonl|json|ndjson)(\.(gz|zst|zstd))?$", re.IGNORECASE)
@@ -41,12 +50,14 @@ class CorruptInputError(ValueError):
         super().__init__(f"{path}: {detail} after line {line}; the rest of the file is unreadable")
 
 
-def expand_inputs(specs: Sequence[str], flag: str = "--input") -> list[str]:
+def expand_inputs(specs: Sequence[str], flag: str = "--input", tables: bool = False) -> list[str]:
     """Files named by ``specs``: files as given, directories searched recursively, globs expanded.
 
     Directories yield the files matching :data:`CORPUS_FILE_PATTERN` (hidden files and folders are
     ignored); each directory's and pattern's files are sorted by path, specs keep their order, and
-    a file named twice is read once.
+    a file named twice is read once. With ``tables``, directories also yield ``*.parquet`` files,
+    and a ``datasets`` ``save_to_disk`` folder (given, or met while searching) yields its Arrow
+    shards in the dataset's order (:func:`.tables.dataset_folder_files`).
 
     Raises:
         ValueError: a spec that names nothing, or a directory / pattern without corpus files.
@@ -58,15 +69,17 @@ def expand_inputs(specs: Sequence[str], flag: str = "--input") -> list[str]:
         if os.path.isfile(spec):
             found = [spec]
         elif os.path.isdir(spec):
-            found = _corpus_files_under(spec)
+            found = _corpus_files_under(spec, tables, flag)
             if not found:
                 raise ValueError(f"{flag} {spec!r}: directory holds no .jsonl/.json/.ndjson files "
-                                 f"(optionally .gz or .zst)")
+                                 f"(optionally .gz or .zst)" + (
+                                     ", no .parquet files and is no datasets save_to_disk folder"
+                                     if tables else ""))
         elif glob.has_magic(spec):
             found = []
             for match in sorted(glob.glob(spec, recursive=True)):
                 if os.path.isdir(match):
-                    found.extend(_corpus_files_under(match))
+                    found.extend(_corpus_files_under(match, tables, flag))
                 elif os.path.isfile(match):
                     found.append(match)
             if not found:
@@ -83,13 +96,23 @@ def expand_inputs(specs: Sequence[str], flag: str = "--input") -> list[str]:
     return out
 
 
-def _corpus_files_under(directory: str) -> list[str]:
+def _corpus_files_under(directory: str, tables: bool = False, flag: str = "--input") -> list[str]:
+    if tables:
+        shards = dataset_folder_files(directory, flag)
+        if shards is not None:
+            return shards
     found = []
     for root, dirs, files in os.walk(directory):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found.extend(os.path.join(root, f) for f in files
-                     if not f.startswith(".") and CORPUS_FILE_PATTERN.search(f))
-    return sorted(found)
+        if root != directory and is_dataset_folder(root):
+            dirs[:] = []  # a save_to_disk folder inside: its shards in its order, not its .json
+            if tables:
+                found.append((root + os.sep, dataset_folder_files(root, flag)))
+            continue
+        found.extend((p, [p]) for p in (os.path.join(root, f) for f in files)
+                     if not os.path.basename(p).startswith(".") and (
+                         CORPUS_FILE_PATTERN.search(p) or tables and TABLE_FILE_PATTERN.search(p)))
+    return [p for _, paths in sorted(found) for p in paths]
 
 
 def compression_of(path: str) -> str | None:
@@ -217,32 +240,50 @@ class Piece:
     end: int | None = None
 
 
-def plan_partitions(paths: Sequence[str], partitions: int) -> list[list[Piece]]:
+def plan_partitions(paths: Sequence[str], partitions: int,
+                    tables: Mapping[str, TableInfo] | None = None) -> list[list]:
     """Cut the concatenated inputs into at most ``partitions`` contiguous parts of similar size.
 
     Reading the parts one after the other visits every line of every file exactly once, in
     order, so outputs built per part and merged in order equal one built from the whole input.
     Uncompressed files are cut at byte offsets; a compressed file goes whole to the part that
-    holds its middle. Empty parts are dropped.
+    holds its middle. A table file (a path in ``tables``, with its :class:`.tables.TableInfo`)
+    becomes :class:`.tables.TablePiece` objects: each row group / record batch goes to the part
+    that holds its middle byte. Empty parts are dropped.
     """
     if partitions < 1:
         raise ValueError(f"partitions must be at least 1, got {partitions}")
+    tables = tables or {}
     if partitions == 1:
-        return [[Piece(p) for p in paths]]
+        return [[TablePiece(p, tables[p]) if p in tables else Piece(p) for p in paths]]
     sizes = [os.path.getsize(p) for p in paths]
     total = sum(sizes)
     bounds = [total * k // partitions for k in range(partitions + 1)]
-    parts: list[list[Piece]] = [[] for _ in range(partitions)]
+
+    def part_of(middle: float) -> int:
+        return min(max(bisect.bisect_right(bounds, middle) - 1, 0), partitions - 1)
+
+    parts: list[list] = [[] for _ in range(partitions)]
     pos = 0
     for path, size in zip(paths, sizes):
-        if size > 0 and compression_of(path) is None:
+        if path in tables:
+            info, at, first = tables[path], pos, 0
+            owners = []
+            for _, nbytes in info.groups:
+                owners.append(part_of(at + nbytes / 2))
+                at += nbytes
+            for g in range(1, len(owners) + 1):  # runs of groups with the same owner
+                if g == len(owners) or owners[g] != owners[first]:
+                    end = None if g == len(owners) else g
+                    parts[owners[first]].append(TablePiece(path, info, first, end))
+                    first = g
+        elif size > 0 and compression_of(path) is None:
             for k in range(partitions):
                 lo, hi = max(pos, bounds[k]), min(pos + size, bounds[k + 1])
                 if lo < hi:
                     parts[k].append(Piece(path, lo - pos, None if hi == pos + size else hi - pos))
         else:
-            k = min(max(bisect.bisect_right(bounds, pos + size / 2) - 1, 0), partitions - 1)
-            parts[k].append(Piece(path))
+            parts[part_of(pos + size / 2)].append(Piece(path))
         pos += size
     return [part for part in parts if part]
 
