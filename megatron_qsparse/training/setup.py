@@ -243,7 +243,11 @@ def _with_document_resets(cfg: Config, tokenizer, dataset):
         raise flag_error("data", name, f"the {d.tokenizer_type} tokenizer has no "
                          "end-of-document token to find document boundaries by",
                          "use a tokenizer with an eos/eod token or drop the flag")
-    return DocumentResetDataset(dataset, eod, *flags)
+    wrapped = DocumentResetDataset(dataset, eod, *flags)
+    logger.info("%s: documents end at token %d (%s)", getattr(dataset, "name", "data"), eod,
+                " ".join(f"--{n.replace('_', '-')}" for n, on in zip(
+                    ("reset_position_ids", "reset_attention_mask", "eod_mask_loss"), flags) if on))
+    return wrapped
 
 
 def setup(cfg: Config) -> TrainingState:

@@ -292,6 +292,24 @@ def test_two_documents_with_reset_flags_give_their_own_losses(dtype):
     _compare_grads(grads, {n: p.grad for n, p in model.named_parameters()}, grad_tol)
 
 
+@pytest.mark.parametrize("granularity", ["selective", "full"])
+def test_recomputation_keeps_the_documents(sft, granularity):
+    """--recompute-granularity selective/full replays the packed forward (the segment ids reach
+    the recomputed attention): the losses and gradients of no recomputation."""
+    batch = collate_tokens([_packed(sft[0], extra=0)[i] for i in range(2)])
+    tokens, labels = get_batch(batch)
+    extras = document_inputs(batch)
+    model = _model(torch.float64)
+    want = _loss_and_grads(model, tokens, labels, **extras)
+    model.config.recompute_granularity = granularity
+    again = GPTModel(model.config, V, parallel=ParallelState.single()).to(torch.float64)
+    again.load_state_dict(model.state_dict())
+    assert again.recompute_blocks == (granularity == "full")
+    got = _loss_and_grads(again, tokens, labels, **extras)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-12)
+    _compare_grads(got[1], want[1], dict(rtol=1e-12, atol=1e-12))
+
+
 def test_default_path_is_unchanged_by_neutral_extras():
     """position ids 0..s-1 and one segment give the outputs of the plain causal path."""
     model = _model(torch.float64)
@@ -361,3 +379,41 @@ def test_compiled_packed_block_matches_eager(sft):
     torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-5, atol=1e-5)
     _compare_grads(out[1][2], out[0][2], dict(rtol=1e-4, atol=1e-5))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_flex_path_equals_the_mask_and_never_synchronises(sft):
+    """On CUDA document attention takes FlexAttention: the same values as SDPA with the
+    boolean mask (forward and backward), and a compiled packed block step waits on no host."""
+    from megatron_qsparse.model import masking
+    from megatron_qsparse.model.transformer import TransformerBlock
+
+    g = torch.Generator().manual_seed(0)
+    seg = torch.sort(torch.randint(0, 4, (2, 128), generator=g), dim=-1).values.cuda()
+    leaves = [torch.randn(2, h, 128, 32, generator=g).cuda().requires_grad_() for h in (4, 2, 2)]
+    out = []
+    for flex in (False, True):
+        masking.FLEX_ON_CUDA = flex
+        try:
+            y = masking.document_attention(*leaves, seg, enable_gqa=True)
+        finally:
+            masking.FLEX_ON_CUDA = True
+        grads = torch.autograd.grad(y.square().sum(), leaves)
+        out.append((y.detach(), grads))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-4, atol=1e-5)
+    for a, b in zip(out[1][1], out[0][1]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+    cfg = _model(torch.float32).config
+    block = TransformerBlock(cfg, 0, ParallelState.single()).cuda()
+    block.compile(fullgraph=True)
+    extras = {k: v.cuda() for k, v in document_inputs(
+        collate_tokens([_packed(sft[0], extra=0)[i] for i in range(2)])).items()}
+    x = torch.randn(2, SEQ, cfg.hidden_size, device="cuda", requires_grad=True)
+    block(x, **extras).sum().backward()  # compile first, outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        block(x, **extras).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
