@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from megatron_qsparse.config import (Config, ConfigError, data_parallel_size, flag_error,
-                                     padded_vocab_size, validate)
+                                     flag_of, padded_vocab_size, validate)
 from megatron_qsparse.parallel.state import initialize_model_parallel
 from megatron_qsparse.training.deepspeed_config import deepspeed_config
 from megatron_qsparse.training.optim import LRScheduler, build_optimizer
@@ -231,23 +231,21 @@ def end_of_document_id(tokenizer) -> int | None:
 def _with_document_resets(cfg: Config, tokenizer, dataset):
     """``dataset`` with Megatron's ``--reset-position-ids``/``--reset-attention-mask``/
     ``--eod-mask-loss`` arrays added to its samples (unchanged without those flags)."""
-    d = cfg.data
-    flags = (d.reset_position_ids, d.reset_attention_mask, d.eod_mask_loss)
+    names = ("reset_position_ids", "reset_attention_mask", "eod_mask_loss")
+    flags = tuple(getattr(cfg.data, n) for n in names)
     if dataset is None or not any(flags):
         return dataset
     from megatron_qsparse.data.documents import DocumentResetDataset
 
+    on = [n for n, f in zip(names, flags) if f]
     eod = end_of_document_id(tokenizer)
     if eod is None:
-        name = ("reset_position_ids", "reset_attention_mask", "eod_mask_loss")[flags.index(True)]
-        raise flag_error("data", name, f"the {d.tokenizer_type} tokenizer has no "
+        raise flag_error("data", on[0], f"the {cfg.data.tokenizer_type} tokenizer has no "
                          "end-of-document token to find document boundaries by",
                          "use a tokenizer with an eos/eod token or drop the flag")
-    wrapped = DocumentResetDataset(dataset, eod, *flags)
     logger.info("%s: documents end at token %d (%s)", getattr(dataset, "name", "data"), eod,
-                " ".join(f"--{n.replace('_', '-')}" for n, on in zip(
-                    ("reset_position_ids", "reset_attention_mask", "eod_mask_loss"), flags) if on))
-    return wrapped
+                " ".join(flag_of("data", n) for n in on))
+    return DocumentResetDataset(dataset, eod, *flags)
 
 
 def setup(cfg: Config) -> TrainingState:
