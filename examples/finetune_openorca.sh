@@ -31,6 +31,7 @@ LR=${LR:-5e-6}                                           # the paper: best of 3e
 SPARSITY=${SPARSITY:-0.4}
 SPARSITY_WARMUP=${SPARSITY_WARMUP:-50}
 EPOCHS=${EPOCHS:-1}
+PACKING=${PACKING:-0}                                    # 1: --sft-packing (several samples per sequence)
 
 if [ ! -f "$CKPT/init/latest" ]; then
   echo "==> importing $HF_DIR (TP=$TP)"
@@ -43,17 +44,28 @@ if [ ! -f "${DATA}_sft.json" ]; then
   "$PY" tools/preprocess_sft.py --input "$SFT_JSONL" --output-prefix "$DATA" \
     --template "$TEMPLATE" --tokenizer-type "$TOKENIZER_TYPE" --tokenizer-model "$TOKENIZER"
 fi
-# one epoch = ceil(samples / global batch) steps (the split keeps 0.5% for validation)
+# one epoch = ceil(sequences / global batch) steps (the split keeps 0.5% for validation); a
+# sequence is one sample, or with PACKING=1 the first-fit packing of them (about the same count
+# for any epoch's order)
+PACK_FLAGS=()
+if [ "$PACKING" = 1 ]; then PACK_FLAGS=(--sft-packing); fi
 TRAIN_ITERS=${TRAIN_ITERS:-$("$PY" -c "
-import json, math
-n = json.load(open('${DATA}_sft.json'))['samples']
-print(max(1, math.ceil($EPOCHS * n * 0.995 / $GLOBAL_BATCH)))")}
+import math
+import numpy as np
+from megatron_qsparse.data.indexed_dataset import IndexedDataset
+from megatron_qsparse.data.sft_packing import pack_epoch
+lengths = IndexedDataset('${DATA}_sft').sequence_lengths
+lengths = lengths[:int(len(lengths) * 0.995)]
+n = len(lengths)
+if $PACKING == 1:
+    n = len(pack_epoch(np.random.default_rng(0).permutation(lengths), $SEQ + 1)[1]) - 1
+print(max(1, math.ceil($EPOCHS * n / $GLOBAL_BATCH)))")}
 echo "==> fine-tuning for $TRAIN_ITERS steps"
 
 deepspeed --num_gpus "$NUM_GPUS" pretrain_qsparse.py --config "$CKPT/init/model_args.yaml" \
   --load "$CKPT/init" --finetune --save "$CKPT/sft" --save-interval 1000 \
   --tensor-model-parallel-size "$TP" --zero-stage 2 --bf16 \
-  --data-format sft --data-path "${DATA}_sft" --split 995,5,0 \
+  --data-format sft ${PACK_FLAGS[@]+"${PACK_FLAGS[@]}"} --data-path "${DATA}_sft" --split 995,5,0 \
   --tokenizer-type "$TOKENIZER_TYPE" --tokenizer-model "$TOKENIZER" \
   --seq-length "$SEQ" --micro-batch-size "$MICRO_BATCH" --global-batch-size "$GLOBAL_BATCH" \
   --train-iters "$TRAIN_ITERS" --lr "$LR" --min-lr 0 --lr-warmup-iters "$LR_WARMUP" \

@@ -39,6 +39,8 @@ LR_DECAY_STYLES = ("constant", "linear", "cosine", "WSD")
 WSD_DECAY_STYLES = ("linear", "cosine", "exponential", "minus_sqrt")
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 DATA_FORMATS = ("gpt", "sft")
+# the per-position tensors of packed sequences, in the order batches and pipeline stages carry them
+DOCUMENT_FIELDS = ("position_ids", "segment_ids")
 MOE_DROP_POLICIES = ("position", "random", "none")
 MOE_NOISY_GATE_POLICIES = ("none", "jitter", "rsample")
 # An AdamW step moves each weight by about lr: above this a run diverges at once.
@@ -345,8 +347,20 @@ class DataConfig:
     num_workers: int = arg(0, "DataLoader worker processes.")
     data_format: str = arg("gpt", "gpt: pretraining token streams (tools/preprocess_data.py); "
                            "sft: instruction samples with a loss mask on the response tokens "
-                           "(tools/preprocess_sft.py), one sample per sequence, padded.",
+                           "(tools/preprocess_sft.py), one sample per sequence, padded (or "
+                           "several per sequence with --sft-packing).",
                            choices=DATA_FORMATS)
+    sft_packing: bool = arg(
+        False, "--data-format sft: pack several samples into each sequence (first-fit, in each "
+        "epoch's shuffled order); attention stays inside each sample and its positions restart.")
+    reset_position_ids: bool = arg(
+        False, "Restart the position ids after every end-of-document token (Megatron-LM).")
+    reset_attention_mask: bool = arg(
+        False, "No attention across end-of-document tokens: each document attends only to "
+        "itself (Megatron-LM).")
+    eod_mask_loss: bool = arg(
+        False, "No loss where the input token is end-of-document, i.e. on predicting the first "
+        "token of the next document (Megatron-LM).")
 
     def validate(self) -> None:
         """Check what needs no file or parser of the data package.
@@ -362,6 +376,25 @@ class DataConfig:
             raise flag_error("data", "tokenizer_model", f"{self.tokenizer_type} needs a model file",
                        "pass --tokenizer-model PATH.model (or --tokenizer-type ByteTokenizer)")
         _positive("data", self, ("num_workers",), allow_zero=True)
+        if self.sft_packing and self.data_format != "sft":
+            raise flag_error("data", "sft_packing", f"packs instruction samples, not "
+                             f"--data-format {self.data_format} streams",
+                             "add --data-format sft or drop it")
+        if self.data_format == "sft":
+            for name in ("reset_position_ids", "reset_attention_mask", "eod_mask_loss"):
+                if getattr(self, name):
+                    raise flag_error("data", name, "SFT samples carry their own boundaries and "
+                                     "loss mask", "drop it (--sft-packing packs samples with "
+                                     "attention and positions reset per sample)")
+
+    def document_fields(self) -> tuple[str, ...]:
+        """The tensors besides tokens (and loss mask) that this data gives every sequence, in
+        :data:`DOCUMENT_FIELDS` order: ``position_ids`` (restarting in every document) and/or
+        ``segment_ids`` (the document of each position, for the attention mask)."""
+        packed = self.data_format == "sft" and self.sft_packing
+        wanted = {"position_ids": packed or self.reset_position_ids,
+                  "segment_ids": packed or self.reset_attention_mask}
+        return tuple(f for f in DOCUMENT_FIELDS if wanted[f])
 
 
 @dataclass

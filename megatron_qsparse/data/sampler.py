@@ -78,9 +78,10 @@ class MegatronPretrainingSampler:
 
 def collate_tokens(samples: list[dict]) -> dict[str, torch.Tensor]:
     """Stack ``{"tokens": array}`` samples into ``{"tokens": LongTensor [batch, seq_length + 1]}``
-    (and ``loss_mask`` the same way when the samples have one: SFT data)."""
+    (and ``loss_mask``, ``position_ids``, ``segment_ids`` the same way when the samples have
+    them: SFT data, packed sequences)."""
     out = {}
-    for key in ("tokens", "loss_mask"):
+    for key in ("tokens", "loss_mask", "position_ids", "segment_ids"):
         if key in samples[0]:
             out[key] = torch.from_numpy(np.stack([np.asarray(s[key], dtype=np.int64)
                                                   for s in samples]))

@@ -10,9 +10,11 @@ document per sample and identical lengths:
 
 Training with ``--data-format sft --data-path PREFIX_sft`` reads them with :class:`SFTDataset`:
 one sample per sequence, truncated to ``seq_length + 1`` tokens and padded after its end (padding
-has mask 0). No two samples share a sequence, so attention never crosses samples ("packing" is
-padding: simple and exact, at the cost of the padded positions' compute). The training loop turns
-mask-0 targets into label ``-100`` and averages the loss over the trained tokens only.
+has mask 0). No two samples share a sequence, so attention never crosses samples, at the cost of
+the padded positions' compute. ``--sft-packing`` instead packs several samples into each sequence
+(:class:`~megatron_qsparse.data.sft_packing.PackedSFTDataset`: attention and positions reset per
+sample, the same per-sample loss). The training loop turns mask-0 targets into label ``-100`` and
+averages the loss over the trained tokens only.
 
 Record formats (per jsonl line): OpenOrca ``{"system_prompt", "question", "response"}``; generic
 ``{"input", "output"}`` with optional ``"system"``; Alpaca ``{"instruction", "input", "output"}``.
@@ -87,6 +89,11 @@ def encode(tokenizer, prompt: str, completion: str, add_bos: bool = True
     return head + tail, [0] * len(head) + [1] * len(tail)
 
 
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The seeded order in which epoch ``epoch`` visits ``n`` samples (padded or packed)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 class SFTDataset(torch.utils.data.Dataset):
     """``num_samples`` samples over ``document_ids``, epoch after epoch, each epoch in a fresh
     seeded order; sample ``i`` is ``{"tokens", "loss_mask"}`` of ``seq_length + 1`` entries."""
@@ -115,9 +122,8 @@ class SFTDataset(torch.utils.data.Dataset):
         return self.num_samples
 
     def _order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._orders:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._orders = {epoch: rng.permutation(len(self.docs))}  # keep one epoch cached
+        if epoch not in self._orders:  # keep one epoch cached
+            self._orders = {epoch: epoch_order(self.seed, epoch, len(self.docs))}
         return self._orders[epoch]
 
     def __getitem__(self, idx: int) -> dict[str, np.ndarray]:
@@ -147,10 +153,14 @@ def check_prefixes(data_path: Sequence[str]) -> None:
 
 
 def build_sft_datasets(data_path: list[str], split: str, seq_length: int, seed: int,
-                       num_samples: tuple[int, int, int], pad_id: int, cache_dir=None):
-    """Train/valid/test :class:`SFTDataset` (blended by weight when several prefixes are given),
-    each split a contiguous range of every prefix's samples as ``--split`` says; a split that
-    holds no samples is None."""
+                       num_samples: tuple[int, int, int], pad_id: int, cache_dir=None,
+                       packing: bool = False):
+    """Train/valid/test :class:`SFTDataset` (``packing``: :class:`~megatron_qsparse.data.
+    sft_packing.PackedSFTDataset`; blended by weight when several prefixes are given), each split
+    a contiguous range of every prefix's samples as ``--split`` says; a split that holds no
+    samples is None. ``num_samples`` counts sequences (packed ones hold several samples)."""
+    from megatron_qsparse.data.sft_packing import PackedSFTDataset
+
     weights, prefixes = parse_data_path(data_path)
     fractions = parse_split(split)
     active = [(w, p) for w, p in zip(weights, prefixes) if w > 0]
@@ -169,7 +179,12 @@ def build_sft_datasets(data_path: list[str], split: str, seq_length: int, seed: 
             if len(docs) == 0:
                 logger.warning("%s: the %s split of --split %s holds no samples", p, name, split)
                 continue
-            parts.append(SFTDataset(*opened[p], docs, size, seq_length, seed + s, pad_id, name))
+            if packing:
+                parts.append(PackedSFTDataset(*opened[p], docs, size, seq_length, seed + s,
+                                              pad_id, name, cache_dir=cache_dir))
+            else:
+                parts.append(SFTDataset(*opened[p], docs, size, seq_length, seed + s, pad_id,
+                                        name))
             kept.append(w)
         if not parts:
             out.append(None)
@@ -180,4 +195,4 @@ def build_sft_datasets(data_path: list[str], split: str, seq_length: int, seed: 
 
 
 __all__ = ["MASK_SUFFIX", "SFTDataset", "TEMPLATES", "build_sft_datasets", "check_prefixes",
-           "encode", "record_fields", "render"]
+           "encode", "epoch_order", "record_fields", "render"]

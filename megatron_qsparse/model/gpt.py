@@ -94,16 +94,24 @@ class GPTModel(nn.Module):
         rows under TP)."""
         return self.embedding.weight if self.output_layer is None else self.output_layer.weight
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits ``[b, s, V]`` when ``labels`` is None, else the fp32 per-token loss ``[b, s]``.
 
         The cross entropy is computed in fp32 (fp64 for an fp64 model); label ``-100`` gives a
-        loss of 0 at that position.
+        loss of 0 at that position. Packed sequences (several documents each) pass
+        ``position_ids [b, s]`` (RoPE positions restarting in every document) and/or
+        ``segment_ids [b, s]`` (the document of every position; attention stays inside it),
+        as ``--sft-packing``, ``--reset-position-ids`` and ``--reset-attention-mask`` batches do.
         """
         h = self.embedding(tokens)
         recompute = self.recompute_blocks and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            h = checkpoint(layer, h, state=self.parallel) if recompute else layer(h)
+            if recompute:
+                h = checkpoint(layer, h, position_ids, segment_ids, state=self.parallel)
+            else:
+                h = layer(h, position_ids, segment_ids)
         return self.head(h, labels)
 
     def head(self, h: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:

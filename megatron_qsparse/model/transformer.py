@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_qsparse.config import ModelConfig
+from megatron_qsparse.model.masking import document_attention
 from megatron_qsparse.model.moe import build_ffn
 from megatron_qsparse.parallel.layers import ColumnParallelLinear, RowParallelLinear, divide
 from megatron_qsparse.parallel.random import checkpoint
@@ -107,8 +108,11 @@ class RotaryEmbedding(nn.Module):
             self._tables = rope_tables(self.dim, self.max_positions, self.base, moved.device)
         return super()._apply(fn, recurse)
 
-    def forward(self, seq_len: int, device: torch.device, offset: int = 0):
-        """``(cos, sin)``, each ``[seq_len, dim]`` fp32, for positions ``offset`` onwards."""
+    def forward(self, seq_len: int, device: torch.device, offset: int = 0,
+                position_ids: torch.Tensor | None = None):
+        """``(cos, sin)``, each ``[seq_len, dim]`` fp32, for positions ``offset`` onwards; with
+        ``position_ids [b, seq_len]`` (positions restarting in every document, each below its
+        index in the sequence) the rows of those positions, ``[b, 1, seq_len, dim]``."""
         if offset + seq_len > self.max_positions:
             raise ValueError(f"position {offset + seq_len - 1} is beyond the rotary table "
                              f"({self.max_positions}); raise --max-position-embeddings")
@@ -116,6 +120,8 @@ class RotaryEmbedding(nn.Module):
         if cos.device != torch.device(device):  # a module moved by other means than .to()
             cos, sin = self._tables = rope_tables(self.dim, self.max_positions, self.base,
                                                   torch.device(device))
+        if position_ids is not None:
+            return cos[position_ids].unsqueeze(1), sin[position_ids].unsqueeze(1)
         return cos[offset:offset + seq_len], sin[offset:offset + seq_len]
 
     def extra_repr(self) -> str:
@@ -166,29 +172,37 @@ class Attention(nn.Module):
         self.rotary = RotaryEmbedding(self.hd, cfg.max_position_embeddings or cfg.seq_length,
                                       cfg.rotary_base)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [b, s, hidden]``; ``position_ids [b, s]`` (RoPE positions, default ``0..s-1``) and
+        ``segment_ids [b, s]`` (the document of each position: attention stays inside it;
+        default one document) describe packed sequences (``model/masking.py``)."""
         b, s, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.nq * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
         q = q.view(b, s, self.nq, self.hd).transpose(1, 2)
         k = k.view(b, s, self.nkv, self.hd).transpose(1, 2)
         v = v.view(b, s, self.nkv, self.hd).transpose(1, 2)
-        cos, sin = self.rotary(s, x.device)
+        cos, sin = self.rotary(s, x.device, position_ids=position_ids)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.recompute_core and self.training and torch.is_grad_enabled():
-            y = checkpoint(self._core, q, k, v, state=self.parallel)
+            y = checkpoint(self._core, q, k, v, segment_ids, state=self.parallel)
         else:
-            y = self._core(q, k, v)
+            y = self._core(q, k, v, segment_ids)
         return self.o(y.transpose(1, 2).reshape(b, s, self.nq * self.hd))
 
-
-    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Causal scaled-dot-product attention over this rank's heads (the part selective
-        recomputation recomputes: its ``s x s`` probabilities are the largest activation)."""
+        recomputation recomputes: its ``s x s`` probabilities are the largest activation),
+        within each document when ``segment_ids`` are given."""
         dropout = self.dropout if self.training else 0.0
+        gqa = self.nkv != self.nq
         with self.parallel.fork_rng() if dropout else contextlib.nullcontext():
+            if segment_ids is not None:
+                return document_attention(q, k, v, segment_ids, dropout, gqa)
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout,
-                                                  enable_gqa=self.nkv != self.nq)
+                                                  enable_gqa=gqa)
 
 
 class TransformerBlock(nn.Module):
@@ -209,6 +223,8 @@ class TransformerBlock(nn.Module):
         self.mlp = build_ffn(cfg, layer, parallel, ep_size=ep_size)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.attention(self.input_norm(x)))
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [b, s, hidden]``; ``position_ids``/``segment_ids``: see :class:`Attention`."""
+        x = x + self.dropout(self.attention(self.input_norm(x), position_ids, segment_ids))
         return x + self.dropout(self.mlp(self.post_attention_norm(x)))

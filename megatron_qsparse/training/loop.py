@@ -11,7 +11,7 @@ import signal
 
 import torch
 
-from megatron_qsparse.config import Config, grad_accumulation_steps
+from megatron_qsparse.config import DOCUMENT_FIELDS, Config, grad_accumulation_steps
 from megatron_qsparse.data.sampler import build_pretraining_data_loader
 from megatron_qsparse.model.gpt import mean_loss
 from megatron_qsparse.parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -34,6 +34,14 @@ def get_batch(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[:, :-1].contiguous(), labels.contiguous()
 
 
+def document_inputs(batch: dict) -> dict[str, torch.Tensor]:
+    """The ``position_ids``/``segment_ids`` of the inputs (``[:, :-1]``) when the batch carries
+    them (packed SFT, ``--reset-position-ids``, ``--reset-attention-mask``), in
+    :data:`~megatron_qsparse.config.DOCUMENT_FIELDS` order: keyword arguments of the model."""
+    return {k: batch[k].to(device(), non_blocking=True)[:, :-1].contiguous()
+            for k in DOCUMENT_FIELDS if k in batch}
+
+
 def pipeline_group(state: TrainingState):
     """The pipeline process group when the model is split into stages, else None."""
     p = state.parallel
@@ -42,9 +50,12 @@ def pipeline_group(state: TrainingState):
 
 def pipeline_pairs(data_iter):
     """``(inputs, labels)`` micro-batches, the form DeepSpeed's pipeline engine reads (its first
-    stage takes the inputs, its last the labels)."""
+    stage takes the inputs, its last the labels); the inputs are ``(tokens, *extras)`` when the
+    batches carry position/segment ids (``model/pipeline.py`` passes them through the stages)."""
     for batch in data_iter:
-        yield get_batch(batch)
+        tokens, labels = get_batch(batch)
+        extras = document_inputs(batch)
+        yield ((tokens, *extras.values()) if extras else tokens), labels
 
 
 def iterate_loader(loader):
@@ -143,7 +154,8 @@ def evaluate_loss(state: TrainingState, dataset, eval_index: int) -> float | Non
             if i >= micro_batches:
                 break
             tokens, labels = get_batch(batch)
-            total += mean_loss(state.engine(tokens, labels), labels).item()
+            per_token = state.engine(tokens, labels, **document_inputs(batch))
+            total += mean_loss(per_token, labels).item()
             count += 1
     state.engine.train()
     return dp_mean(total / max(1, count), state)

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_qsparse.config import (Config, ConfigError, data_parallel_size, padded_vocab_size,
-                                     validate)
+from megatron_qsparse.config import (Config, ConfigError, data_parallel_size, flag_error,
+                                     flag_of, padded_vocab_size, validate)
 from megatron_qsparse.parallel.state import initialize_model_parallel
 from megatron_qsparse.training.deepspeed_config import deepspeed_config
 from megatron_qsparse.training.optim import LRScheduler, build_optimizer
@@ -131,7 +131,8 @@ def build_model(cfg: Config, vocab_size: int, parallel=None) -> torch.nn.Module:
     if parallel.pp_size > 1:
         return build_pipeline_model(cfg.model, vocab_size, parallel,
                                     init_seed=cfg.train.seed,
-                                    partition_method=cfg.parallel.pipeline_partition_method)
+                                    partition_method=cfg.parallel.pipeline_partition_method,
+                                    fields=cfg.data.document_fields())
     model = GPTModel(cfg.model, vocab_size, parallel=parallel, init_seed=cfg.train.seed,
                      expert_parallel_size=cfg.parallel.expert_model_parallel_size)
     if cfg.train.torch_compile:
@@ -194,11 +195,16 @@ def build_datasets(cfg: Config, tokenizer, dp_size: int, rank: int,
                 else tokenizer.eod
             train_ds, valid_ds, test_ds = build_sft_datasets(
                 list(cfg.data.data_path), cfg.data.split, cfg.model.seq_length, cfg.train.seed,
-                num_samples, pad, cache_dir=cfg.data.data_cache_path)
+                num_samples, pad, cache_dir=cfg.data.data_cache_path,
+                packing=cfg.data.sft_packing)
         else:
             train_ds, valid_ds, test_ds = build_train_valid_test_datasets(
                 list(cfg.data.data_path), cfg.data.split, cfg.model.seq_length, cfg.train.seed,
                 num_samples, cache_dir=cfg.data.data_cache_path)
+            train_ds, valid_ds, test_ds = (_with_document_resets(cfg, tokenizer, ds)
+                                           for ds in (train_ds, valid_ds, test_ds))
+    except ConfigError:
+        raise
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"--data-path: {e}") from None
     finally:
@@ -211,6 +217,35 @@ def build_datasets(cfg: Config, tokenizer, dp_size: int, rank: int,
         raise ConfigError(f"--split: {cfg.data.split!r} leaves no training documents; "
                           "give the train split a positive share")
     return train_ds, valid_ds, test_ds
+
+
+def end_of_document_id(tokenizer) -> int | None:
+    """The tokenizer's end-of-document id, or None where it has none."""
+    try:
+        eod = tokenizer.eod
+    except (TypeError, ValueError, AttributeError):  # e.g. a Hugging Face tokenizer without eos
+        return None
+    return None if eod is None or int(eod) < 0 else int(eod)
+
+
+def _with_document_resets(cfg: Config, tokenizer, dataset):
+    """``dataset`` with Megatron's ``--reset-position-ids``/``--reset-attention-mask``/
+    ``--eod-mask-loss`` arrays added to its samples (unchanged without those flags)."""
+    names = ("reset_position_ids", "reset_attention_mask", "eod_mask_loss")
+    flags = tuple(getattr(cfg.data, n) for n in names)
+    if dataset is None or not any(flags):
+        return dataset
+    from megatron_qsparse.data.documents import DocumentResetDataset
+
+    on = [n for n, f in zip(names, flags) if f]
+    eod = end_of_document_id(tokenizer)
+    if eod is None:
+        raise flag_error("data", on[0], f"the {cfg.data.tokenizer_type} tokenizer has no "
+                         "end-of-document token to find document boundaries by",
+                         "use a tokenizer with an eos/eod token or drop the flag")
+    logger.info("%s: documents end at token %d (%s)", getattr(dataset, "name", "data"), eod,
+                " ".join(flag_of("data", n) for n in on))
+    return DocumentResetDataset(dataset, eod, *flags)
 
 
 def setup(cfg: Config) -> TrainingState:

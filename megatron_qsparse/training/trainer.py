@@ -26,10 +26,10 @@ from megatron_qsparse.training import checkpointing
 from megatron_qsparse.training.logging import (Writer, console_line, memory_stats,
                                                tensorboard_scalars)
 from megatron_qsparse.training.loop import (ExitSignals, SpikeDetector, all_reduce_values,
-                                            dp_mean, evaluate_loss, get_batch, iterate_loader,
-                                            moe_summary, pipeline_group, pipeline_pairs,
-                                            projection_grad_norms, sparsity_scale,
-                                            sparsity_summary)
+                                            document_inputs, dp_mean, evaluate_loss, get_batch,
+                                            iterate_loader, moe_summary, pipeline_group,
+                                            pipeline_pairs, projection_grad_norms,
+                                            sparsity_scale, sparsity_summary)
 from megatron_qsparse.training.optim import optimizer_clips
 from megatron_qsparse.training.setup import TrainingState
 
@@ -208,8 +208,9 @@ class Trainer:
         engine, model = self.engine, self.model
         loss_sum = None  # a device tensor: the step reads the loss on the host once, at its end
         for micro in range(self.gas):
-            tokens, labels = get_batch(next(self.data_iter))
-            loss = mean_loss(engine(tokens, labels), labels)
+            batch = next(self.data_iter)
+            tokens, labels = get_batch(batch)
+            loss = mean_loss(engine(tokens, labels, **document_inputs(batch)), labels)
             aux = moe_aux_loss(model)  # MoE routers' weighted losses (None if dense)
             engine.backward(loss if aux is None else loss + aux)
             if micro == self.gas - 1 and logs_now:
