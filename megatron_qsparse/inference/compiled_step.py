@@ -9,7 +9,8 @@ norm and LM head — in one call, on the same input-major weights (:class:`~.lin
 and the same :class:`~.model.KVCache` as the layer-by-layer path, so a prefill by the layers and
 decode steps by the compiled code mix freely.
 
-It covers the models and modes most runs use: fp32 models (projection weights fp32 or bf16),
+It covers the models and modes most runs use: fp32 models (projection and LM-head weights fp32,
+bf16, fp16 or per-channel int8),
 RMSNorm or LayerNorm, relu2_glu or swiglu FFN, optional biases, GQA/MHA, and per projection
 a method that keeps a fixed K per token (``Sparsifier.keep``: plain Top-K, each projection's own
 K) or no sparsifier (dense). :func:`build_compiled_step` returns None and the reason for anything
@@ -50,9 +51,12 @@ def _norm_tensors(norm: nn.Module) -> list[torch.Tensor] | str:
     return f"normalization {type(norm).__name__}"
 
 
-def build_compiled_step(model: nn.Module) -> tuple[object | None, str]:
+def build_compiled_step(model: nn.Module, im: nn.Module | None = None
+                        ) -> tuple[object | None, str]:
     """``(step, "")`` for a :class:`~megatron_qsparse.model.gpt.GPTModel` whose projections are
     :class:`DecodeLinear` layers, or ``(None, reason)`` when the compiled step does not cover it.
+    ``im``: the :class:`~.model.InferenceModel` wrapping it, whose decode-dtype LM head
+    (``head_wt``, ``head_scale``) the step then reads.
 
     ``step.step(token, pos, k_cache, v_cache)`` returns the fp32 logits ``[V]`` of one token.
     """
@@ -68,7 +72,7 @@ def build_compiled_step(model: nn.Module) -> tuple[object | None, str]:
     if act not in (relu2_glu, swiglu):
         return None, "FFN is not a dense relu2_glu / swiglu MLP (e.g. MoE)"
     norm_type = type(model.final_norm)
-    weights, biases, keeps, norms = [], [], [], []
+    weights, biases, keeps, norms, scales = [], [], [], [], []
     for layer in model.layers:
         if any(type(n) is not norm_type for n in (layer.input_norm, layer.post_attention_norm)):
             return None, "normalization differs between layers"
@@ -82,6 +86,7 @@ def build_compiled_step(model: nn.Module) -> tuple[object | None, str]:
             if isinstance(k, str):
                 return None, k
             weights.append(p.wt)
+            scales.append(_EMPTY if p.scale is None else p.scale)
             biases.append(_EMPTY if p.bias is None else p.bias.float().contiguous())
             keeps.append(k)
         for n in (layer.input_norm, layer.post_attention_norm):
@@ -96,11 +101,14 @@ def build_compiled_step(model: nn.Module) -> tuple[object | None, str]:
     att = model.layers[0].attention
     cos, sin = rope_tables(att.rotary.dim, att.rotary.max_positions, att.rotary.base,
                            torch.device("cpu"))
-    head_t = model.output_weight().detach().float().t().contiguous()  # input-major [h, V]
+    head_t, head_scale = getattr(im, "head_wt", None), getattr(im, "head_scale", None)
+    if head_t is None:
+        head_t = model.output_weight().detach().float().t().contiguous()  # input-major [h, V]
     step = cpu_kernels.extension().DecodeStep(
         hidden=cfg.hidden_size, nq=att.nq, nkv=att.nkv, hd=att.hd, ffn=model.layers[0].mlp.ffn,
         rmsnorm=isinstance(model.final_norm, RMSNorm), eps=float(model.final_norm.eps),
         swiglu=act is swiglu, embedding=emb.detach().contiguous(), head_t=head_t,
         cos=cos.contiguous(), sin=sin.contiguous(), weights=weights, biases=biases, keeps=keeps,
-        norms=[n.float().contiguous() if n.numel() else n for n in norms])
+        norms=[n.float().contiguous() if n.numel() else n for n in norms], scales=scales,
+        head_scale=_EMPTY if head_scale is None else head_scale)
     return step, ""

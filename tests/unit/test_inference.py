@@ -137,6 +137,41 @@ def test_bf16_decode_weights_stay_close():
     assert torch.allclose(got, full, atol=5e-2, rtol=0)
 
 
+@pytest.mark.parametrize("wdtype, atol", [(torch.float16, 0.1), (torch.int8, 0.2)], ids=str)
+def test_fp16_int8_decode_weights(wdtype, atol):
+    """16-bit and int8 decode weights (the LM head too): the logits equal the model with the
+    dequantized weights (fp32 summation order: 1e-4) and stay near the fp32 model (``atol``: a
+    rounded weight can move an activation across the Top-K threshold, which swaps whole rows)."""
+    from megatron_qsparse.inference import cpu_kernels
+
+    model = build(CONFIGS["topk"], ffn="swiglu", untie_embeddings_and_output_weights=True)
+    tokens = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(tokens)
+    for compiled in (True, False):
+        im = InferenceModel(build(CONFIGS["topk"], ffn="swiglu",
+                                  untie_embeddings_and_output_weights=True),
+                            weight_dtype=wdtype, compiled_step=compiled)
+        assert (im.step is not None) == compiled, im.step_unavailable
+        assert im.head_wt.dtype == wdtype and (im.head_scale is not None) == (wdtype == torch.int8)
+        assert all(m.wt.dtype == wdtype for m in im.modules() if hasattr(m, "wt"))
+        got = cached_logits(im, tokens, prefill=4)
+        assert torch.allclose(got, full, atol=atol, rtol=0), float((got - full).abs().max())
+        # the model whose weights are the dequantized ones
+        deq = build(CONFIGS["topk"], ffn="swiglu", untie_embeddings_and_output_weights=True)
+        with torch.no_grad():
+            for layer, ref in zip(im.model.layers, deq.layers):
+                for name in ("qkv", "o"):
+                    getattr(ref.attention, name).weight.copy_(
+                        getattr(layer.attention, name).weight_t().t())
+                for name in ("gate_up", "down"):
+                    getattr(ref.mlp, name).weight.copy_(getattr(layer.mlp, name).weight_t().t())
+            deq.output_weight().copy_(cpu_kernels.dequantize(im.head_wt, im.head_scale).t())
+            exact = deq(tokens)
+        assert torch.allclose(got, exact, atol=1e-4, rtol=0), float((got - exact).abs().max())
+        assert torch.equal(got[0, 4:].argmax(-1), exact[0, 4:].argmax(-1))
+
+
 # ---------------------------------------------------------------------------------------------
 # the compiled decode step (one C++ call per token) against the layer-by-layer path
 

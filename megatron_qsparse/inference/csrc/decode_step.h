@@ -91,7 +91,7 @@ QS_MULTIVERSION void rms_norm(const float* __restrict x, const float* __restrict
 // One projection: its input-major weight [in, out] (fp32 or bf16), bias (or empty), and how many
 // inputs it keeps (0: every nonzero one).
 struct Projection {
-  at::Tensor wt, bias;
+  at::Tensor wt, bias, scale;  // scale: fp32 [out] for int8 weights, else empty
   int64_t keep = 0;
   int64_t in = 0, out = 0;
 };
@@ -104,23 +104,26 @@ class DecodeStep {
   DecodeStep(int64_t hidden, int64_t nq, int64_t nkv, int64_t hd, int64_t ffn, bool rmsnorm,
              double eps, bool swiglu, at::Tensor embedding, at::Tensor head_t, at::Tensor cos,
              at::Tensor sin, std::vector<at::Tensor> weights, std::vector<at::Tensor> biases,
-             std::vector<int64_t> keeps, std::vector<at::Tensor> norms)
+             std::vector<int64_t> keeps, std::vector<at::Tensor> norms,
+             std::vector<at::Tensor> scales, at::Tensor head_scale)
       : h_(hidden), nq_(nq), nkv_(nkv), hd_(hd), ffn_(ffn), rms_(rmsnorm),
         eps_(static_cast<float>(eps)), swiglu_(swiglu),
-        scale_(1.f / std::sqrt(static_cast<float>(hd))), emb_(embedding), head_(head_t),
+        scale_(1.f / std::sqrt(static_cast<float>(hd))), emb_(embedding), head_(head_t), head_scale_(head_scale),
         cos_(cos), sin_(sin), norms_(std::move(norms)),
         sel_(std::max({hidden, nq * hd, ffn}) + 1) {  // widest projection input
     TORCH_CHECK(nq > 0 && nkv > 0 && nq % nkv == 0 && hd % 2 == 0, "decode step: bad heads");
     TORCH_CHECK(weights.size() % 4 == 0 && weights.size() == biases.size() &&
-                    weights.size() == keeps.size(), "decode step: 4 projections per block");
+                    weights.size() == keeps.size() && weights.size() == scales.size(),
+                "decode step: 4 projections per block");
     layers_ = static_cast<int64_t>(weights.size() / 4);
     TORCH_CHECK(norms_.size() == static_cast<size_t>(4 * layers_ + 2),
                 "decode step: expected ", 4 * layers_ + 2, " norm tensors, got ", norms_.size());
     check_f32(emb_, "embedding", 2);
     TORCH_CHECK(emb_.size(1) == h_, "decode step: embedding width ", emb_.size(1), " != ", h_);
     vocab_ = emb_.size(0);
-    check_f32(head_, "LM head", 2);
-    TORCH_CHECK(head_.size(0) == h_, "decode step: the LM head must be input-major [hidden, V]");
+    check_weight(head_, head_scale_, "LM head");
+    TORCH_CHECK(head_.size(0) == h_ && head_.size(1) == vocab_,
+                "decode step: the LM head must be input-major [hidden, V]");
     check_f32(cos_, "rotary cos", 2);
     check_f32(sin_, "rotary sin", 2);
     TORCH_CHECK(cos_.size(1) == hd_ && sin_.sizes() == cos_.sizes(), "decode step: rotary tables");
@@ -138,12 +141,11 @@ class DecodeStep {
       Projection p;
       p.wt = weights[i];
       p.bias = biases[i];
+      p.scale = scales[i];
       p.keep = keeps[i];
       p.in = shapes[i % 4][0];
       p.out = shapes[i % 4][1];
-      TORCH_CHECK(p.wt.dim() == 2 && p.wt.is_contiguous() && p.wt.device().is_cpu() &&
-                      (p.wt.scalar_type() == at::kFloat || p.wt.scalar_type() == at::kBFloat16),
-                  "decode step: projection weights must be contiguous CPU fp32/bf16");
+      check_weight(p.wt, p.scale, "projection");
       TORCH_CHECK(p.wt.size(0) == p.in && p.wt.size(1) == p.out, "decode step: projection ", i,
                   " is ", p.wt.sizes(), ", expected [", p.in, ", ", p.out, "] (input-major)");
       if (p.bias.numel()) {
@@ -217,7 +219,8 @@ class DecodeStep {
     norm(x, norms_[4 * layers_], norms_[4 * layers_ + 1], a_.data());
     gather_all(a_.data(), h_, all_);
     at::Tensor logits = at::empty({vocab_}, emb_.options());
-    product<float>(all_, head_.data_ptr<float>(), vocab_, nullptr, logits.data_ptr<float>());
+    product_tensor(all_, head_, vocab_, scale_ptr(head_scale_), nullptr,
+                   logits.data_ptr<float>());
     return logits;
   }
 
@@ -228,6 +231,25 @@ class DecodeStep {
     TORCH_CHECK(t.dim() == dim && t.is_contiguous() && t.device().is_cpu() &&
                     t.scalar_type() == at::kFloat,
                 "decode step: ", what, " must be a contiguous CPU fp32 tensor of ", dim, " dims");
+  }
+
+  static const float* scale_ptr(const at::Tensor& s) {
+    return s.numel() ? s.data_ptr<float>() : nullptr;
+  }
+
+  // A decode weight: contiguous CPU [in, out] fp32 / bf16 / fp16, or int8 with fp32 [out] scales.
+  static void check_weight(const at::Tensor& w, const at::Tensor& scale, const char* what) {
+    const auto t = w.scalar_type();
+    TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.device().is_cpu() &&
+                    (t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kChar),
+                "decode step: ", what, " weights must be contiguous CPU fp32/bf16/fp16/int8");
+    if (t == at::kChar) {
+      TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                      scale.numel() == w.size(1),
+                  "decode step: int8 ", what, " weights need fp32 [out] scales");
+    } else {
+      TORCH_CHECK(scale.numel() == 0, "decode step: a scale goes with int8 weights only");
+    }
   }
 
   void check_cache(const at::Tensor& c, const char* what) const {
@@ -260,7 +282,7 @@ class DecodeStep {
       gather_nonzero(x, p.in, kept_);
     }
     const float* b = p.bias.numel() ? p.bias.data_ptr<float>() : nullptr;
-    product_tensor(kept_, p.wt, p.out, b, y);
+    product_tensor(kept_, p.wt, p.out, scale_ptr(p.scale), b, y);
   }
 
   // RoPE in place on `heads` heads of hd features at position pos (rotate_half convention).
@@ -283,7 +305,7 @@ class DecodeStep {
   float eps_;
   bool swiglu_;
   float scale_;
-  at::Tensor emb_, head_, cos_, sin_;
+  at::Tensor emb_, head_, head_scale_, cos_, sin_;
   std::vector<at::Tensor> norms_;
   std::vector<Projection> proj_;
   qsparse::TopKSelect<uint32_t> sel_;
