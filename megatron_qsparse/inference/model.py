@@ -31,6 +31,7 @@ from torch import nn
 from megatron_qsparse.inference import cpu_kernels
 from megatron_qsparse.inference.linear import DecodeLinear
 from megatron_qsparse.model.gpt import GPTModel
+from megatron_qsparse.model.mlp import MLP
 from megatron_qsparse.model.transformer import apply_rotary
 from megatron_qsparse.sparsity import get_method, set_recording
 
@@ -82,8 +83,9 @@ class InferenceModel(nn.Module):
                 a, m = layer.attention, layer.mlp
                 a.qkv = DecodeLinear(a.qkv, weight_dtype=weight_dtype)
                 a.o = DecodeLinear(a.o, weight_dtype=weight_dtype)
-                m.gate_up = DecodeLinear(m.gate_up, weight_dtype=weight_dtype)
-                m.down = DecodeLinear(m.down, weight_dtype=weight_dtype)
+                if isinstance(m, MLP):  # an MoE layer keeps its training form (DeepSpeed's MoE)
+                    m.gate_up = DecodeLinear(m.gate_up, weight_dtype=weight_dtype)
+                    m.down = DecodeLinear(m.down, weight_dtype=weight_dtype)
         # the LM head, input-major, in the decode weight dtype (like the projections: llama.cpp's
         # f16 / q8_0 files hold output.weight so too); None: the model's own weight, fp32
         self.head_wt = self.head_scale = None
@@ -114,6 +116,9 @@ class InferenceModel(nn.Module):
         if self.step is not None:
             return {"compiled-step": 4 * self.num_layers}
         paths = Counter(m.path() for m in self.model.modules() if isinstance(m, DecodeLinear))
+        moe = sum(not isinstance(layer.mlp, MLP) for layer in self.model.layers)
+        if moe and paths:
+            paths["moe-experts (training forward)"] = 2 * moe
         if not paths:
             paths["dense" if _is_dense(self.model) else "reference"] = 4 * self.num_layers
         return dict(paths)

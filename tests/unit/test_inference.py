@@ -186,6 +186,18 @@ STEP_VARIANTS = {
     "qkv-bias-mqa": (QSparseConfig(ratio=0.7), {"groups": 1, "add_qkv_bias": True}),
     # attention width 4 x 64 = 256 > hidden 64 and > 2 x ffn: the widest Top-K input is o's
     "wide-heads-narrow-ffn": (QSparseConfig(ratio=0.5), {"kv_channels": 64, "ffn_hidden_size": 64}),
+    # the modes the step runs through a written sparse input (issue 20)
+    "int8-topk": (QSparseConfig(ratio=0.5, down_ratio=0.7, quantize_activations=True), {}),
+    "l2-rescale": (QSparseConfig(ratio=0.6, rescale="l2"), {"ffn": "swiglu"}),
+    "block-2:4": (QSparseConfig(mode="block", block="2:4"), {}),
+    "block-3:8-layernorm": (QSparseConfig(mode="block", block="3:8"),
+                            {"normalization": "LayerNorm"}),
+    "relu": (QSparseConfig(mode="relu"), {}),
+    "bitnet-dense": (QSparseConfig(mode="none", bitnet=True), {}),
+    "bitnet-topk": (QSparseConfig(ratio=0.5, bitnet=True), {"ffn": "swiglu"}),
+    "bitnet-block-int8": (QSparseConfig(mode="block", block="2:4", bitnet=True,
+                                        quantize_activations=True), {}),
+    "dense-int8": (QSparseConfig(mode="none", quantize_activations=True), {}),
 }
 
 
@@ -238,15 +250,11 @@ def test_compiled_step_bf16_weights_and_generation():
     assert a.tokens == b.tokens and a.decode_tokens == 19
 
 
-@pytest.mark.parametrize("qcfg, reason", [
-    (QSparseConfig(ratio=0.5, quantize_activations=True), "int8"),
-    (QSparseConfig(mode="block", block="2:4"), "block"),
-    (QSparseConfig(mode="relu"), "relu"),
-    (QSparseConfig(ratio=0.5, rescale="l2"), "rescale"),
-    (QSparseConfig(ratio=0.5, bitnet=True), "BitNet"),
+@pytest.mark.parametrize("qcfg, kw, reason", [
+    (QSparseConfig(ratio=0.5), {"num_experts": 2}, "MoE"),
 ])
-def test_compiled_step_falls_back_to_layers(qcfg, reason):
-    im = InferenceModel(build(qcfg))
+def test_compiled_step_falls_back_to_layers(qcfg, kw, reason):
+    im = InferenceModel(build(qcfg, **kw))
     assert im.step is None and reason in im.step_unavailable
     assert "compiled-step" not in im.decode_paths()
     out = generate(im, [1, 2, 3], 4)  # still decodes, layer by layer

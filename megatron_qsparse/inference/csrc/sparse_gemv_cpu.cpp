@@ -156,13 +156,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, bool, double, bool,
                           at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>,
                           std::vector<at::Tensor>, std::vector<int64_t>, std::vector<at::Tensor>,
-                          std::vector<at::Tensor>, at::Tensor>(),
+                          std::vector<at::Tensor>, at::Tensor, std::vector<std::vector<double>>,
+                          std::vector<at::Tensor>>(),
            pybind11::arg("hidden"), pybind11::arg("nq"), pybind11::arg("nkv"), pybind11::arg("hd"),
            pybind11::arg("ffn"), pybind11::arg("rmsnorm"), pybind11::arg("eps"),
            pybind11::arg("swiglu"), pybind11::arg("embedding"), pybind11::arg("head_t"),
            pybind11::arg("cos"), pybind11::arg("sin"), pybind11::arg("weights"),
            pybind11::arg("biases"), pybind11::arg("keeps"), pybind11::arg("norms"),
-           pybind11::arg("scales"), pybind11::arg("head_scale"))
+           pybind11::arg("scales"), pybind11::arg("head_scale"),
+           pybind11::arg("specs") = std::vector<std::vector<double>>(),
+           pybind11::arg("packed") = std::vector<at::Tensor>())
       .def("step", &DecodeStep::step, "Logits [V] of one token at one position",
            pybind11::arg("token"), pybind11::arg("pos"), pybind11::arg("k_cache"),
            pybind11::arg("v_cache"))
