@@ -24,7 +24,10 @@ in the same run; llama.cpp's row uses its file's matrices (the embedding row is 
 **Agreement**: a tiny dense SwiGLU model is trained for a few steps by ``pretrain_qsparse.py``,
 exported by us, converted to an f32 GGUF, and both decoders generate greedily from the same
 prompt ids; a small C program against ``libllama`` (built here, beside the binary) prints
-llama.cpp's token ids. The tokens must be identical (they are compared, not the text).
+llama.cpp's token ids. The tokens must be identical (they are compared, not the text). On the
+same trained model, the held-out perplexity with the weights as each decode dtype stores them
+(``tools/evaluate.py perplexity --decode-weight-dtype``), dense and at S = 0.6: the accuracy cost
+of 16-bit and int8 weights.
 
 Usage::
 
@@ -317,11 +320,11 @@ def train_tiny(work: str, threads: int) -> str:
            "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "64",
            "--max-position-embeddings", "128", "--ffn-type", "swiglu",
            "--untie-embeddings-and-output-weights", "--qsparse-mode", "none",
-           "--micro-batch-size", "8", "--global-batch-size", "8", "--train-iters", "60",
+           "--micro-batch-size", "8", "--global-batch-size", "8", "--train-iters", "150",
            "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "5",
            "--data-path", prefix + "_text_document", "--split", "98,2,0",
            "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", TOKENIZER,
-           "--save", save, "--save-interval", "60", "--eval-interval", "1000",
+           "--save", save, "--save-interval", "150", "--eval-interval", "1000",
            "--log-interval", "20", "--eval-iters", "1", "--seed", "1",
            "--data-cache-path", os.path.join(work, "cache")]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), DS_ACCELERATOR="cpu")
@@ -359,6 +362,32 @@ def agreement(work: str, root: str, bindir: str, threads: int, tokens: int) -> b
     return ok
 
 
+def perplexity_delta(work: str, threads: int, ratios=(0.0, 0.6)) -> None:
+    """Held-out perplexity of the trained model with its weights as each decode dtype holds them
+    (``tools/evaluate.py perplexity --decode-weight-dtype``), dense and at Q-Sparse S = 0.6."""
+    ckpt = train_tiny(work, threads)
+    data = os.path.join(work, "data", "kjv_text_document")
+    print("| decode weights | S | held-out perplexity | Δ vs fp32 |")
+    print("|---|---:|---:|---:|")
+    for s in ratios:
+        base = None
+        for w in ("model", "bfloat16", "float16", "int8"):
+            out = os.path.join(work, f"ppl-{w}-{s}.json")
+            cmd = [sys.executable, os.path.join(ROOT, "tools", "evaluate.py"), "perplexity",
+                   "--load", ckpt, "--data-path", data, "--split-name", "valid",
+                   "--max-tokens", "20000", "--decode-weight-dtype", w, "--json", out]
+            if s > 0:
+                cmd += ["--qsparse-mode", "topk", "--qsparse-ratio", str(s)]
+            run(cmd, stdout=subprocess.DEVNULL, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+            with open(out) as fh:
+                ppl = json.load(fh)["perplexity"]
+            base = ppl if base is None else base
+            name = "fp32" if w == "model" else w
+            print(f"| {name} | {s:.1f} | {ppl:.4f} | {ppl - base:+.4f} ({ppl / base - 1:+.3%}) |",
+                  flush=True)
+    print()
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -379,7 +408,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="Small model, S = 0 and 0.6, 16 tokens, 1 repeat: checks it works.")
     p.add_argument("--skip-speed", action="store_true")
-    p.add_argument("--skip-agreement", action="store_true")
+    p.add_argument("--skip-agreement", action="store_true",
+                   help="Skip the greedy-token agreement and the perplexity deltas.")
     args = p.parse_args(argv)
     if args.quick:
         args.tokens, args.repeats = 16, 1
@@ -417,6 +447,7 @@ def main(argv=None) -> int:
     if not args.skip_agreement:
         ok = agreement(os.path.join(args.work, "agreement"), root, bindir, args.threads,
                        32 if not args.quick else 12)
+        perplexity_delta(os.path.join(args.work, "agreement"), args.threads)
     if args.skip_speed:
         return 0 if ok else 1
 

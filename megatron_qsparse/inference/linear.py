@@ -154,3 +154,31 @@ class DecodeLinear(nn.Module):
         return (f"in={self.in_features}, out={self.out_features}, bitnet={self.bitnet}, "
                 f"weight={str(self.wt.dtype).replace('torch.', '')} input-major, "
                 f"decode={self.path()}")
+
+
+@torch.no_grad()
+def round_trip_decode_weights(model: nn.Module, weight_dtype: torch.dtype | None) -> int:
+    """Replace, in place, every block projection's weight and the LM head of a (TP = 1) GPT model
+    by the value the decode kernels compute with when they hold it as ``weight_dtype``
+    (``bfloat16`` / ``float16`` rounding, or ``int8`` codes × per-output-channel scales), so that
+    a perplexity run measures what ``--decode-weight-dtype`` costs in accuracy. With tied
+    embeddings the embedding rows are rounded too (the decode path keeps its lookup fp32).
+    Returns the number of matrices changed (0 for None)."""
+    if weight_dtype is None:
+        return 0
+    mats = []
+    for layer in model.layers:
+        a, m = layer.attention, layer.mlp
+        for p in (a.qkv, a.o, getattr(m, "gate_up", None), getattr(m, "down", None)):
+            if p is not None:
+                mats.append(p.weight)
+    mats.append(model.output_weight())
+    for w in mats:
+        wt = w.t()
+        if weight_dtype == torch.int8:
+            q, scale = cpu_kernels.quantize_int8(wt)
+            w.copy_(cpu_kernels.dequantize(q, scale).t())
+        else:
+            w.copy_(wt.to(weight_dtype).t())
+    return len(mats)
+

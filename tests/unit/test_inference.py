@@ -157,16 +157,15 @@ def test_fp16_int8_decode_weights(wdtype, atol):
         assert all(m.wt.dtype == wdtype for m in im.modules() if hasattr(m, "wt"))
         got = cached_logits(im, tokens, prefill=4)
         assert torch.allclose(got, full, atol=atol, rtol=0), float((got - full).abs().max())
-        # the model whose weights are the dequantized ones
+        # the model whose weights are the dequantized ones (what tools/evaluate.py scores)
+        from megatron_qsparse.inference.linear import round_trip_decode_weights
         deq = build(CONFIGS["topk"], ffn="swiglu", untie_embeddings_and_output_weights=True)
+        assert round_trip_decode_weights(deq, wdtype) == 2 * 4 + 1
         with torch.no_grad():
             for layer, ref in zip(im.model.layers, deq.layers):
-                for name in ("qkv", "o"):
-                    getattr(ref.attention, name).weight.copy_(
-                        getattr(layer.attention, name).weight_t().t())
-                for name in ("gate_up", "down"):
-                    getattr(ref.mlp, name).weight.copy_(getattr(layer.mlp, name).weight_t().t())
-            deq.output_weight().copy_(cpu_kernels.dequantize(im.head_wt, im.head_scale).t())
+                assert torch.equal(layer.mlp.down.weight_t().t(), ref.mlp.down.weight)
+            assert torch.equal(cpu_kernels.dequantize(im.head_wt, im.head_scale).t(),
+                               deq.output_weight())
             exact = deq(tokens)
         assert torch.allclose(got, exact, atol=1e-4, rtol=0), float((got - exact).abs().max())
         assert torch.equal(got[0, 4:].argmax(-1), exact[0, 4:].argmax(-1))
