@@ -152,7 +152,8 @@ def test_fp16_int8_decode_weights(wdtype, atol):
         im = InferenceModel(build(CONFIGS["topk"], ffn="swiglu",
                                   untie_embeddings_and_output_weights=True),
                             weight_dtype=wdtype, compiled_step=compiled)
-        assert (im.step is not None) == compiled, im.step_unavailable
+        # without the compiled kernels (MEGATRON_QSPARSE_KERNELS=0) the reference runs them
+        assert (im.step is not None) == (compiled and cpu_kernels.available()), im.step_unavailable
         assert im.head_wt.dtype == wdtype and (im.head_scale is not None) == (wdtype == torch.int8)
         assert all(m.wt.dtype == wdtype for m in im.modules() if hasattr(m, "wt"))
         got = cached_logits(im, tokens, prefill=4)
