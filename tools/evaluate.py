@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Override the sparsity ratio S of every projection.")
     ppl.add_argument("--tokenizer-model", default=None,
                      help="The checkpoint's SentencePiece model, if its stored path moved.")
+    ppl.add_argument("--decode-weight-dtype", choices=("model", "bfloat16", "float16", "int8"),
+                     default="model",
+                     help="Score with the projection and LM-head weights rounded as "
+                          "tools/generate.py --decode-weight-dtype holds them (int8: "
+                          "per-output-channel codes x scales): the accuracy cost of that storage.")
     ppl.add_argument("--json", default=None, help="Also write the results to this JSON file.")
     sub.add_parser("lm-eval", help="lm-evaluation-harness with the `qsparse` model registered "
                    "(arguments after it go to lm_eval; --summary-json FILE is ours).",
@@ -121,6 +126,14 @@ def perplexity(args) -> dict:
         device = torch.device("cuda", torch.cuda.current_device())
     em = load_for_eval(args.load, qsparse_mode=args.qsparse_mode,
                        qsparse_ratio=args.qsparse_ratio, parallel=parallel, device=device)
+    wdtype = {"model": None, "bfloat16": torch.bfloat16, "float16": torch.float16,
+              "int8": torch.int8}[getattr(args, "decode_weight_dtype", "model")]
+    if wdtype is not None:
+        if parallel is not None and parallel.tp_size > 1:
+            raise ConfigError("--decode-weight-dtype: run it in one process (the checkpoint's "
+                              "shards merged); per-output scales need whole matrices")
+        from megatron_qsparse.inference.linear import round_trip_decode_weights
+        round_trip_decode_weights(em.model, wdtype)
     tok = build_eval_tokenizer(em.cfg, args.tokenizer_model)
     seq = args.seq_length or em.cfg.model.seq_length
     if not 1 <= seq <= em.max_length:
@@ -164,6 +177,7 @@ def perplexity(args) -> dict:
     out = {"checkpoint": em.folder, "source": source, **r.to_dict(),
            **summary(q), "qsparse": describe(q),
            "checkpoint_tensor_parallel_size": em.checkpoint_tp,
+           "decode_weight_dtype": getattr(args, "decode_weight_dtype", "model"),
            "tensor_parallel_size": 1 if parallel is None else parallel.tp_size,
            "seconds": elapsed}
     from megatron_qsparse.model.accounting import activated_parameters, count_parameters
@@ -178,7 +192,9 @@ def print_report(out: dict) -> None:
     print(f"  tokens scored       {out['tokens']:,} in {out['windows']:,} windows of "
           f"{out['seq_length']} (stride {out['stride']})")
     print(f"  mean NLL            {out['mean_nll']:.4f} nats/token")
-    print(f"  perplexity          {out['perplexity']:.4f}")
+    print(f"  perplexity          {out['perplexity']:.4f}"
+          + (f"  (weights rounded as decode dtype {out['decode_weight_dtype']})"
+             if out.get("decode_weight_dtype", "model") != "model" else ""))
     bpb = out["bits_per_byte"]
     print(f"  bits per byte       {bpb:.4f}  ({out['bytes']:,} UTF-8 bytes)" if bpb is not None
           else "  bits per byte       n/a (no text bytes)")

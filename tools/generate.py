@@ -27,6 +27,10 @@ import torch  # noqa: E402
 
 from megatron_qsparse.config import ConfigError  # noqa: E402
 
+# --decode-weight-dtype: name -> storage dtype (None: the model's own)
+WEIGHT_DTYPES = {"model": None, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                 "fp16": torch.float16, "int8": torch.int8}
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -45,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compiled-step", choices=("on", "off"), default="on",
                    help="One compiled call per decode step for the whole model (off: layer by "
                         "layer, one kernel call per projection). Needs --sparse-kernel on.")
-    p.add_argument("--decode-weight-dtype", choices=("model", "bfloat16"), default="model",
-                   help="Storage of the input-major decode weights (bfloat16 halves the traffic).")
+    p.add_argument("--decode-weight-dtype", choices=tuple(WEIGHT_DTYPES), default="model",
+                   help="Storage of the input-major decode weights and the LM head: bfloat16 / "
+                        "float16 halve the traffic, int8 (per-output-channel scales) quarters it.")
     p.add_argument("--ignore-eod", action="store_true", help="Keep going past end-of-document.")
     p.add_argument("--tokenizer-model", default=None,
                    help="Override the checkpoint's tokenizer model file.")
@@ -76,7 +81,7 @@ def run(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = torch.bfloat16 if args.decode_weight_dtype == "bfloat16" else None
+    dtype = WEIGHT_DTYPES[args.decode_weight_dtype]
     model, cfg = load_inference_model(args.load, sparse_kernel=args.sparse_kernel == "on",
                                       weight_dtype=dtype,
                                       compiled_step=args.compiled_step == "on")
@@ -99,6 +104,7 @@ def run(args) -> int:
     print(f"--- {len(out.tokens)} tokens; prompt {out.prompt_tokens} tokens in "
           f"{out.prefill_seconds * 1e3:.1f} ms; decode {out.decode_tokens_per_second:.1f} tokens/s; "
           f"{mode}{' + BitNet b1.58' if q.bitnet else ''}; projections: {paths}"
+          + (f"; decode weights {args.decode_weight_dtype}" if dtype is not None else "")
           + ("; stopped at end-of-document" if out.stopped_at_eod else ""), file=sys.stderr)
     return 0
 

@@ -9,11 +9,15 @@ implements the three request types of ``lm_eval``:
   the continuation's log-probabilities; contexts longer than the model are cut from the left.
 - ``loglikelihood_rolling``: ``lm_eval``'s disjoint rolling windows (``get_rolling_token_windows``
   + ``make_disjoint_window``) scored as above and summed per document.
-- ``generate_until``: greedy, batched; every step re-runs the whole sequence (no KV cache) and
-  stops a row at the end-of-document token, a stop string or ``max_gen_toks``.
+- ``generate_until``: greedy, one request at a time through the KV-cache generator
+  (:func:`megatron_qsparse.inference.generate`: one prefill, then one position per new token, on
+  the model's own layers), stopping at the end-of-document token, a stop string or
+  ``max_gen_toks``; the same tokens as re-running the whole sequence per token (the fallback for
+  a model that is split for tensor parallelism), at O(length) instead of O(length²) per request.
 
-The density every projection produced over all requests is recorded (right padding included) and
-logged after each request type; :meth:`QSparseLM.density` returns it.
+The density every projection produced over the scoring requests is recorded (right padding
+included; generation runs without the counters) and logged after each request type;
+:meth:`QSparseLM.density` returns it.
 
 Model arguments (``--model_args k=v,...``): ``load`` (checkpoint, required), ``sparsity`` (S for
 every projection), ``qsparse_mode`` (``topk``, ``block``, ``relu``, ``none``), ``tokenizer_model``
@@ -251,6 +255,21 @@ class QSparseLM(TemplateLM):
         self._log_density("generation requests")
         return re_ord.get_original(res)
 
+    def _inference_model(self):
+        """The KV-cache generator's model around ``self.model`` (its own layers, untouched: the
+        training forward with a cache), or None for a tensor-parallel shard."""
+        if getattr(self, "_im", None) is None:
+            from megatron_qsparse.inference import InferenceModel
+            from megatron_qsparse.sparsity import set_recording
+
+            parallel = getattr(self.model, "parallel", None)
+            if parallel is not None and parallel.tp_size != 1:
+                self._im = False
+            else:
+                self._im = InferenceModel(self.model, sparse_kernel=False, compiled_step=False)
+                set_recording(self.model, True)  # InferenceModel switched it off
+        return self._im or None
+
     def greedy_generate(self, prompts: list[list[int]], until: list[str],
                         max_gen_toks: int) -> list[str]:
         """Greedy continuations of token ``prompts``, cut before the first stop string."""
@@ -259,6 +278,39 @@ class QSparseLM(TemplateLM):
             raise ValueError(f"max_gen_toks {max_gen_toks} leaves no room for a prompt in the "
                              f"model's {self.max_length} positions; lower it")
         ctx = [(p or [self.prefix_token_id])[-max_ctx:] for p in prompts]
+        im = self._inference_model() if max_gen_toks > 0 else None
+        if im is None:
+            return self._greedy_generate_full(ctx, until, max_gen_toks)
+        from megatron_qsparse.inference import generate
+        from megatron_qsparse.sparsity import set_recording
+
+        def stop(tokens: list[int]) -> bool:
+            return bool(until) and any(s in self.tok_decode(tokens) for s in until)
+
+        out = []
+        # the generator runs under inference_mode: density counters are not touched there (the
+        # density of generation requests is their prompts' and tokens' no more)
+        set_recording(self.model, False)
+        try:
+            for c in ctx:
+                g = generate(im, c, max_gen_toks, greedy=True,
+                             vocab_size=self.eval_model.vocab_size,
+                             stop_ids=(self.eot_token_id,), stop_when=stop).tokens
+                if g and g[-1] == self.eot_token_id:
+                    g = g[:-1]
+                out.append(self._cut(self.tok_decode(g), until))
+        finally:
+            set_recording(self.model, True)
+        return out
+
+    @staticmethod
+    def _cut(text: str, until: list[str]) -> str:
+        return text[:min((text.find(s) for s in until if s in text), default=len(text))]
+
+    def _greedy_generate_full(self, ctx: list[list[int]], until: list[str],
+                              max_gen_toks: int) -> list[str]:
+        """Greedy continuations, batched, re-running the whole sequence for every new token."""
+        prompts = ctx
         gen: list[list[int]] = [[] for _ in prompts]
         done = [max_gen_toks <= 0] * len(prompts)
         vocab = self.eval_model.vocab_size
@@ -276,9 +328,4 @@ class QSparseLM(TemplateLM):
                 if len(gen[i]) >= max_gen_toks or \
                         (until and any(s in self.tok_decode(gen[i]) for s in until)):
                     done[i] = True
-        out = []
-        for g in gen:
-            text = self.tok_decode(g)
-            cut = min((text.find(s) for s in until if s in text), default=len(text))
-            out.append(text[:cut])
-        return out
+        return [self._cut(self.tok_decode(g), until) for g in gen]

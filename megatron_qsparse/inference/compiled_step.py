@@ -9,12 +9,13 @@ norm and LM head — in one call, on the same input-major weights (:class:`~.lin
 and the same :class:`~.model.KVCache` as the layer-by-layer path, so a prefill by the layers and
 decode steps by the compiled code mix freely.
 
-It covers the models and modes most runs use: fp32 models (projection weights fp32 or bf16),
-RMSNorm or LayerNorm, relu2_glu or swiglu FFN, optional biases, GQA/MHA, and per projection
-a method that keeps a fixed K per token (``Sparsifier.keep``: plain Top-K, each projection's own
-K) or no sparsifier (dense). :func:`build_compiled_step` returns None and the reason for anything
-else (BitNet, int8 / rescaled Top-K, Block N:M, ReLU, thresholds, MoE blocks, fp64/bf16 models,
-no compiled kernels); such models decode layer by layer.
+It covers fp32 models (projection and LM-head weights fp32, bf16, fp16 or per-channel int8),
+RMSNorm or LayerNorm, relu2_glu or swiglu FFN, optional biases, GQA/MHA, and every sparsifier of
+``sparsity/methods/`` that describes itself to the step (``decode_step_op``): plain Top-K (fused
+selection and gather), int8-quantized Top-K, L2-rescaled Top-K, Block N:M, ReLU, magnitude
+thresholds and dense projections, each with or without BitNet b1.58 (int8 activations, 2-bit
+packed ternary rows). :func:`build_compiled_step` returns None and the reason for anything else
+(MoE blocks, fp64/bf16 models, no compiled kernels); such models decode layer by layer.
 
 The logits equal the layer-by-layer path's up to fp32 summation order
 (``tests/unit/test_inference.py``).
@@ -35,11 +36,24 @@ from megatron_qsparse.sparsity.activations import relu2_glu, swiglu
 _EMPTY = torch.empty(0)
 
 
-def _keep(p: DecodeLinear) -> int | str:
-    """Inputs the projection keeps per token (0: every nonzero one), or why it cannot run."""
-    if p.bitnet:
-        return "BitNet b1.58 weights"
-    return 0 if p.sparsifier is None else p.sparsifier.keep(p.in_features)
+_SELECT = {"none": 0, "topk": 1, "block": 2, "relu": 3, "threshold": 4}  # decode_step.h Select
+
+
+def _spec(p: DecodeLinear) -> list[float] | str:
+    """The projection's selection for the step (``decode_step.h``: select, keep, n, m, threshold,
+    quantize, rescale, bitnet, alpha), or why the step cannot run it."""
+    if p.sparsifier is None:
+        op = {"op": "none", "k": 0, "n": 0, "m": 0, "t": 0.0, "rescale": False,
+              "quantize": False}
+    else:
+        op = p.sparsifier.decode_step_op(p.in_features)
+        if isinstance(op, str):
+            return op
+    if op["op"] not in _SELECT:
+        return f"selection {op['op']!r}"
+    return [float(_SELECT[op["op"]]), float(op["k"]), float(op["n"]), float(op["m"]),
+            float(op["t"]), float(op["quantize"]), float(op["rescale"]), float(p.bitnet),
+            float(p.alpha) if p.bitnet else 0.0]
 
 
 def _norm_tensors(norm: nn.Module) -> list[torch.Tensor] | str:
@@ -50,9 +64,12 @@ def _norm_tensors(norm: nn.Module) -> list[torch.Tensor] | str:
     return f"normalization {type(norm).__name__}"
 
 
-def build_compiled_step(model: nn.Module) -> tuple[object | None, str]:
+def build_compiled_step(model: nn.Module, im: nn.Module | None = None
+                        ) -> tuple[object | None, str]:
     """``(step, "")`` for a :class:`~megatron_qsparse.model.gpt.GPTModel` whose projections are
     :class:`DecodeLinear` layers, or ``(None, reason)`` when the compiled step does not cover it.
+    ``im``: the :class:`~.model.InferenceModel` wrapping it, whose decode-dtype LM head
+    (``head_wt``, ``head_scale``) the step then reads.
 
     ``step.step(token, pos, k_cache, v_cache)`` returns the fp32 logits ``[V]`` of one token.
     """
@@ -68,7 +85,7 @@ def build_compiled_step(model: nn.Module) -> tuple[object | None, str]:
     if act not in (relu2_glu, swiglu):
         return None, "FFN is not a dense relu2_glu / swiglu MLP (e.g. MoE)"
     norm_type = type(model.final_norm)
-    weights, biases, keeps, norms = [], [], [], []
+    weights, biases, keeps, norms, scales, specs, packed = [], [], [], [], [], [], []
     for layer in model.layers:
         if any(type(n) is not norm_type for n in (layer.input_norm, layer.post_attention_norm)):
             return None, "normalization differs between layers"
@@ -78,10 +95,14 @@ def build_compiled_step(model: nn.Module) -> tuple[object | None, str]:
         for p in (a.qkv, a.o, m.gate_up, m.down):
             if not isinstance(p, DecodeLinear):
                 return None, "projections are not DecodeLinear layers"
-            k = _keep(p)
-            if isinstance(k, str):
-                return None, k
+            spec = _spec(p)
+            if isinstance(spec, str):
+                return None, spec
+            specs.append(spec)
+            packed.append(p.packed if p.bitnet else _EMPTY)
+            k = int(spec[1]) if spec[0] == _SELECT["topk"] else 0
             weights.append(p.wt)
+            scales.append(_EMPTY if p.scale is None else p.scale)
             biases.append(_EMPTY if p.bias is None else p.bias.float().contiguous())
             keeps.append(k)
         for n in (layer.input_norm, layer.post_attention_norm):
@@ -96,11 +117,14 @@ def build_compiled_step(model: nn.Module) -> tuple[object | None, str]:
     att = model.layers[0].attention
     cos, sin = rope_tables(att.rotary.dim, att.rotary.max_positions, att.rotary.base,
                            torch.device("cpu"))
-    head_t = model.output_weight().detach().float().t().contiguous()  # input-major [h, V]
+    head_t, head_scale = getattr(im, "head_wt", None), getattr(im, "head_scale", None)
+    if head_t is None:
+        head_t = model.output_weight().detach().float().t().contiguous()  # input-major [h, V]
     step = cpu_kernels.extension().DecodeStep(
         hidden=cfg.hidden_size, nq=att.nq, nkv=att.nkv, hd=att.hd, ffn=model.layers[0].mlp.ffn,
         rmsnorm=isinstance(model.final_norm, RMSNorm), eps=float(model.final_norm.eps),
         swiglu=act is swiglu, embedding=emb.detach().contiguous(), head_t=head_t,
         cos=cos.contiguous(), sin=sin.contiguous(), weights=weights, biases=biases, keeps=keeps,
-        norms=[n.float().contiguous() if n.numel() else n for n in norms])
+        norms=[n.float().contiguous() if n.numel() else n for n in norms], scales=scales,
+        head_scale=_EMPTY if head_scale is None else head_scale, specs=specs, packed=packed)
     return step, ""

@@ -35,7 +35,7 @@ _EXT = _sparsify_kernels.LazyExtension(
     "megatron_qsparse_decode", [_CSRC / "sparse_gemv_cpu.cpp"],
     include_dirs=[_sparsify_kernels.SOURCE.parent], what="Q-Sparse sparse decode kernels",
     fallback="dense matmuls on the sparsified input (same results, slower)")
-WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
 
 
 def available() -> bool:
@@ -71,31 +71,64 @@ def _check(x: torch.Tensor, wt: torch.Tensor) -> None:
                          f"is {tuple(wt.shape)} ([in, out] expected)")
 
 
-def _reference(xs: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    y = xs.float() @ wt.float()
+def dequantize(wt: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The fp32 weight a stored decode weight stands for: ``wt`` itself (fp32 / bf16 / fp16), or
+    ``int8 codes * scale`` (one scale per output column of the input-major ``[in, out]``)."""
+    if wt.dtype == torch.int8:
+        if scale is None:
+            raise ValueError("int8 decode weights need their per-output scales")
+        return wt.float() * scale.float()
+    return wt.float()
+
+
+def quantize_int8(wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8 of an input-major weight ``[in, out]``:
+    ``scale_j = max_i |W_ij| / 127``, ``q = round(W / scale)`` in [-127, 127]. Returns
+    ``(q int8 [in, out], scale fp32 [out])``; an all-zero column gets scale 1 (codes 0)."""
+    w = wt.float()
+    amax = w.abs().amax(dim=0)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = (w / scale).round().clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+def _reference(xs: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None,
+               scale: torch.Tensor | None = None) -> torch.Tensor:
+    y = xs.float() @ dequantize(wt, scale)
     return y if bias is None else y + bias.float()
 
 
 def gemv_topk(x: torch.Tensor, wt: torch.Tensor, k: int, bias: torch.Tensor | None = None, *,
-              use_kernel: bool = True) -> torch.Tensor:
-    """``topk(x, k) @ wt (+ bias)`` in fp32: the Top-K of ``|x|`` per row, ``1 <= k <= d``."""
+              scale: torch.Tensor | None = None, use_kernel: bool = True) -> torch.Tensor:
+    """``topk(x, k) @ wt (+ bias)`` in fp32: the Top-K of ``|x|`` per row, ``1 <= k <= d``.
+    ``wt`` fp32 / bf16 / fp16, or int8 with ``scale`` (:func:`quantize_int8`)."""
     _check(x, wt)
     if k >= x.shape[-1]:
-        return gemv_nonzero(x, wt, bias, use_kernel=use_kernel)
+        return gemv_nonzero(x, wt, bias, scale=scale, use_kernel=use_kernel)
     if _use(x, wt, use_kernel) and wt.dtype in WEIGHT_DTYPES:
-        y = _EXT.module.gemv_topk(x, wt.contiguous(), k, bias)
+        y = _EXT.module.gemv_topk(x, wt.contiguous(), k, bias, scale)
         return y.view(*x.shape[:-1], wt.shape[1])
-    return _reference(x * topk_mask(x, k), wt, bias)
+    return _reference(x * topk_mask(x, k), wt, bias, scale)
 
 
 def gemv_nonzero(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None = None, *,
-                 use_kernel: bool = True) -> torch.Tensor:
-    """``x @ wt (+ bias)`` in fp32 reading only the rows of ``wt`` where ``x`` is nonzero."""
+                 scale: torch.Tensor | None = None, use_kernel: bool = True) -> torch.Tensor:
+    """``x @ wt (+ bias)`` in fp32 reading only the rows of ``wt`` where ``x`` is nonzero
+    (weights as in :func:`gemv_topk`)."""
     _check(x, wt)
     if _use(x, wt, use_kernel) and wt.dtype in WEIGHT_DTYPES:
-        y = _EXT.module.gemv_nonzero(x, wt.contiguous(), bias)
+        y = _EXT.module.gemv_nonzero(x, wt.contiguous(), bias, scale)
         return y.view(*x.shape[:-1], wt.shape[1])
-    return _reference(x, wt, bias)
+    return _reference(x, wt, bias, scale)
+
+
+def stream_read(a: torch.Tensor) -> float:
+    """Sum of a contiguous fp32 CPU buffer on the kernels' threads and work split: a STREAM-like
+    read to compare the products' bandwidth with (``bench/bench_decode.py``)."""
+    module = _EXT.get()
+    if module is None:
+        return float(a.sum())
+    return module.stream_read(a)
 
 
 # ---------------------------------------------------------------------------------------------

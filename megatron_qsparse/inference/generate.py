@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -61,11 +62,13 @@ def check_sampling(temperature: float, top_p: float) -> None:
 def generate(model: InferenceModel, prompt: list[int], max_new_tokens: int, *,
              greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0,
              seed: int | None = None, vocab_size: int | None = None,
-             stop_ids: tuple[int, ...] = ()) -> Generation:
+             stop_ids: tuple[int, ...] = (),
+             stop_when: Callable[[list[int]], bool] | None = None) -> Generation:
     """Generate up to ``max_new_tokens`` ids after ``prompt`` (batch size 1).
 
     ``vocab_size`` limits sampling to the tokenizer's ids (the model's vocabulary is padded);
-    generation stops after an id in ``stop_ids``.
+    generation stops after an id in ``stop_ids``, or when ``stop_when(tokens so far)`` is true
+    after a new id (e.g. a stop string in the decoded text).
     """
     check_sampling(temperature, top_p)
     if not prompt:
@@ -87,7 +90,7 @@ def generate(model: InferenceModel, prompt: list[int], max_new_tokens: int, *,
         if nxt in stop_ids:
             out.stopped_at_eod = True
             break
-        if step == max_new_tokens - 1:
+        if step == max_new_tokens - 1 or (stop_when is not None and stop_when(out.tokens)):
             break
         logits = model.decode_token(nxt, cache)
         out.decode_tokens += 1

@@ -52,7 +52,9 @@ class DecodeLinear(nn.Module):
         layer: a ColumnParallelLinear / RowParallelLinear at tensor-parallel size 1.
         sparse_kernel: use the sparse GEMV for single tokens (else always the reference).
         weight_dtype: storage dtype of the input-major weight (default: the layer's; ``bfloat16``
-            halves the decode traffic at bf16 rounding of the weights).
+            or ``float16`` halve the decode traffic at 16-bit rounding of the weights, ``int8``
+            quarters it: symmetric per-output-channel codes with one fp32 scale per output,
+            :func:`~megatron_qsparse.inference.cpu_kernels.quantize_int8`).
     """
 
     def __init__(self, layer: nn.Module, *, sparse_kernel: bool = True,
@@ -75,8 +77,13 @@ class DecodeLinear(nn.Module):
                     torch.zeros_like(w, dtype=torch.float32)
                 self.register_buffer("packed", cpu_kernels.pack_ternary(codes), persistent=False)
                 self.alpha = float(alpha)
-            wt = w.t().to(weight_dtype or w.dtype).contiguous()
+            scale = None
+            if weight_dtype == torch.int8:
+                wt, scale = cpu_kernels.quantize_int8(w.t())
+            else:
+                wt = w.t().to(weight_dtype or w.dtype).contiguous()
         self.register_buffer("wt", wt, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
         bias = layer.bias.detach().clone() if layer.bias is not None else None
         self.register_buffer("bias", bias, persistent=False)
         sp = self.sparsifier
@@ -102,17 +109,26 @@ class DecodeLinear(nn.Module):
             x = self.sparsifier(x)
         return int8_activation(x) if self.bitnet else x
 
+    def weight_t(self) -> torch.Tensor:
+        """The input-major weight the stored one stands for, in the model's float dtype
+        (dequantized for int8; fp16 upcast, so prefill activations never overflow fp16)."""
+        return cpu_kernels.dequantize(self.wt, self.scale)
+
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """The training forward: ``F.linear(sparsify(x), W, b)`` (int8 activations for BitNet)."""
         xs = self._sparse_input(x)
         wt = self.wt
+        if wt.dtype in (torch.int8, torch.float16) and xs.dtype != wt.dtype:
+            wt = self.weight_t().to(xs.dtype)
+            return F.linear(xs, wt.t(), None if self.bias is None else self.bias.to(xs.dtype))
         if wt.dtype != xs.dtype:  # bf16 storage of an fp32 model
             return F.linear(xs.to(wt.dtype), wt.t(), None if self.bias is None else
                             self.bias.to(wt.dtype)).to(x.dtype)
         return F.linear(xs, wt.t(), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and self.sparse_kernel and not self.bitnet and x.numel() == self.in_features:
+        if (x.is_cuda and self.sparse_kernel and not self.bitnet and x.numel() == self.in_features
+                and self.scale is None):
             tk = _triton_kernels()
             if tk is not None:
                 if self.fused:
@@ -125,15 +141,44 @@ class DecodeLinear(nn.Module):
             return self.reference(x)
         if self.fused:
             y = cpu_kernels.gemv_topk(x, self.wt, self.sparsifier.keep(self.in_features),
-                                      self.bias)
+                                      self.bias, scale=self.scale)
         elif self.bitnet:
             y = cpu_kernels.gemv_ternary(self._sparse_input(x), self.packed, self.out_features,
                                          self.alpha, self.bias)
         else:
-            y = cpu_kernels.gemv_nonzero(self._sparse_input(x), self.wt, self.bias)
+            y = cpu_kernels.gemv_nonzero(self._sparse_input(x), self.wt, self.bias,
+                                         scale=self.scale)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bitnet={self.bitnet}, "
                 f"weight={str(self.wt.dtype).replace('torch.', '')} input-major, "
                 f"decode={self.path()}")
+
+
+@torch.no_grad()
+def round_trip_decode_weights(model: nn.Module, weight_dtype: torch.dtype | None) -> int:
+    """Replace, in place, every block projection's weight and the LM head of a (TP = 1) GPT model
+    by the value the decode kernels compute with when they hold it as ``weight_dtype``
+    (``bfloat16`` / ``float16`` rounding, or ``int8`` codes × per-output-channel scales), so that
+    a perplexity run measures what ``--decode-weight-dtype`` costs in accuracy. With tied
+    embeddings the embedding rows are rounded too (the decode path keeps its lookup fp32).
+    Returns the number of matrices changed (0 for None)."""
+    if weight_dtype is None:
+        return 0
+    mats = []
+    for layer in model.layers:
+        a, m = layer.attention, layer.mlp
+        for p in (a.qkv, a.o, getattr(m, "gate_up", None), getattr(m, "down", None)):
+            if p is not None:
+                mats.append(p.weight)
+    mats.append(model.output_weight())
+    for w in mats:
+        wt = w.t()
+        if weight_dtype == torch.int8:
+            q, scale = cpu_kernels.quantize_int8(wt)
+            w.copy_(cpu_kernels.dequantize(q, scale).t())
+        else:
+            w.copy_(wt.to(weight_dtype).t())
+    return len(mats)
+

@@ -28,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_qsparse.inference import cpu_kernels
 from megatron_qsparse.inference.linear import DecodeLinear
 from megatron_qsparse.model.gpt import GPTModel
+from megatron_qsparse.model.mlp import MLP
 from megatron_qsparse.model.transformer import apply_rotary
 from megatron_qsparse.sparsity import get_method, set_recording
 
@@ -75,26 +77,37 @@ class InferenceModel(nn.Module):
         self.sparse_kernel = sparse_kernel and not dense
         # a dense model gets input-major DecodeLinear layers too when the compiled step will use
         # them (one weight copy either way)
-        if self.sparse_kernel or (sparse_kernel and compiled_step and dense):
+        decode_layers = self.sparse_kernel or (sparse_kernel and compiled_step and dense)
+        if decode_layers:
             for layer in model.layers:
                 a, m = layer.attention, layer.mlp
                 a.qkv = DecodeLinear(a.qkv, weight_dtype=weight_dtype)
                 a.o = DecodeLinear(a.o, weight_dtype=weight_dtype)
-                m.gate_up = DecodeLinear(m.gate_up, weight_dtype=weight_dtype)
-                m.down = DecodeLinear(m.down, weight_dtype=weight_dtype)
+                if isinstance(m, MLP):  # an MoE layer keeps its training form (DeepSpeed's MoE)
+                    m.gate_up = DecodeLinear(m.gate_up, weight_dtype=weight_dtype)
+                    m.down = DecodeLinear(m.down, weight_dtype=weight_dtype)
+        # the LM head, input-major, in the decode weight dtype (like the projections: llama.cpp's
+        # f16 / q8_0 files hold output.weight so too); None: the model's own weight, fp32
+        self.head_wt = self.head_scale = None
+        if weight_dtype is not None and decode_layers:
+            with torch.no_grad():
+                w = model.output_weight().detach().t()
+                if weight_dtype == torch.int8:
+                    self.head_wt, self.head_scale = cpu_kernels.quantize_int8(w)
+                else:
+                    self.head_wt = w.to(weight_dtype).contiguous()
         self.step, self.step_unavailable = None, "off"
         if sparse_kernel and compiled_step:
             from megatron_qsparse.inference.compiled_step import build_compiled_step
 
-            self.step, self.step_unavailable = build_compiled_step(model)
+            self.step, self.step_unavailable = build_compiled_step(model, self)
             if self.step is None:
                 logger.info("compiled decode step not used (%s): decoding layer by layer",
                             self.step_unavailable)
-        cfg = model.config
         att = model.layers[0].attention
         self.nq, self.nkv, self.hd = att.nq, att.nkv, att.hd
         self.max_positions = att.rotary.max_positions
-        self.num_layers = cfg.num_layers
+        self.num_layers = model.config.num_layers
 
     def decode_paths(self) -> dict[str, int]:
         """How many projections take each decode path: ``compiled-step`` (all, when the compiled
@@ -103,6 +116,9 @@ class InferenceModel(nn.Module):
         if self.step is not None:
             return {"compiled-step": 4 * self.num_layers}
         paths = Counter(m.path() for m in self.model.modules() if isinstance(m, DecodeLinear))
+        moe = sum(not isinstance(layer.mlp, MLP) for layer in self.model.layers)
+        if moe and paths:
+            paths["moe-experts (training forward)"] = 2 * moe
         if not paths:
             paths["dense" if _is_dense(self.model) else "reference"] = 4 * self.num_layers
         return dict(paths)
@@ -154,7 +170,18 @@ class InferenceModel(nn.Module):
         cache.length = pos + s
         if last_only:
             h = h[:, -1:]
-        return F.linear(m.final_norm(h), m.output_weight())
+        return self.head(m.final_norm(h))
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits of final-normed hidden states: the model's LM head, or its decode-dtype copy
+        (one token: the kernel; several: the dequantized weight)."""
+        if self.head_wt is None:
+            return F.linear(h, self.model.output_weight())
+        if (h.numel() == self.head_wt.shape[0] and h.device.type == "cpu"
+                and h.dtype != torch.float64 and cpu_kernels.available()):
+            y = cpu_kernels.gemv_nonzero(h, self.head_wt, scale=self.head_scale)
+            return y.view(*h.shape[:-1], -1).to(h.dtype)
+        return h @ cpu_kernels.dequantize(self.head_wt, self.head_scale).to(h.dtype)
 
     def decode_token(self, token: int, cache: KVCache) -> torch.Tensor:
         """Logits ``[V]`` of one token (batch 1) at the next cache position: the generation

@@ -78,6 +78,16 @@ class Sparsifier(nn.Module):
         scale (0: every nonzero one), or why they cannot run this projection."""
         return self.method.decode_keep(self, d)
 
+    def decode_step_op(self, d: int) -> dict | str:
+        """The compiled decode step's form of this sparsifier on ``d`` inputs (see
+        :meth:`~megatron_qsparse.sparsity.methods.base.SparsityMethod.decode_step_op`), with
+        ``quantize``: the int8 pre-quantization that :meth:`forward` applies first."""
+        op = self.method.decode_step_op(self, d)
+        if isinstance(op, dict):
+            op = {"k": 0, "n": 0, "m": 0, "t": 0.0, "rescale": False, **op,
+                  "quantize": bool(self.quantize)}
+        return op
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantize and not self.method.fuses_int8:
             x = quantize_int8(x)

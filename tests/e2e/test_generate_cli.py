@@ -37,6 +37,17 @@ def test_generate_greedy_kernel_on_and_off_agree(checkpoint):
     assert "8 reference" in off.stderr
 
 
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_generate_with_16_bit_and_int8_decode_weights(checkpoint, dtype):
+    """--decode-weight-dtype: the compiled step and the layers give the same greedy text."""
+    args = ["tools/generate.py", "--load", str(checkpoint), "--prompt", "In the beginning God",
+            "--max-new-tokens", "8", "--greedy", "--ignore-eod", "--decode-weight-dtype", dtype]
+    on = run_cli(args)
+    layers = run_cli(args + ["--compiled-step", "off"])
+    assert on.stdout == layers.stdout and on.stdout.startswith("In the beginning God")
+    assert f"decode weights {dtype}" in on.stderr and "8 compiled-step" in on.stderr
+
+
 def test_generate_sampling_is_seeded(checkpoint):
     args = ["tools/generate.py", "--load", str(checkpoint), "--prompt", "And", "--max-new-tokens",
             "8", "--temperature", "0.8", "--top-p", "0.9", "--seed", "3", "--ignore-eod"]

@@ -50,20 +50,72 @@ def data(shape, seed, kind="randn"):
     return x
 
 
-@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16], ids=str)
+WDTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int8]
+
+
+def stored(w: torch.Tensor, wdtype: torch.dtype):
+    """``(wt, scale, dequantized fp32)`` of an input-major fp32 weight in a decode dtype."""
+    if wdtype == torch.int8:
+        q, scale = cpu_kernels.quantize_int8(w)
+        return q, scale, cpu_kernels.dequantize(q, scale)
+    wt = w.to(wdtype)
+    return wt, None, wt.float()
+
+
+@pytest.mark.parametrize("wdtype", WDTYPES, ids=str)
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("d,n", [(2, 1), (17, 5), (64, 33), (257, 100), (1000, 2050), (96, 4100)])
+# shapes: tiny (one thread), one column block with many row groups (partials), several blocks,
+# vector tails (n not a multiple of 16 / 64), n over the 4096-column chunk
+@pytest.mark.parametrize("d,n", [(2, 1), (17, 5), (64, 33), (257, 100), (1000, 2050), (96, 4100),
+                                 (3000, 72), (700, 4096 + 64 + 9)])
 def test_topk_gemv_matches_dense_reference(d, n, xdtype, wdtype):
-    wt = data((d, n), d * 7 + n).to(wdtype)
+    wt, scale, w32 = stored(data((d, n), d * 7 + n), wdtype)
     for kind in ("randn", "rounded", "zeros"):
         x = data((3, d), d + n, kind).to(xdtype)
         for s in (0.0, 0.1, 0.4, 0.6, 0.9):
             k = keep_count(d, s)
             bias = data((n,), 5) if s == 0.4 else None
-            y = cpu_kernels.gemv_topk(x, wt, k, bias)
+            y = cpu_kernels.gemv_topk(x, wt, k, bias, scale=scale)
             assert y.shape == (3, n) and y.dtype == torch.float32
             xs = x.float() * topk_mask(x, k)
-            assert_close_to(y, xs, wt.float(), bias)
+            assert_close_to(y, xs, w32, bias)
+            if s == 0.6:
+                ref = cpu_kernels.gemv_topk(x, wt, k, bias, scale=scale, use_kernel=False)
+                assert_close_to(ref, xs, w32, bias)
+
+
+def test_int8_quantization_is_per_output_channel():
+    w = data((300, 40), 9)
+    w[:, 3] = 0.0  # an all-zero column: scale 1, codes 0
+    q, scale = cpu_kernels.quantize_int8(w)
+    assert q.dtype == torch.int8 and scale.shape == (40,) and scale.dtype == torch.float32
+    assert int(q.abs().max()) == 127 and float(scale[3]) == 1.0 and not q[:, 3].any()
+    assert torch.allclose(scale, w.abs().amax(0).clamp_min(0) / 127.0 + (w.abs().amax(0) == 0))
+    err = (cpu_kernels.dequantize(q, scale) - w).abs()
+    assert bool((err <= scale / 2 + 1e-7).all())  # round to nearest code
+    with pytest.raises(ValueError, match="scales"):
+        cpu_kernels.dequantize(q)
+    with pytest.raises(RuntimeError, match="scale"):
+        cpu_kernels._EXT.module.gemv_nonzero(torch.randn(300), q, None, None)
+    with pytest.raises(RuntimeError, match="int8 weights only"):
+        cpu_kernels._EXT.module.gemv_nonzero(torch.randn(300), w, None, scale)
+
+
+def test_fp16_weights_convert_exactly():
+    """Every fp16 value, subnormals, inf and the largest finite included, reaches the sum as its
+    exact fp32 value (vector path and scalar tail)."""
+    bits = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16)
+    h = bits.view(torch.float16)
+    h = h[torch.isfinite(h)]
+    n = h.numel()
+    wt = h.view(1, n).contiguous()
+    y = cpu_kernels.gemv_nonzero(torch.ones(1), wt)
+    assert torch.equal(y, h.float())
+
+
+def test_stream_read_sums():
+    a = data((1 << 20,), 3)
+    assert abs(cpu_kernels.stream_read(a) - float(a.double().sum())) < 1e-2
 
 
 @pytest.mark.parametrize("mode", ["block", "relu", "quantized", "rescaled"])
@@ -78,17 +130,23 @@ def test_nonzero_gemv_after_any_sparsifier(mode):
     assert_close_to(cpu_kernels.gemv_nonzero(xs, wt), xs, wt)
 
 
-def test_kernel_is_independent_of_thread_count():
-    wt, x = data((512, 3000), 3), data((512,), 4)
+@pytest.mark.parametrize("wdtype", WDTYPES, ids=str)
+@pytest.mark.parametrize("d,n", [(512, 3000), (4000, 300)])  # column blocks; row groups
+def test_kernel_is_independent_of_thread_count(d, n, wdtype):
+    wt, scale, _ = stored(data((d, n), 3), wdtype)
+    x = data((d,), 4)
     prev = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = cpu_kernels.gemv_topk(x, wt, 200)
+        one = cpu_kernels.gemv_topk(x, wt, d // 3, scale=scale)
         torch.set_num_threads(2)
-        two = cpu_kernels.gemv_topk(x, wt, 200)
+        two = cpu_kernels.gemv_topk(x, wt, d // 3, scale=scale)
+        torch.set_num_threads(3)  # more threads than cores
+        three = cpu_kernels.gemv_topk(x, wt, d // 3, scale=scale)
     finally:
         torch.set_num_threads(prev)
-    assert torch.equal(one, two)  # every output is summed in the same order on any thread
+    # the work split depends on the shape only: every output is summed in the same order
+    assert torch.equal(one, two) and torch.equal(one, three)
 
 
 def test_fallback_agrees_with_kernel():

@@ -238,6 +238,17 @@ def test_batched_greedy_generation_equals_one_sequence_at_a_time(lm, em):
     assert cut == text[:text.find(stop)]
 
 
+def test_generate_until_uses_the_kv_cache_and_equals_rerunning(lm):
+    """generate_until runs the KV-cache generator; its text equals the batched path that re-runs
+    the whole sequence for every token (the adapter's former implementation), stop strings and
+    end-of-document included."""
+    assert lm._inference_model() is not None
+    prompts = [lm.tok_encode(p) for p in ("In the beginning", "And God said", "")]
+    ctx = [(p or [lm.prefix_token_id]) for p in prompts]
+    for until, n in (([], 7), ([","], 9), (["the"], 6)):
+        assert lm.greedy_generate(prompts, until, n) == lm._greedy_generate_full(ctx, until, n)
+
+
 def test_sparsity_override_changes_measured_density(ckpt, lm):
     from megatron_qsparse.evaluation.lm_eval_adapter import QSparseLM
 

@@ -137,6 +137,41 @@ def test_bf16_decode_weights_stay_close():
     assert torch.allclose(got, full, atol=5e-2, rtol=0)
 
 
+@pytest.mark.parametrize("wdtype, atol", [(torch.float16, 0.1), (torch.int8, 0.2)], ids=str)
+def test_fp16_int8_decode_weights(wdtype, atol):
+    """16-bit and int8 decode weights (the LM head too): the logits equal the model with the
+    dequantized weights (fp32 summation order: 1e-4) and stay near the fp32 model (``atol``: a
+    rounded weight can move an activation across the Top-K threshold, which swaps whole rows)."""
+    from megatron_qsparse.inference import cpu_kernels
+
+    model = build(CONFIGS["topk"], ffn="swiglu", untie_embeddings_and_output_weights=True)
+    tokens = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(tokens)
+    for compiled in (True, False):
+        im = InferenceModel(build(CONFIGS["topk"], ffn="swiglu",
+                                  untie_embeddings_and_output_weights=True),
+                            weight_dtype=wdtype, compiled_step=compiled)
+        # without the compiled kernels (MEGATRON_QSPARSE_KERNELS=0) the reference runs them
+        assert (im.step is not None) == (compiled and cpu_kernels.available()), im.step_unavailable
+        assert im.head_wt.dtype == wdtype and (im.head_scale is not None) == (wdtype == torch.int8)
+        assert all(m.wt.dtype == wdtype for m in im.modules() if hasattr(m, "wt"))
+        got = cached_logits(im, tokens, prefill=4)
+        assert torch.allclose(got, full, atol=atol, rtol=0), float((got - full).abs().max())
+        # the model whose weights are the dequantized ones (what tools/evaluate.py scores)
+        from megatron_qsparse.inference.linear import round_trip_decode_weights
+        deq = build(CONFIGS["topk"], ffn="swiglu", untie_embeddings_and_output_weights=True)
+        assert round_trip_decode_weights(deq, wdtype) == 2 * 4 + 1
+        with torch.no_grad():
+            for layer, ref in zip(im.model.layers, deq.layers):
+                assert torch.equal(layer.mlp.down.weight_t().t(), ref.mlp.down.weight)
+            assert torch.equal(cpu_kernels.dequantize(im.head_wt, im.head_scale).t(),
+                               deq.output_weight())
+            exact = deq(tokens)
+        assert torch.allclose(got, exact, atol=1e-4, rtol=0), float((got - exact).abs().max())
+        assert torch.equal(got[0, 4:].argmax(-1), exact[0, 4:].argmax(-1))
+
+
 # ---------------------------------------------------------------------------------------------
 # the compiled decode step (one C++ call per token) against the layer-by-layer path
 
@@ -151,6 +186,18 @@ STEP_VARIANTS = {
     "qkv-bias-mqa": (QSparseConfig(ratio=0.7), {"groups": 1, "add_qkv_bias": True}),
     # attention width 4 x 64 = 256 > hidden 64 and > 2 x ffn: the widest Top-K input is o's
     "wide-heads-narrow-ffn": (QSparseConfig(ratio=0.5), {"kv_channels": 64, "ffn_hidden_size": 64}),
+    # the modes the step runs through a written sparse input (issue 20)
+    "int8-topk": (QSparseConfig(ratio=0.5, down_ratio=0.7, quantize_activations=True), {}),
+    "l2-rescale": (QSparseConfig(ratio=0.6, rescale="l2"), {"ffn": "swiglu"}),
+    "block-2:4": (QSparseConfig(mode="block", block="2:4"), {}),
+    "block-3:8-layernorm": (QSparseConfig(mode="block", block="3:8"),
+                            {"normalization": "LayerNorm"}),
+    "relu": (QSparseConfig(mode="relu"), {}),
+    "bitnet-dense": (QSparseConfig(mode="none", bitnet=True), {}),
+    "bitnet-topk": (QSparseConfig(ratio=0.5, bitnet=True), {"ffn": "swiglu"}),
+    "bitnet-block-int8": (QSparseConfig(mode="block", block="2:4", bitnet=True,
+                                        quantize_activations=True), {}),
+    "dense-int8": (QSparseConfig(mode="none", quantize_activations=True), {}),
 }
 
 
@@ -203,15 +250,11 @@ def test_compiled_step_bf16_weights_and_generation():
     assert a.tokens == b.tokens and a.decode_tokens == 19
 
 
-@pytest.mark.parametrize("qcfg, reason", [
-    (QSparseConfig(ratio=0.5, quantize_activations=True), "int8"),
-    (QSparseConfig(mode="block", block="2:4"), "block"),
-    (QSparseConfig(mode="relu"), "relu"),
-    (QSparseConfig(ratio=0.5, rescale="l2"), "rescale"),
-    (QSparseConfig(ratio=0.5, bitnet=True), "BitNet"),
+@pytest.mark.parametrize("qcfg, kw, reason", [
+    (QSparseConfig(ratio=0.5), {"num_experts": 2}, "MoE"),
 ])
-def test_compiled_step_falls_back_to_layers(qcfg, reason):
-    im = InferenceModel(build(qcfg))
+def test_compiled_step_falls_back_to_layers(qcfg, kw, reason):
+    im = InferenceModel(build(qcfg, **kw))
     assert im.step is None and reason in im.step_unavailable
     assert "compiled-step" not in im.decode_paths()
     out = generate(im, [1, 2, 3], 4)  # still decodes, layer by layer

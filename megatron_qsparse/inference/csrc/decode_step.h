@@ -88,12 +88,44 @@ QS_MULTIVERSION void rms_norm(const float* __restrict x, const float* __restrict
   for (int64_t i = 0; i < n; ++i) y[i] = w[i] * (x[i] * inv);
 }
 
-// One projection: its input-major weight [in, out] (fp32 or bf16), bias (or empty), and how many
-// inputs it keeps (0: every nonzero one).
+// How a projection chooses its inputs (the training sparsifier's forward, element for element):
+// optional per-token int8 fake quantization first, then a selection, then the optional L2
+// rescale; BitNet projections quantize the result to int8 again and read 2-bit ternary rows.
+enum class Select : int64_t { kNone = 0, kTopK = 1, kBlock = 2, kReLU = 3, kThreshold = 4 };
+
+// Per-token absmax int8 fake quantization, the operations of sparsity/ste.py's _fake_quant_int8 in
+// the same fp32 order: g = max|x| + eps; y = clamp(round(x · ((1/g)·127)), -128, 127) · (g/127)
+// (PyTorch's `127.0 / g` is reciprocal-then-multiply; round is to nearest even).
+QS_MULTIVERSION void fake_quant_int8(const float* x, int64_t n, float eps, float* y) {  // y may be x
+  float amax = 0.f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float g = amax + eps;
+  const float up = (1.f / g) * 127.f;
+  const float down = g / 127.f;
+  for (int64_t i = 0; i < n; ++i) {
+    float q = std::nearbyint(x[i] * up);
+    q = std::min(127.f, std::max(-128.f, q));
+    y[i] = q * down;
+  }
+}
+
+// One projection: its input-major weight [in, out] (fp32, bf16, fp16 or int8 with per-output
+// scales; for BitNet the 2-bit packed ternary rows and alpha), bias (or empty), and its selection.
 struct Projection {
-  at::Tensor wt, bias;
-  int64_t keep = 0;
+  at::Tensor wt, bias, scale;  // scale: fp32 [out] for int8 weights, else empty
+  at::Tensor packed;           // BitNet: uint8 [in, ceil(out/4)]
+  float alpha = 0.f;
+  Select select = Select::kNone;
+  int64_t keep = 0;            // Top-K: inputs kept (0 < keep < in)
+  int64_t bn = 0, bm = 0;      // Block N:M
+  float threshold = 0.f;       // |x| >= threshold kept (threshold > 0)
+  bool quantize = false, rescale = false, bitnet = false;
   int64_t in = 0, out = 0;
+  // plain Top-K or a dense projection: selection fused with the gather, no vector written
+  bool simple() const {
+    return !quantize && !rescale && !bitnet &&
+           (select == Select::kNone || select == Select::kTopK);
+  }
 };
 
 class DecodeStep {
@@ -104,23 +136,29 @@ class DecodeStep {
   DecodeStep(int64_t hidden, int64_t nq, int64_t nkv, int64_t hd, int64_t ffn, bool rmsnorm,
              double eps, bool swiglu, at::Tensor embedding, at::Tensor head_t, at::Tensor cos,
              at::Tensor sin, std::vector<at::Tensor> weights, std::vector<at::Tensor> biases,
-             std::vector<int64_t> keeps, std::vector<at::Tensor> norms)
+             std::vector<int64_t> keeps, std::vector<at::Tensor> norms,
+             std::vector<at::Tensor> scales, at::Tensor head_scale,
+             std::vector<std::vector<double>> specs, std::vector<at::Tensor> packed)
       : h_(hidden), nq_(nq), nkv_(nkv), hd_(hd), ffn_(ffn), rms_(rmsnorm),
         eps_(static_cast<float>(eps)), swiglu_(swiglu),
-        scale_(1.f / std::sqrt(static_cast<float>(hd))), emb_(embedding), head_(head_t),
+        scale_(1.f / std::sqrt(static_cast<float>(hd))), emb_(embedding), head_(head_t), head_scale_(head_scale),
         cos_(cos), sin_(sin), norms_(std::move(norms)),
         sel_(std::max({hidden, nq * hd, ffn}) + 1) {  // widest projection input
     TORCH_CHECK(nq > 0 && nkv > 0 && nq % nkv == 0 && hd % 2 == 0, "decode step: bad heads");
     TORCH_CHECK(weights.size() % 4 == 0 && weights.size() == biases.size() &&
-                    weights.size() == keeps.size(), "decode step: 4 projections per block");
+                    weights.size() == keeps.size() && weights.size() == scales.size() &&
+                    (specs.empty() || specs.size() == weights.size()) &&
+                    (packed.empty() || packed.size() == weights.size()),
+                "decode step: 4 projections per block");
     layers_ = static_cast<int64_t>(weights.size() / 4);
     TORCH_CHECK(norms_.size() == static_cast<size_t>(4 * layers_ + 2),
                 "decode step: expected ", 4 * layers_ + 2, " norm tensors, got ", norms_.size());
     check_f32(emb_, "embedding", 2);
     TORCH_CHECK(emb_.size(1) == h_, "decode step: embedding width ", emb_.size(1), " != ", h_);
     vocab_ = emb_.size(0);
-    check_f32(head_, "LM head", 2);
-    TORCH_CHECK(head_.size(0) == h_, "decode step: the LM head must be input-major [hidden, V]");
+    check_weight(head_, head_scale_, "LM head");
+    TORCH_CHECK(head_.size(0) == h_ && head_.size(1) == vocab_,
+                "decode step: the LM head must be input-major [hidden, V]");
     check_f32(cos_, "rotary cos", 2);
     check_f32(sin_, "rotary sin", 2);
     TORCH_CHECK(cos_.size(1) == hd_ && sin_.sizes() == cos_.sizes(), "decode step: rotary tables");
@@ -138,12 +176,11 @@ class DecodeStep {
       Projection p;
       p.wt = weights[i];
       p.bias = biases[i];
+      p.scale = scales[i];
       p.keep = keeps[i];
       p.in = shapes[i % 4][0];
       p.out = shapes[i % 4][1];
-      TORCH_CHECK(p.wt.dim() == 2 && p.wt.is_contiguous() && p.wt.device().is_cpu() &&
-                      (p.wt.scalar_type() == at::kFloat || p.wt.scalar_type() == at::kBFloat16),
-                  "decode step: projection weights must be contiguous CPU fp32/bf16");
+      check_weight(p.wt, p.scale, "projection");
       TORCH_CHECK(p.wt.size(0) == p.in && p.wt.size(1) == p.out, "decode step: projection ", i,
                   " is ", p.wt.sizes(), ", expected [", p.in, ", ", p.out, "] (input-major)");
       if (p.bias.numel()) {
@@ -151,9 +188,40 @@ class DecodeStep {
         TORCH_CHECK(p.bias.numel() == p.out, "decode step: bias size");
       }
       TORCH_CHECK(p.keep >= 0 && p.keep <= p.in, "decode step: keep ", p.keep, " of ", p.in);
+      p.select = p.keep > 0 && p.keep < p.in ? Select::kTopK : Select::kNone;
+      if (!specs.empty()) {
+        // [select, keep, n, m, threshold, quantize, rescale, bitnet, alpha]
+        const std::vector<double>& sp = specs[i];
+        TORCH_CHECK(sp.size() == 9, "decode step: a projection spec has 9 numbers");
+        const int64_t sel = static_cast<int64_t>(sp[0]);
+        TORCH_CHECK(sel >= 0 && sel <= 4, "decode step: unknown selection ", sel);
+        p.select = static_cast<Select>(sel);
+        p.keep = static_cast<int64_t>(sp[1]);
+        p.bn = static_cast<int64_t>(sp[2]);
+        p.bm = static_cast<int64_t>(sp[3]);
+        p.threshold = static_cast<float>(sp[4]);
+        p.quantize = sp[5] != 0;
+        p.rescale = sp[6] != 0;
+        p.bitnet = sp[7] != 0;
+        p.alpha = static_cast<float>(sp[8]);
+        if (p.select == Select::kTopK && p.keep >= p.in) p.select = Select::kNone;
+        TORCH_CHECK(p.select != Select::kTopK || p.keep >= 1, "decode step: Top-K keeps ", p.keep);
+        TORCH_CHECK(p.select != Select::kBlock ||
+                        (p.bm >= 1 && p.bn >= 1 && p.bn <= p.bm && p.in % p.bm == 0),
+                    "decode step: Block ", p.bn, ":", p.bm, " on ", p.in, " inputs");
+      }
+      if (p.bitnet) {
+        TORCH_CHECK(!packed.empty() && packed[i].scalar_type() == at::kByte &&
+                        packed[i].is_contiguous() && packed[i].dim() == 2 &&
+                        packed[i].size(0) == p.in && packed[i].size(1) == (p.out + 3) / 4,
+                    "decode step: BitNet projection ", i, " needs its packed uint8 [in, ",
+                    (p.out + 3) / 4, "] ternary rows");
+        p.packed = packed[i];
+      }
       proj_.push_back(p);
     }
     x_.resize(h_);
+    xs_.resize(std::max({h_, nq_ * hd_, ffn_}));
     a_.resize(std::max<int64_t>(h_, nq_ * hd_));
     qkv_.resize(q);
     gu_.resize(2 * ffn_);
@@ -217,7 +285,8 @@ class DecodeStep {
     norm(x, norms_[4 * layers_], norms_[4 * layers_ + 1], a_.data());
     gather_all(a_.data(), h_, all_);
     at::Tensor logits = at::empty({vocab_}, emb_.options());
-    product<float>(all_, head_.data_ptr<float>(), vocab_, nullptr, logits.data_ptr<float>());
+    product_tensor(all_, head_, vocab_, scale_ptr(head_scale_), nullptr,
+                   logits.data_ptr<float>());
     return logits;
   }
 
@@ -228,6 +297,25 @@ class DecodeStep {
     TORCH_CHECK(t.dim() == dim && t.is_contiguous() && t.device().is_cpu() &&
                     t.scalar_type() == at::kFloat,
                 "decode step: ", what, " must be a contiguous CPU fp32 tensor of ", dim, " dims");
+  }
+
+  static const float* scale_ptr(const at::Tensor& s) {
+    return s.numel() ? s.data_ptr<float>() : nullptr;
+  }
+
+  // A decode weight: contiguous CPU [in, out] fp32 / bf16 / fp16, or int8 with fp32 [out] scales.
+  static void check_weight(const at::Tensor& w, const at::Tensor& scale, const char* what) {
+    const auto t = w.scalar_type();
+    TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.device().is_cpu() &&
+                    (t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kChar),
+                "decode step: ", what, " weights must be contiguous CPU fp32/bf16/fp16/int8");
+    if (t == at::kChar) {
+      TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
+                      scale.numel() == w.size(1),
+                  "decode step: int8 ", what, " weights need fp32 [out] scales");
+    } else {
+      TORCH_CHECK(scale.numel() == 0, "decode step: a scale goes with int8 weights only");
+    }
   }
 
   void check_cache(const at::Tensor& c, const char* what) const {
@@ -252,15 +340,84 @@ class DecodeStep {
     for (int64_t i = 0; i < h_; ++i) y[i] = wp[i] * ((x[i] - mean) * inv) + bp[i];
   }
 
-  // The kept inputs of p (Top-K or nonzero), then the product over their rows.
+  // The kept inputs of p, then the product over their rows. Plain Top-K and dense projections
+  // select while gathering; every other mode writes the sparse input (xs_) first, as the layer's
+  // sparsifier does, then gathers its nonzero entries.
   void project(const Projection& p, const float* x, float* y) {
-    if (p.keep > 0 && p.keep < p.in) {
-      gather_topk(x, p.in, p.keep, sel_, kept_);
-    } else {
-      gather_nonzero(x, p.in, kept_);
-    }
     const float* b = p.bias.numel() ? p.bias.data_ptr<float>() : nullptr;
-    product_tensor(kept_, p.wt, p.out, b, y);
+    if (p.simple()) {
+      if (p.select == Select::kTopK)
+        gather_topk(x, p.in, p.keep, sel_, kept_);
+      else
+        gather_nonzero(x, p.in, kept_);
+      return product_tensor(kept_, p.wt, p.out, scale_ptr(p.scale), b, y);
+    }
+    float* xs = xs_.data();
+    const int64_t d = p.in;
+    const float* src = x;
+    if (p.quantize) {
+      fake_quant_int8(x, d, 1e-5f, xs);
+      src = xs;
+    }
+    double dense_sq = 0.0;
+    if (p.rescale)
+      for (int64_t i = 0; i < d; ++i) dense_sq += static_cast<double>(src[i]) * src[i];
+    switch (p.select) {
+      case Select::kNone:
+        if (src != xs) std::memcpy(xs, src, d * sizeof(float));
+        break;
+      case Select::kTopK: {
+        const uint32_t* bits = reinterpret_cast<const uint32_t*>(src);
+        const qsparse::Threshold<uint32_t> th = sel_.find(bits, d, p.keep);
+        for (int64_t i = 0; i < d; ++i) {
+          const uint32_t a = bits[i] & 0x7fffffffu;
+          const bool keep = (a > th.t) | ((a == th.t) & (i < th.limit));
+          xs[i] = keep ? src[i] : 0.f;
+        }
+        break;
+      }
+      case Select::kBlock: {  // the n largest |x| of every m, ties to the lower index
+        const int64_t m = p.bm;
+        blk_.resize(m);
+        for (int64_t g = 0; g < d; g += m) {
+          for (int64_t i = 0; i < m; ++i) {
+            const float ai = std::fabs(src[g + i]);
+            int64_t rank = 0;  // entries ahead of i: larger, or equal at a lower index
+            for (int64_t j = 0; j < m; ++j) {
+              const float aj = std::fabs(src[g + j]);
+              rank += (aj > ai) | ((aj == ai) & (j < i));
+            }
+            blk_[i] = rank < p.bn ? src[g + i] : 0.f;
+          }
+          std::memcpy(xs + g, blk_.data(), m * sizeof(float));  // src may be xs
+        }
+        break;
+      }
+      case Select::kReLU:
+        for (int64_t i = 0; i < d; ++i) xs[i] = src[i] > 0.f ? src[i] : 0.f;
+        break;
+      case Select::kThreshold:
+        if (p.threshold > 0.f) {
+          for (int64_t i = 0; i < d; ++i) xs[i] = std::fabs(src[i]) >= p.threshold ? src[i] : 0.f;
+        } else if (src != xs) {
+          std::memcpy(xs, src, d * sizeof(float));
+        }
+        break;
+    }
+    if (p.rescale) {  // ||x|| / ||x_kept|| (1 when nothing is kept), as sparsity/ste.py l2_scale
+      double kept_sq = 0.0;
+      for (int64_t i = 0; i < d; ++i) kept_sq += static_cast<double>(xs[i]) * xs[i];
+      const float dense = static_cast<float>(std::sqrt(dense_sq));
+      const float kept = static_cast<float>(std::sqrt(kept_sq));
+      const float s = kept > 0.f ? dense / std::max(kept, 1e-30f) : 1.f;
+      for (int64_t i = 0; i < d; ++i) xs[i] *= s;
+    }
+    if (p.bitnet) fake_quant_int8(xs, d, 1e-5f, xs);
+    gather_nonzero(xs, d, kept_);
+    if (p.bitnet)
+      return product_ternary(kept_, p.packed.data_ptr<uint8_t>(), p.out, p.packed.size(1),
+                             p.alpha, b, y);
+    product_tensor(kept_, p.wt, p.out, scale_ptr(p.scale), b, y);
   }
 
   // RoPE in place on `heads` heads of hd features at position pos (rotate_half convention).
@@ -283,12 +440,12 @@ class DecodeStep {
   float eps_;
   bool swiglu_;
   float scale_;
-  at::Tensor emb_, head_, cos_, sin_;
+  at::Tensor emb_, head_, head_scale_, cos_, sin_;
   std::vector<at::Tensor> norms_;
   std::vector<Projection> proj_;
   qsparse::TopKSelect<uint32_t> sel_;
   Kept kept_, all_;
-  std::vector<float> x_, a_, qkv_, gu_, tmp_, scores_;
+  std::vector<float> x_, xs_, blk_, a_, qkv_, gu_, tmp_, scores_;
 };
 
 }  // namespace qsparse_gemv

@@ -50,52 +50,218 @@ inline float bf16_to_float(uint16_t b) {
   return f;
 }
 
+// IEEE half -> float (scalar tails and the baseline path; the vector paths use F16C).
+inline float fp16_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+  if (exp == 0x1f) {
+    u = sign | 0x7f800000u | (man << 13);  // inf / NaN
+  } else if (exp != 0) {
+    u = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    u = sign;
+  } else {  // subnormal half: normalize
+    int e = -1;
+    do {
+      man <<= 1;
+      ++e;
+    } while (!(man & 0x400u));
+    u = sign | ((112 - e) << 23) | ((man & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// Weight storage types. fp16 is a distinct type from bf16 (both are 16-bit words).
+struct Half16 { uint16_t bits; };
+static_assert(sizeof(Half16) == 2, "Half16 must be a 16-bit word");
+
 template <typename WT> inline float wload(const WT* p, int64_t c);
 template <> inline float wload<float>(const float* p, int64_t c) { return p[c]; }
 template <> inline float wload<uint16_t>(const uint16_t* p, int64_t c) {
   return bf16_to_float(p[c]);
 }
+template <> inline float wload<Half16>(const Half16* p, int64_t c) {
+  return fp16_to_float(p[c].bits);
+}
+template <> inline float wload<int8_t>(const int8_t* p, int64_t c) {
+  return static_cast<float>(p[c]);
+}
 
-// acc[0:len) = sum_r val[r] * w[idx[r]·ld + c0 + (0:len)]. Rows go four at a time; while one
-// group is summed, the next group's segments are prefetched line by line (into L2), so the
-// memory system always has the next rows in flight when the current ones are done.
+// Outputs accumulated per run of one kept row: every row segment read is 8 KB of weights
+// (4 KB for int8) and the fp32 accumulator (8-16 KB) stays in L1.
+template <typename WT> constexpr int64_t chunk_cols() { return sizeof(WT) == 4 ? 2048 : 4096; }
+
+// ---------------------------------------------------------------------------------------------
+// The inner loop: acc[0:len) = sum_r val[r] * w[idx[r]·ld + c0 + (0:len)] over nk kept rows.
+//
+// Rows go eight at a time: one pass over the accumulator per eight weight streams (for int8 weights
+// the accumulator would otherwise cost more traffic than the weights). Each step covers 4 vectors
+// of outputs (64 with AVX-512) with four independent accumulators in registers, so a step is
+// 8 rows x 4 wide loads (one cache line of fp32 per row and vector); no software prefetch: every
+// row segment is a long sequential run that the hardware prefetchers follow (measured: explicit
+// prefetches of the next rows cost bandwidth on this CPU). Written with intrinsics per ISA.
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define QS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+#define QS_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+// Vector traits: load 16 (AVX-512) / 8 (AVX2) weights of type WT as fp32.
+struct V512 {
+  using vec = __m512;
+  static constexpr int kW = 16;
+  QS_AVX512 static inline vec zero() { return _mm512_setzero_ps(); }
+  QS_AVX512 static inline vec set1(float v) { return _mm512_set1_ps(v); }
+  QS_AVX512 static inline vec ld(const float* p) { return _mm512_loadu_ps(p); }
+  QS_AVX512 static inline void st(float* p, vec v) { _mm512_storeu_ps(p, v); }
+  QS_AVX512 static inline vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+  QS_AVX512 static inline vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
+  QS_AVX512 static inline float hsum(vec a) { return _mm512_reduce_add_ps(a); }
+  QS_AVX512 static inline vec w(const float* p) { return _mm512_loadu_ps(p); }
+  QS_AVX512 static inline vec w(const uint16_t* p) {
+    const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+  }
+  QS_AVX512 static inline vec w(const Half16* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  QS_AVX512 static inline vec w(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+};
+
+struct V256 {
+  using vec = __m256;
+  static constexpr int kW = 8;
+  QS_AVX2 static inline vec zero() { return _mm256_setzero_ps(); }
+  QS_AVX2 static inline vec set1(float v) { return _mm256_set1_ps(v); }
+  QS_AVX2 static inline vec ld(const float* p) { return _mm256_loadu_ps(p); }
+  QS_AVX2 static inline void st(float* p, vec v) { _mm256_storeu_ps(p, v); }
+  QS_AVX2 static inline vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+  QS_AVX2 static inline vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
+  QS_AVX2 static inline float hsum(vec a) {
+    const __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 1)));
+  }
+  QS_AVX2 static inline vec w(const float* p) { return _mm256_loadu_ps(p); }
+  QS_AVX2 static inline vec w(const uint16_t* p) {
+    const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+  }
+  QS_AVX2 static inline vec w(const Half16* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  QS_AVX2 static inline vec w(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+};
+
+// R rows (R <= 8) into acc over [0, len): vector steps of 4·kW, then kW, then scalar.
+#define QS_ROWS_KERNEL(TARGET, V)                                                                \
+  template <int R, typename WT>                                                                  \
+  TARGET inline void rows_##V(const WT* const* p, const float* v, int64_t len, float* acc) {    \
+    constexpr int kW = V::kW;                                                                    \
+    typename V::vec vv[R];                                                                       \
+    for (int i = 0; i < R; ++i) vv[i] = V::set1(v[i]);                                           \
+    int64_t j = 0;                                                                               \
+    for (; j + 4 * kW <= len; j += 4 * kW) {                                                     \
+      typename V::vec a0 = V::ld(acc + j), a1 = V::ld(acc + j + kW);                             \
+      typename V::vec a2 = V::ld(acc + j + 2 * kW), a3 = V::ld(acc + j + 3 * kW);                \
+      for (int i = 0; i < R; ++i) {                                                              \
+        a0 = V::fma(vv[i], V::w(p[i] + j), a0);                                                  \
+        a1 = V::fma(vv[i], V::w(p[i] + j + kW), a1);                                             \
+        a2 = V::fma(vv[i], V::w(p[i] + j + 2 * kW), a2);                                         \
+        a3 = V::fma(vv[i], V::w(p[i] + j + 3 * kW), a3);                                         \
+      }                                                                                          \
+      V::st(acc + j, a0);                                                                        \
+      V::st(acc + j + kW, a1);                                                                   \
+      V::st(acc + j + 2 * kW, a2);                                                               \
+      V::st(acc + j + 3 * kW, a3);                                                               \
+    }                                                                                            \
+    for (; j + kW <= len; j += kW) {                                                             \
+      typename V::vec a0 = V::ld(acc + j);                                                       \
+      for (int i = 0; i < R; ++i) a0 = V::fma(vv[i], V::w(p[i] + j), a0);                        \
+      V::st(acc + j, a0);                                                                        \
+    }                                                                                            \
+    for (; j < len; ++j) {                                                                       \
+      float a = acc[j];                                                                          \
+      for (int i = 0; i < R; ++i) a += v[i] * wload(p[i], j);                                    \
+      acc[j] = a;                                                                                \
+    }                                                                                            \
+  }                                                                                              \
+  template <typename WT>                                                                         \
+  TARGET void block_##V(const float* val, const int64_t* idx, int64_t nk, const WT* w,         \
+                        int64_t ld, int64_t c0, int64_t len, float* acc) {                      \
+    for (int64_t c = 0; c < len; ++c) acc[c] = 0.f;                                              \
+    const WT* p[8];                                                                              \
+    int64_t r = 0;                                                                               \
+    for (; r + 8 <= nk; r += 8) {                                                                \
+      for (int i = 0; i < 8; ++i) p[i] = w + idx[r + i] * ld + c0;                               \
+      rows_##V<8, WT>(p, val + r, len, acc);                                                     \
+    }                                                                                            \
+    if (r + 4 <= nk) {                                                                           \
+      for (int i = 0; i < 4; ++i) p[i] = w + idx[r + i] * ld + c0;                               \
+      rows_##V<4, WT>(p, val + r, len, acc);                                                     \
+      r += 4;                                                                                    \
+    }                                                                                            \
+    for (; r < nk; ++r) {                                                                        \
+      p[0] = w + idx[r] * ld + c0;                                                               \
+      rows_##V<1, WT>(p, val + r, len, acc);                                                     \
+    }                                                                                            \
+  }                                                                                              \
+  TARGET inline float sum_##V(const float* a, int64_t n) {                                       \
+    typename V::vec s0 = V::zero(), s1 = V::zero(), s2 = V::zero(), s3 = V::zero();              \
+    int64_t i = 0;                                                                               \
+    for (; i + 4 * V::kW <= n; i += 4 * V::kW) {                                                 \
+      s0 = V::add(s0, V::ld(a + i));                                                             \
+      s1 = V::add(s1, V::ld(a + i + V::kW));                                                     \
+      s2 = V::add(s2, V::ld(a + i + 2 * V::kW));                                                 \
+      s3 = V::add(s3, V::ld(a + i + 3 * V::kW));                                                 \
+    }                                                                                            \
+    float s = V::hsum(V::add(V::add(s0, s1), V::add(s2, s3)));                                   \
+    for (; i < n; ++i) s += a[i];                                                                \
+    return s;                                                                                    \
+  }
+QS_ROWS_KERNEL(QS_AVX512, V512)
+QS_ROWS_KERNEL(QS_AVX2, V256)
+#undef QS_ROWS_KERNEL
+#endif
+
+// Baseline x86-64 / other architectures: the same order of work in plain loops.
 template <typename WT>
-inline __attribute__((always_inline)) void dense_block(const float* __restrict val,
-                                                       const int64_t* __restrict idx, int64_t nk,
-                                                       const WT* __restrict w, int64_t ld,
-                                                       int64_t c0, int64_t len,
-                                                       float* __restrict acc) {
-  constexpr int64_t kLine = 64 / sizeof(WT);  // weights per cache line
+void block_base(const float* val, const int64_t* idx, int64_t nk, const WT* w, int64_t ld,
+                int64_t c0, int64_t len, float* acc) {
   for (int64_t c = 0; c < len; ++c) acc[c] = 0.f;
   int64_t r = 0;
   for (; r + 4 <= nk; r += 4) {
-    const WT* __restrict p0 = w + idx[r] * ld + c0;
-    const WT* __restrict p1 = w + idx[r + 1] * ld + c0;
-    const WT* __restrict p2 = w + idx[r + 2] * ld + c0;
-    const WT* __restrict p3 = w + idx[r + 3] * ld + c0;
-    const int64_t nx = r + 8 <= nk ? r + 4 : r;  // the next group (itself at the end: harmless)
-    const WT* q0 = w + idx[nx] * ld + c0;
-    const WT* q1 = w + idx[nx + 1] * ld + c0;
-    const WT* q2 = w + idx[nx + 2] * ld + c0;
-    const WT* q3 = w + idx[nx + 3] * ld + c0;
+    const WT* p0 = w + idx[r] * ld + c0;
+    const WT* p1 = w + idx[r + 1] * ld + c0;
+    const WT* p2 = w + idx[r + 2] * ld + c0;
+    const WT* p3 = w + idx[r + 3] * ld + c0;
     const float v0 = val[r], v1 = val[r + 1], v2 = val[r + 2], v3 = val[r + 3];
-    int64_t c = 0;
-    for (; c + kLine <= len; c += kLine) {
-      __builtin_prefetch(q0 + c, 0, 1);
-      __builtin_prefetch(q1 + c, 0, 1);
-      __builtin_prefetch(q2 + c, 0, 1);
-      __builtin_prefetch(q3 + c, 0, 1);
-      for (int64_t j = c; j < c + kLine; ++j)
-        acc[j] += (v0 * wload(p0, j) + v1 * wload(p1, j)) + (v2 * wload(p2, j) + v3 * wload(p3, j));
-    }
-    for (; c < len; ++c)
+    for (int64_t c = 0; c < len; ++c)
       acc[c] += (v0 * wload(p0, c) + v1 * wload(p1, c)) + (v2 * wload(p2, c) + v3 * wload(p3, c));
   }
   for (; r < nk; ++r) {
-    const WT* __restrict p0 = w + idx[r] * ld + c0;
-    const float v0 = val[r];
-    for (int64_t c = 0; c < len; ++c) acc[c] += v0 * wload(p0, c);
+    const WT* p0 = w + idx[r] * ld + c0;
+    for (int64_t c = 0; c < len; ++c) acc[c] += val[r] * wload(p0, c);
   }
+}
+
+inline float sum_base(const float* a, int64_t n) {
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    s0 += a[i];
+    s1 += a[i + 1];
+    s2 += a[i + 2];
+    s3 += a[i + 3];
+  }
+  for (; i < n; ++i) s0 += a[i];
+  return (s0 + s1) + (s2 + s3);
 }
 
 // Ternary rows packed 4 per byte: byte b of a row holds the codes (t + 1, t in {-1, 0, 1}) of
@@ -137,13 +303,8 @@ inline __attribute__((always_inline)) void ternary_block(const float* __restrict
   }
 }
 
-// The same loops compiled for three instruction sets; picked once by the CPU's features.
+// The ternary loops compiled for three instruction sets; picked once by the CPU's features.
 #define QS_CLONES(NAME, TARGET)                                                                  \
-  template <typename WT>                                                                         \
-  TARGET void NAME##_dense(const float* val, const int64_t* idx, int64_t nk, const WT* w,       \
-                           int64_t ld, int64_t c0, int64_t len, float* acc) {                   \
-    dense_block<WT>(val, idx, nk, w, ld, c0, len, acc);                                          \
-  }                                                                                              \
   TARGET void NAME##_ternary(const float* val, const int64_t* idx, int64_t nk, const uint8_t* w, \
                              int64_t ld, int64_t b0, int64_t len, float* acc) {                 \
     ternary_block(val, idx, nk, w, ld, b0, len, acc);                                            \
@@ -159,9 +320,11 @@ Isa detect_isa() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl"))
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("f16c"))
     return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c"))
+    return Isa::kAvx2;
 #endif
   return Isa::kBase;
 }
@@ -172,9 +335,21 @@ template <typename WT>
 void run_dense(const float* val, const int64_t* idx, int64_t nk, const WT* w, int64_t ld,
                int64_t c0, int64_t len, float* acc) {
   switch (kIsa) {
-    case Isa::kAvx512: return avx512_dense<WT>(val, idx, nk, w, ld, c0, len, acc);
-    case Isa::kAvx2: return avx2_dense<WT>(val, idx, nk, w, ld, c0, len, acc);
-    default: return base_dense<WT>(val, idx, nk, w, ld, c0, len, acc);
+#if defined(__x86_64__) || defined(__i386__)
+    case Isa::kAvx512: return block_V512<WT>(val, idx, nk, w, ld, c0, len, acc);
+    case Isa::kAvx2: return block_V256<WT>(val, idx, nk, w, ld, c0, len, acc);
+#endif
+    default: return block_base<WT>(val, idx, nk, w, ld, c0, len, acc);
+  }
+}
+
+inline float run_sum(const float* a, int64_t n) {
+  switch (kIsa) {
+#if defined(__x86_64__) || defined(__i386__)
+    case Isa::kAvx512: return sum_V512(a, n);
+    case Isa::kAvx2: return sum_V256(a, n);
+#endif
+    default: return sum_base(a, n);
   }
 }
 
@@ -346,33 +521,135 @@ void for_blocks(int64_t units, int64_t macs_per_unit, Fn fn) {
   Pool::get().run(units, block, threads, fn);
 }
 
-// y[0:n) = W_kept^T val (+ bias), W input-major [d, n] of type WT.
+// The work split of one product, a pure function of its shape (never of the thread count, so
+// every output is summed in the same order however many threads run and however they interleave):
+//
+// * column blocks of chunk_cols<WT>() outputs (an 8 KB run of weights per kept row, 4 KB for
+//   int8), each summed over its rows in an L1-resident accumulator;
+// * when there are fewer than kUnits column blocks (narrow outputs: o, down, 16-bit weights), the
+//   kept rows are also cut into `groups` contiguous ranges, each summed into its own row of a
+//   partial buffer, and the partials added in group order at the end (G·n floats, < 1% of the
+//   weight bytes).
+//
+// Work units (group, block) are handed out by the pool's shared counter (see Pool): a thread that
+// another process holds off its core leaves its units to the others; the product waits for units,
+// not threads. Products under kParallelMacs run on the calling thread in one group.
+constexpr int64_t kUnits = 16;              // work units per product (>= 8 per thread at 2 threads)
+constexpr int64_t kParallelMacs = 1 << 16;  // below: calling thread only
+constexpr int64_t kMinGroupRows = 16;       // rows per group at least
+
+struct Split {
+  int64_t cols = 0, blocks = 0, groups = 1;
+};
+
 template <typename WT>
-void product(const Kept& kept, const WT* w, int64_t n, const float* bias, float* y) {
-  const int64_t nk = kept.n;
-  const int64_t units = (n + kAlign - 1) / kAlign;
-  for_blocks(units, nk * kAlign, [&](int64_t ub, int64_t ue) {
-    float acc[kChunk];
-    const int64_t end = std::min(n, ue * kAlign);
-    for (int64_t c = ub * kAlign; c < end; c += kChunk) {
-      const int64_t len = std::min(kChunk, end - c);
-      run_dense<WT>(kept.val.data(), kept.idx.data(), nk, w, n, c, len, acc);
-      for (int64_t j = 0; j < len; ++j) y[c + j] = acc[j] + (bias ? bias[c + j] : 0.f);
-    }
-  });
+inline Split split_for(int64_t nk, int64_t n) {
+  Split sp;
+  sp.cols = chunk_cols<WT>();
+  sp.blocks = std::max<int64_t>(1, (n + sp.cols - 1) / sp.cols);
+  if (nk * n >= kParallelMacs && sp.blocks < kUnits)
+    sp.groups = std::max<int64_t>(
+        1, std::min((kUnits + sp.blocks - 1) / sp.blocks, nk / kMinGroupRows));
+  return sp;
 }
 
-// product() on a weight tensor of either storage type (fp32, or bf16 read as its raw bits).
-inline void product_tensor(const Kept& kept, const at::Tensor& w, int64_t n, const float* bias,
-                           float* y) {
-  if (w.scalar_type() == at::kFloat) {
-    product<float>(kept, w.data_ptr<float>(), n, bias, y);
-  } else if (w.scalar_type() == at::kBFloat16) {
-    product<uint16_t>(kept, static_cast<const uint16_t*>(w.const_data_ptr()), n, bias, y);
-  } else {
-    TORCH_CHECK(false, "sparse gemv: weight dtype must be float32 or bfloat16, got ",
-                w.scalar_type());
+inline std::vector<float>& partial_buffer() {
+  static thread_local std::vector<float> buf;
+  return buf;
+}
+
+// y[0:n) = scale ⊙ (W_kept^T val) (+ bias), W input-major [d, n] of type WT; scale may be null
+// (int8 weights: one fp32 scale per output, applied to the finished sum).
+template <typename WT>
+void product(const Kept& kept, const WT* w, int64_t n, const float* scale, const float* bias,
+             float* y) {
+  const int64_t nk = kept.n;
+  const Split sp = split_for<WT>(nk, n);
+  const int64_t units = sp.groups * sp.blocks;
+  float* part = nullptr;
+  if (sp.groups > 1) {
+    auto& buf = partial_buffer();
+    if (static_cast<int64_t>(buf.size()) < sp.groups * n) buf.resize(sp.groups * n);
+    part = buf.data();
   }
+  auto finish = [&](int64_t c, int64_t len, const float* acc) {
+    for (int64_t j = 0; j < len; ++j) {
+      const float a = scale ? acc[j] * scale[c + j] : acc[j];
+      y[c + j] = bias ? a + bias[c + j] : a;
+    }
+  };
+  auto fn = [&](int64_t ub, int64_t ue) {
+    alignas(64) float acc[4096];
+    for (int64_t u = ub; u < ue; ++u) {
+      const int64_t g = u / sp.blocks, b = u % sp.blocks;
+      const int64_t r0 = nk * g / sp.groups, r1 = nk * (g + 1) / sp.groups;
+      const int64_t c = b * sp.cols, len = std::min(sp.cols, n - c);
+      if (len <= 0) continue;
+      run_dense<WT>(kept.val.data() + r0, kept.idx.data() + r0, r1 - r0, w, n, c, len, acc);
+      if (part)
+        std::memcpy(part + g * n + c, acc, len * sizeof(float));
+      else
+        finish(c, len, acc);
+    }
+  };
+  const int64_t threads =
+      nk * n >= kParallelMacs ? std::min<int64_t>(at::get_num_threads(), units) : 1;
+  Pool::get().run(units, 1, threads, fn);
+  if (part) {
+    for (int64_t c = 0; c < n; c += 4096) {
+      const int64_t len = std::min<int64_t>(4096, n - c);
+      alignas(64) float acc[4096];
+      std::memcpy(acc, part + c, len * sizeof(float));
+      for (int64_t g = 1; g < sp.groups; ++g) {
+        const float* pg = part + g * n + c;
+        for (int64_t j = 0; j < len; ++j) acc[j] += pg[j];
+      }
+      finish(c, len, acc);
+    }
+  }
+}
+
+// Bytes of weights a product over nk kept rows reads (for bandwidth accounting).
+inline int64_t weight_bytes(int64_t nk, int64_t n, int64_t elem) { return nk * n * elem; }
+
+// product() on a weight tensor of any storage type: fp32, bf16 and fp16 (raw 16-bit words),
+// int8 (with `scale`, fp32 [n]).
+inline void product_tensor(const Kept& kept, const at::Tensor& w, int64_t n, const float* scale,
+                           const float* bias, float* y) {
+  switch (w.scalar_type()) {
+    case at::kFloat:
+      return product<float>(kept, w.data_ptr<float>(), n, nullptr, bias, y);
+    case at::kBFloat16:
+      return product<uint16_t>(kept, static_cast<const uint16_t*>(w.const_data_ptr()), n,
+                               nullptr, bias, y);
+    case at::kHalf:
+      return product<Half16>(kept, static_cast<const Half16*>(w.const_data_ptr()), n, nullptr,
+                             bias, y);
+    case at::kChar:
+      TORCH_CHECK(scale != nullptr, "sparse gemv: int8 weights need their per-output scales");
+      return product<int8_t>(kept, static_cast<const int8_t*>(w.const_data_ptr()), n, scale,
+                             bias, y);
+    default:
+      TORCH_CHECK(false, "sparse gemv: weight dtype must be float32, bfloat16, float16 or int8, "
+                  "got ", w.scalar_type());
+  }
+}
+
+// A STREAM-like read: the sum of a [m] fp32 buffer on the same threads and work split as the
+// products (blocks of 256 KB from the shared counter, four vector accumulators each) - the
+// memory bandwidth the products are compared with.
+inline float stream_read(const float* a, int64_t m) {
+  constexpr int64_t kBlock = 1 << 16;  // floats
+  const int64_t units = (m + kBlock - 1) / kBlock;
+  std::vector<float> part(units);
+  auto fn = [&](int64_t ub, int64_t ue) {
+    for (int64_t u = ub; u < ue; ++u)
+      part[u] = run_sum(a + u * kBlock, std::min(kBlock, m - u * kBlock));
+  };
+  Pool::get().run(units, 1, std::min<int64_t>(at::get_num_threads(), units), fn);
+  float s = 0.f;
+  for (float v : part) s += v;
+  return s;
 }
 
 // Ternary: packed [d, P] with P = ceil(n / 4); y = alpha · (T_kept^T val) (+ bias).

@@ -9,16 +9,18 @@
 //   gemv_topk     fused: exact Top-K of |x| (topk_select.h, the selection of the training
 //                 sparsifier, ties to the lower index), then the sparse product;
 //   gemv_nonzero  any sparsifier: the kept set is the nonzero entries of an already sparse x;
+//   gemv_* take fp32, bf16, fp16 or int8 weights (int8: with a per-output fp32 scale);
 //   gemv_ternary  BitNet b1.58: 2-bit packed ternary weights (4 per byte), times alpha;
 //   DecodeStep    a whole token of the model in one call (decode_step.h).
 //
 // The machinery (gathers, products, ISA dispatch, thread pool) is in gemv_core.h; this file holds
 // the tensor-level entry points and the Python bindings, and is the one translation unit.
 //
-// Work split: threads take blocks of outputs from a shared counter (no reduction between threads;
-// see Pool in gemv_core.h for why not OpenMP). Inside a block, runs of up to kChunk outputs are accumulated
-// in an L1-resident buffer over the kept rows, four rows at a time (four weight streams in flight,
-// a quarter of the accumulator traffic), prefetching the next four rows.
+// Work split: threads take (row group, column block) units from a shared counter; the split is a
+// function of the shape only (see product() in gemv_core.h), never of the thread count, so results
+// do not depend on it (see Pool in gemv_core.h for why not OpenMP). Inside a unit, runs of 2048-4096
+// outputs are accumulated in an L1-resident buffer over the unit's kept rows, eight rows at a time
+// (eight long sequential weight streams, an eighth of the accumulator traffic).
 // The inner loops are compiled three times (AVX-512, AVX2+FMA, baseline x86-64) and picked at
 // run time, so the cached binary still runs on any x86-64 CPU; the build flags have no -march.
 
@@ -48,38 +50,55 @@ const float* bias_ptr(const c10::optional<at::Tensor>& bias, int64_t n, at::Tens
   return keep.data_ptr<float>();
 }
 
+// Per-output scales of int8 weights (fp32 [n]); none for float weights.
+const float* scale_ptr(const at::Tensor& w, const c10::optional<at::Tensor>& scale, int64_t n) {
+  const bool has = scale.has_value() && scale->defined();
+  if (w.scalar_type() != at::kChar) {
+    TORCH_CHECK(!has, "sparse gemv: a scale goes with int8 weights only");
+    return nullptr;
+  }
+  TORCH_CHECK(has, "sparse gemv: int8 weights need their per-output scales");
+  TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->is_contiguous() &&
+                  scale->device().is_cpu() && scale->numel() == n,
+              "sparse gemv: the scale must be a contiguous CPU fp32 tensor of ", n, " entries");
+  return scale->data_ptr<float>();
+}
+
 // Shared driver: for each row of x, select the kept set with `select`, then the product.
 template <typename Select>
 at::Tensor run_rows(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
-                    Select select) {
+                    const c10::optional<at::Tensor>& scale, Select select) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(),
               "sparse gemv: the weight must be a contiguous CPU [in, out] tensor");
   const int64_t d = w.size(0), n = w.size(1);
   at::Tensor xr = as_rows(x, d, "sparse gemv");
   at::Tensor bkeep;
   const float* b = bias_ptr(bias, n, bkeep);
+  const float* sc = scale_ptr(w, scale, n);
   at::Tensor y = at::empty({xr.size(0), n}, xr.options());
   Kept kept;
   for (int64_t r = 0; r < xr.size(0); ++r) {
     select(xr.data_ptr<float>() + r * d, d, kept);
-    product_tensor(kept, w, n, b, y.data_ptr<float>() + r * n);
+    product_tensor(kept, w, n, sc, b, y.data_ptr<float>() + r * n);
   }
   return y;
 }
 
 at::Tensor gemv_topk(const at::Tensor& x, const at::Tensor& w, int64_t k,
-                     const c10::optional<at::Tensor>& bias) {
+                     const c10::optional<at::Tensor>& bias,
+                     const c10::optional<at::Tensor>& scale) {
   const int64_t d = w.size(0);
   TORCH_CHECK(k >= 1 && k < d, "gemv_topk: need 1 <= k < d, got k=", k, ", d=", d);
   qsparse::TopKSelect<uint32_t> sel(d);
-  return run_rows(x, w, bias, [&](const float* xr, int64_t dd, Kept& kept) {
+  return run_rows(x, w, bias, scale, [&](const float* xr, int64_t dd, Kept& kept) {
     gather_topk(xr, dd, k, sel, kept);
   });
 }
 
 at::Tensor gemv_nonzero(const at::Tensor& x, const at::Tensor& w,
-                        const c10::optional<at::Tensor>& bias) {
-  return run_rows(x, w, bias, [](const float* xr, int64_t d, Kept& kept) {
+                        const c10::optional<at::Tensor>& bias,
+                        const c10::optional<at::Tensor>& scale) {
+  return run_rows(x, w, bias, scale, [](const float* xr, int64_t d, Kept& kept) {
     gather_nonzero(xr, d, kept);
   });
 }
@@ -104,6 +123,13 @@ at::Tensor gemv_ternary(const at::Tensor& x, const at::Tensor& packed, int64_t n
   return y;
 }
 
+// STREAM-like read of an fp32 buffer (see gemv_core.h); returns its sum.
+double stream_read_tensor(const at::Tensor& a) {
+  TORCH_CHECK(a.scalar_type() == at::kFloat && a.is_contiguous() && a.device().is_cpu(),
+              "stream_read: expected a contiguous CPU fp32 tensor");
+  return stream_read(a.data_ptr<float>(), a.numel());
+}
+
 std::string isa_name() {
   switch (kIsa) {
     case Isa::kAvx512: return "avx512";
@@ -116,9 +142,12 @@ std::string isa_name() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("gemv_topk", &gemv_topk, "Top-K of |x| (ties to the lower index) then sparse GEMV",
-          pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("k"), pybind11::arg("bias"));
+          pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("k"), pybind11::arg("bias"),
+          pybind11::arg("scale") = pybind11::none());
   mod.def("gemv_nonzero", &gemv_nonzero, "Sparse GEMV over the nonzero inputs", pybind11::arg("x"),
-          pybind11::arg("w"), pybind11::arg("bias"));
+          pybind11::arg("w"), pybind11::arg("bias"), pybind11::arg("scale") = pybind11::none());
+  mod.def("stream_read", &stream_read_tensor, "STREAM-like read of an fp32 buffer (its sum)",
+          pybind11::arg("a"));
   mod.def("gemv_ternary", &gemv_ternary, "Sparse GEMV over 2-bit packed ternary weights",
           pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("n"), pybind11::arg("alpha"),
           pybind11::arg("bias"));
@@ -126,12 +155,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   pybind11::class_<DecodeStep>(mod, "DecodeStep", "One token of the whole model (decode_step.h)")
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, bool, double, bool,
                           at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>,
-                          std::vector<at::Tensor>, std::vector<int64_t>, std::vector<at::Tensor>>(),
+                          std::vector<at::Tensor>, std::vector<int64_t>, std::vector<at::Tensor>,
+                          std::vector<at::Tensor>, at::Tensor, std::vector<std::vector<double>>,
+                          std::vector<at::Tensor>>(),
            pybind11::arg("hidden"), pybind11::arg("nq"), pybind11::arg("nkv"), pybind11::arg("hd"),
            pybind11::arg("ffn"), pybind11::arg("rmsnorm"), pybind11::arg("eps"),
            pybind11::arg("swiglu"), pybind11::arg("embedding"), pybind11::arg("head_t"),
            pybind11::arg("cos"), pybind11::arg("sin"), pybind11::arg("weights"),
-           pybind11::arg("biases"), pybind11::arg("keeps"), pybind11::arg("norms"))
+           pybind11::arg("biases"), pybind11::arg("keeps"), pybind11::arg("norms"),
+           pybind11::arg("scales"), pybind11::arg("head_scale"),
+           pybind11::arg("specs") = std::vector<std::vector<double>>(),
+           pybind11::arg("packed") = std::vector<at::Tensor>())
       .def("step", &DecodeStep::step, "Logits [V] of one token at one position",
            pybind11::arg("token"), pybind11::arg("pos"), pybind11::arg("k_cache"),
            pybind11::arg("v_cache"))

@@ -112,6 +112,15 @@ class SparsityMethod:
         projection (it then decodes by sparsify + nonzero GEMV)."""
         return f"--qsparse-mode {self.name}"
 
+    def decode_step_op(self, sp: "nn.Module", d: int) -> dict | str:
+        """For the compiled decode step (``inference/csrc/decode_step.h``): the selection it runs
+        on ``d`` inputs, as ``{"op": "none" | "topk" | "block" | "relu" | "threshold", ...}``
+        (``k`` for topk, ``n``/``m`` for block, ``t`` for threshold; ``rescale``: the L2 rescale
+        the method applies after selecting), or why it cannot (the layer-by-layer path then runs
+        the projection). The int8 pre-quantization (``sp.quantize``) is applied before it, as
+        :meth:`Sparsifier.forward` does, whatever the method."""
+        return f"--qsparse-mode {self.name}"
+
     def extra_repr(self, sp: "nn.Module") -> str:
         return ""
 

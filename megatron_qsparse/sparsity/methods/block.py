@@ -83,6 +83,11 @@ class Block(SparsityMethod):
     def sparsify(self, x, sp, stats):
         return block_sparsify(x, self.n, self.m, ste=sp.ste, stats=stats)
 
+    def decode_step_op(self, sp, d):
+        if d % self.m:
+            return f"--qsparse-block {self.n}:{self.m} on {d} inputs"
+        return {"op": "block", "n": self.n, "m": self.m}
+
     def sparsify_sharded(self, x, sp, row):
         if x.shape[-1] % self.m:
             raise ValueError(f"--qsparse-block {self.n}:{self.m}: the {self.kind} projection's "

@@ -24,3 +24,6 @@ class Dense(SparsityMethod):
 
     def decode_keep(self, sp, d):
         return "int8 quantized input" if sp.quantize else 0
+
+    def decode_step_op(self, sp, d):
+        return {"op": "none"}

@@ -17,6 +17,9 @@ class ReLU(SparsityMethod):
     def describe(cls, q) -> str:
         return "relu" + (" int8" if q.quantize_activations else "")
 
+    def decode_step_op(self, sp, d):
+        return {"op": "relu"}
+
     def sparsify(self, x, sp, stats):
         y = F.relu(x)
         if stats is not None:

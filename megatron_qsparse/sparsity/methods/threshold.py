@@ -102,6 +102,9 @@ class Threshold(SparsityMethod):
     def decode_keep(self, sp, d):
         return "magnitude threshold (a varying number kept per token)"
 
+    def decode_step_op(self, sp, d):
+        return {"op": "threshold", "t": self.threshold(sp)}
+
     def extra_repr(self, sp):
         return f"ratio={self.ratio}, threshold={self.threshold(sp):.4g}, ste={sp.ste}"
 

@@ -227,6 +227,12 @@ class TopK(SparsityMethod):
             return f"Top-K with --qsparse-rescale {sp.rescale}"
         return self.keep(sp, d)
 
+    def decode_step_op(self, sp, d):
+        k = self.keep(sp, d)
+        if k >= d:  # topk_sparsify passes x through unchanged (no rescale either)
+            return {"op": "none"}
+        return {"op": "topk", "k": k, "rescale": sp.rescale == "l2"}
+
     def extra_repr(self, sp):
         return f"ratio={self.ratio}, ste={sp.ste}, rescale={sp.rescale}"
 
