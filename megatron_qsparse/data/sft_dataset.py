@@ -94,17 +94,23 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+def check_split(tokens: IndexedDataset, mask: IndexedDataset, document_ids: np.ndarray,
+                name: str) -> None:
+    """ValueError unless the tokens and the loss mask agree and the split holds samples."""
+    if len(tokens) != len(mask):
+        raise ValueError(f"{tokens.prefix} has {len(tokens)} samples but its loss mask "
+                         f"{mask.prefix} has {len(mask)}; preprocess them again")
+    if len(document_ids) == 0:
+        raise ValueError(f"the {name} split of {tokens.prefix} has no samples")
+
+
 class SFTDataset(torch.utils.data.Dataset):
     """``num_samples`` samples over ``document_ids``, epoch after epoch, each epoch in a fresh
     seeded order; sample ``i`` is ``{"tokens", "loss_mask"}`` of ``seq_length + 1`` entries."""
 
     def __init__(self, tokens: IndexedDataset, mask: IndexedDataset, document_ids: np.ndarray,
                  num_samples: int, seq_length: int, seed: int, pad_id: int, name: str = "train"):
-        if len(tokens) != len(mask):
-            raise ValueError(f"{tokens.prefix} has {len(tokens)} samples but its loss mask "
-                             f"{mask.prefix} has {len(mask)}; preprocess them again")
-        if len(document_ids) == 0:
-            raise ValueError(f"the {name} split of {tokens.prefix} has no samples")
+        check_split(tokens, mask, document_ids, name)
         self.tokens, self.mask, self.docs = tokens, mask, np.asarray(document_ids, np.int64)
         self.num_samples, self.seq_length, self.seed = int(num_samples), seq_length, seed
         self.pad_id, self.name = int(pad_id), name

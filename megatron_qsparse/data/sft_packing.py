@@ -33,7 +33,7 @@ import torch
 
 from megatron_qsparse.data.cache import CACHE_VERSION, save_npy_atomic, save_text_atomic
 from megatron_qsparse.data.indexed_dataset import IndexedDataset
-from megatron_qsparse.data.sft_dataset import epoch_order
+from megatron_qsparse.data.sft_dataset import check_split, epoch_order
 
 logger = logging.getLogger(__name__)
 
@@ -87,11 +87,7 @@ class PackedSFTDataset(torch.utils.data.Dataset):
     def __init__(self, tokens: IndexedDataset, mask: IndexedDataset, document_ids: np.ndarray,
                  num_samples: int, seq_length: int, seed: int, pad_id: int, name: str = "train",
                  cache_dir: str | None = None):
-        if len(tokens) != len(mask):
-            raise ValueError(f"{tokens.prefix} has {len(tokens)} samples but its loss mask "
-                             f"{mask.prefix} has {len(mask)}; preprocess them again")
-        if len(document_ids) == 0:
-            raise ValueError(f"the {name} split of {tokens.prefix} has no samples")
+        check_split(tokens, mask, document_ids, name)
         self.tokens, self.mask, self.docs = tokens, mask, np.asarray(document_ids, np.int64)
         self.num_samples, self.seq_length, self.seed = int(num_samples), seq_length, seed
         self.pad_id, self.name = int(pad_id), name
