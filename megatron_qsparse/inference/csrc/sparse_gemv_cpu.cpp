@@ -18,8 +18,8 @@
 //
 // Work split: threads take (row group, column block) units from a shared counter; the split is a
 // function of the shape only (see product() in gemv_core.h), never of the thread count, so results
-// do not depend on it (see Pool in gemv_core.h for why not OpenMP). Inside a unit, runs of 2048-4096
-// outputs are accumulated in an L1-resident buffer over the unit's kept rows, eight rows at a time
+// do not depend on it (see Pool in gemv_core.h for why not OpenMP). Inside a unit, runs of up to 16K
+// outputs are accumulated in an L1/L2-resident buffer over the unit's kept rows, eight rows at a time
 // (eight long sequential weight streams, an eighth of the accumulator traffic).
 // The inner loops are compiled three times (AVX-512, AVX2+FMA, baseline x86-64) and picked at
 // run time, so the cached binary still runs on any x86-64 CPU; the build flags have no -march.
