@@ -59,6 +59,17 @@ def isa() -> str:
     return module.isa() if module is not None else "unavailable"
 
 
+def on_huge_pages(t: torch.Tensor) -> torch.Tensor:
+    """A decode weight ``t`` (contiguous, CPU) copied into memory advised for transparent huge
+    pages, where the kernels are enabled and the OS has them; else ``t`` itself. Decoding streams
+    every weight once per token: 2 MB pages save a TLB miss per 4 KB and keep the prefetchers
+    running across page boundaries (a few % tokens/s)."""
+    if (t.device.type != "cpu" or not t.is_contiguous() or t.numel() * t.element_size() < 1 << 21
+            or not _sparsify_kernels.kernels_enabled() or _EXT.get() is None):
+        return t
+    return _EXT.module.huge_page_copy(t)
+
+
 def _use(x: torch.Tensor, w: torch.Tensor, use_kernel: bool) -> bool:
     return (use_kernel and x.device.type == "cpu" and w.device.type == "cpu"
             and x.dtype in (torch.float32, torch.bfloat16, torch.float16)

@@ -75,13 +75,16 @@ class DecodeLinear(nn.Module):
                 w = ternary_weight(w)
                 codes = (w.float() / alpha).round().clamp(-1, 1) if float(alpha) > 0 else \
                     torch.zeros_like(w, dtype=torch.float32)
-                self.register_buffer("packed", cpu_kernels.pack_ternary(codes), persistent=False)
+                self.register_buffer("packed", cpu_kernels.on_huge_pages(
+                    cpu_kernels.pack_ternary(codes)), persistent=False)
                 self.alpha = float(alpha)
             scale = None
             if weight_dtype == torch.int8:
                 wt, scale = cpu_kernels.quantize_int8(w.t())
             else:
                 wt = w.t().to(weight_dtype or w.dtype).contiguous()
+            if wt.device.type == "cpu":
+                wt = cpu_kernels.on_huge_pages(wt)
         self.register_buffer("wt", wt, persistent=False)
         self.register_buffer("scale", scale, persistent=False)
         bias = layer.bias.detach().clone() if layer.bias is not None else None

@@ -96,6 +96,8 @@ class InferenceModel(nn.Module):
                     self.head_wt, self.head_scale = cpu_kernels.quantize_int8(w)
                 else:
                     self.head_wt = w.to(weight_dtype).contiguous()
+                if self.head_wt.device.type == "cpu":
+                    self.head_wt = cpu_kernels.on_huge_pages(self.head_wt)
         self.step, self.step_unavailable = None, "off"
         if sparse_kernel and compiled_step:
             from megatron_qsparse.inference.compiled_step import build_compiled_step
