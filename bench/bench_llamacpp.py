@@ -6,7 +6,7 @@ llama.cpp is an optional, benchmark-only dependency: pass a built ``llama-bench`
 source distribution (the recipe of ../shared/VERIFIED.md, below). Without either the script says
 why and exits 0.
 
-**Speed** (the model of issue 20: a random-weight LLaMA, 8 layers, hidden 2048, FFN 5632 SwiGLU,
+**Speed** (a random-weight LLaMA, 8 layers, hidden 2048, FFN 5632 SwiGLU,
 16 heads / 4 KV heads, vocabulary 4096 (our SentencePiece tokenizer), untied head; 377 M
 parameters): our checkpoint is written, exported to Hugging Face by ``tools/checkpoint_convert.py
 export-hf`` and converted by llama.cpp's ``convert_hf_to_gguf.py`` to f32, f16, bf16 and q8_0.
@@ -178,7 +178,7 @@ def model_config(quick: bool):
     if quick:
         m.num_layers, m.hidden_size, m.ffn_hidden_size = 2, 256, 704
         m.num_attention_heads, m.num_query_groups = 4, 2
-    else:  # issue 20's model
+    else:  # the 378M comparison model
         m.num_layers, m.hidden_size, m.ffn_hidden_size = 8, 2048, 5632
         m.num_attention_heads, m.num_query_groups = 16, 4
     m.seq_length, m.max_position_embeddings, m.vocab_size = 512, 512, 4096

@@ -186,7 +186,7 @@ STEP_VARIANTS = {
     "qkv-bias-mqa": (QSparseConfig(ratio=0.7), {"groups": 1, "add_qkv_bias": True}),
     # attention width 4 x 64 = 256 > hidden 64 and > 2 x ffn: the widest Top-K input is o's
     "wide-heads-narrow-ffn": (QSparseConfig(ratio=0.5), {"kv_channels": 64, "ffn_hidden_size": 64}),
-    # the modes the step runs through a written sparse input (issue 20)
+    # the modes the step runs through a written sparse input
     "int8-topk": (QSparseConfig(ratio=0.5, down_ratio=0.7, quantize_activations=True), {}),
     "l2-rescale": (QSparseConfig(ratio=0.6, rescale="l2"), {"ffn": "swiglu"}),
     "block-2:4": (QSparseConfig(mode="block", block="2:4"), {}),
