@@ -16,7 +16,7 @@ SMOKE=""
 [ "${1:-}" = "--smoke" ] && SMOKE="--smoke"
 "$PY" -c "import torch; print('GPU:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
 echo "== CUDA tests"
-TESTS=(tests/unit/test_triton_kernels.py tests/unit/test_compile.py)
+TESTS=(tests/unit/test_triton_kernels.py tests/unit/test_compile.py tests/unit/test_packing.py)
 if [ -z "$SMOKE" ]; then
   TESTS+=(tests/unit/test_decode_kernels.py)
   timeout 240 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" "${TESTS[@]}" -k "cuda or triton or semi or sync" 2>&1 | tail -20
