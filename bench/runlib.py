@@ -91,7 +91,7 @@ def read_scalars(tb_dir: str) -> dict:
 
 
 def write_text(path: str, text: str) -> None:
-    from megatron_qsparse.training.checkpointing import atomic_write_text
+    from megatron_qsparse import atomic
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write_text(path, text)
+    atomic.write_text(path, text)
