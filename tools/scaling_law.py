@@ -336,8 +336,8 @@ def _wide(ci: tuple, value: float) -> bool:
     return ci[1] - ci[0] > max(abs(value), 1e-12)
 
 
-def _print_fit(bits: float, rows: np.ndarray, law: Law, obj: float, ci: dict, args) -> list:
-    """Print one precision's fit; returns the names of poorly determined parameters."""
+def _print_fit(bits: float, rows: np.ndarray, law: Law, obj: float, ci: dict, args) -> tuple:
+    """Print one precision's fit; returns (poorly determined parameters, residuals, S*)."""
     pred = law.loss(rows[:, 0], rows[:, 1])
     resid = np.log(pred) - np.log(rows[:, 2])
     print(f"\n{bits:g}-bit weights: {len(rows)} runs, Huber objective {obj:.3e}")
@@ -362,7 +362,7 @@ def _print_fit(bits: float, rows: np.ndarray, law: Law, obj: float, ci: dict, ar
             else "")
     print(f"  inference-optimal sparsity S* = {s_star:.2%}{s_ci}")
     print(f"  model size at S*: N = {1 / (1 - s_star):.2f} x N_a{n_ci}")
-    return wide, resid
+    return wide, resid, s_star
 
 
 def cmd_fit(args) -> int:
@@ -374,8 +374,7 @@ def cmd_fit(args) -> int:
         law, obj = fit_law(rows)
         laws[bits] = law
         ci = intervals(bootstrap(rows, law, args.bootstrap, args.seed)) if args.bootstrap else {}
-        wide, resid = _print_fit(bits, rows, law, obj, ci, args)
-        s_star = optimal_sparsity(law)
+        wide, resid, s_star = _print_fit(bits, rows, law, obj, ci, args)
         out[f"{bits:g}"] = {"params": law.as_dict(), "ci95": ci, "wide": wide, "runs": len(rows),
                             "residuals": resid.tolist(), "optimal_sparsity": s_star,
                             "size_over_activated": 1.0 / (1.0 - s_star)}
