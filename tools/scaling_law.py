@@ -31,11 +31,17 @@ import os
 import sys
 from dataclasses import dataclass
 
+# L-BFGS-B calls BLAS on 5-vectors: OpenBLAS's helper threads only spin against each other, and
+# beside a busy core (a training run) every call waits for a descheduled one (measured: a grid fit
+# 54 s instead of 0.7 s). One BLAS thread, unless the caller chose otherwise; set before numpy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import numpy as np
 
 PARAM_NAMES = ("E", "B", "C", "alpha", "beta")
 HUBER_DELTA = 1e-3
 GRID_STARTS = 8  # L-BFGS runs from the best of the 243 grid points
+E_FLOOR = 1e-9  # the fitted E is kept at or above this fraction of the lowest loss
 
 
 class CSVError(ValueError):
@@ -162,10 +168,15 @@ def fit_law(rows: np.ndarray, init: np.ndarray | None = None) -> tuple[Law, floa
         grid = [np.array(t) for t in _init_grid(log_l.min())]
         scores = [_objective(t, log_n, s, log_l)[0] for t in grid]
         starts = [grid[i] for i in np.argsort(scores)[:GRID_STARTS]]
+    # E between 1e-9 x and 1 x the lowest loss: below, it is indistinguishable from 0 (see
+    # e_at_zero) and an unbounded log E would only crawl towards -inf until maxiter
+    bounds = [(log_l.min() + math.log(E_FLOOR), log_l.min())] + [(None, None)] * 4
     best, best_val = None, math.inf
     for theta0 in starts:
+        theta0 = np.array(theta0, dtype=np.float64)
+        theta0[0] = np.clip(theta0[0], *bounds[0])
         res = minimize(_objective, theta0, args=(log_n, s, log_l), jac=True, method="L-BFGS-B",
-                       options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-12})
+                       bounds=bounds, options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-12})
         if res.fun < best_val:
             best, best_val = res.x, float(res.fun)
     return _unpack(best), best_val
@@ -336,6 +347,13 @@ def _wide(ci: tuple, value: float) -> bool:
     return ci[1] - ci[0] > max(abs(value), 1e-12)
 
 
+def e_at_zero(law: Law, rows: np.ndarray) -> bool:
+    """The fitted irreducible loss went to its lower end (E -> 0): the runs are so far above the
+    irreducible loss that a pure power law ``A(S) / N^alpha`` fits them as well, E is not
+    identified, and its bootstrap interval (refits warm-started at E ~ 0) says nothing."""
+    return law.E < 1e3 * E_FLOOR * float(rows[:, 2].min())
+
+
 def _print_fit(bits: float, rows: np.ndarray, law: Law, obj: float, ci: dict, args) -> tuple:
     """Print one precision's fit; returns (poorly determined parameters, residuals, S*)."""
     pred = law.loss(rows[:, 0], rows[:, 1])
@@ -343,13 +361,19 @@ def _print_fit(bits: float, rows: np.ndarray, law: Law, obj: float, ci: dict, ar
     print(f"\n{bits:g}-bit weights: {len(rows)} runs, Huber objective {obj:.3e}")
     print(f"  {'param':<6} {'value':>12}   95% bootstrap interval")
     wide = [k for k in PARAM_NAMES if k in ci and _wide(ci[k], getattr(law, k))]
+    zero_e = e_at_zero(law, rows)
     for k in PARAM_NAMES:
         lo_hi = f"[{ci[k][0]:.4g}, {ci[k][1]:.4g}]" if k in ci else "n/a"
-        print(f"  {k:<6} {getattr(law, k):>12.5g}   {lo_hi}"
-              + ("   WIDE: poorly determined" if k in wide else ""))
+        flag = ("   WIDE: poorly determined" if k in wide else
+                "   AT 0: not identified (pure power law fits)" if k == "E" and zero_e else "")
+        print(f"  {k:<6} {getattr(law, k):>12.5g}   {lo_hi}{flag}")
     if args.bootstrap and not ci:
         print("  warning: no bootstrap resample had enough distinct runs; the intervals "
               "are unknown, add runs", file=sys.stderr)
+    if zero_e:
+        print("  warning: E went to 0: these losses are far above the irreducible loss, so the "
+              "fit is a pure power law in N and E (and its interval) is not determined by them",
+              file=sys.stderr)
     if wide:
         print(f"  warning: the 95% intervals of {', '.join(wide)} are wider than their "
               "values; these runs do not pin them down (add model sizes/sparsities)",
@@ -375,7 +399,8 @@ def cmd_fit(args) -> int:
         laws[bits] = law
         ci = intervals(bootstrap(rows, law, args.bootstrap, args.seed)) if args.bootstrap else {}
         wide, resid, s_star = _print_fit(bits, rows, law, obj, ci, args)
-        out[f"{bits:g}"] = {"params": law.as_dict(), "ci95": ci, "wide": wide, "runs": len(rows),
+        out[f"{bits:g}"] = {"params": law.as_dict(), "ci95": ci, "wide": wide,
+                            "E_at_zero": e_at_zero(law, rows), "runs": len(rows),
                             "residuals": resid.tolist(), "optimal_sparsity": s_star,
                             "size_over_activated": 1.0 / (1.0 - s_star)}
     if args.plot:
@@ -385,7 +410,7 @@ def cmd_fit(args) -> int:
         n_a = _plot_fit_optimum(args.plot_optimum, groups, laws)
         print(f"plot: {args.plot_optimum} (loss vs S at N_a = {n_a:.3g})")
     if args.output:
-        from megatron_qsparse.training.checkpointing import atomic_write_text
+        from megatron_qsparse.atomic import write_text as atomic_write_text
         atomic_write_text(args.output, json.dumps(out, indent=1))
         print(f"parameters: {args.output}")
     return 0
@@ -416,7 +441,7 @@ def cmd_runs(args) -> int:
             continue
         rows.append((s["non_embedding_parameters"], s.get("sparsity_ratio", 0.0),
                      s["valid_loss"], s.get("bits", 16), os.path.dirname(p)))
-    from megatron_qsparse.training.checkpointing import atomic_write_text
+    from megatron_qsparse.atomic import write_text as atomic_write_text
     text = "params,sparsity,loss,bits,run\n" + "".join(
         f"{n},{sp},{loss},{b},{run}\n" for n, sp, loss, b, run in rows)
     atomic_write_text(args.output, text)

@@ -135,3 +135,20 @@ def test_runs_collects_summaries(tmp_path):
     assert "2 runs" in proc.stdout and "1 skipped" in proc.stdout
     rows = sl.read_runs(str(out))[16.0]
     assert rows.tolist() == [[1e6, 0.0, 4.0], [2e6, 0.4, 3.8]]
+
+
+def test_a_vanishing_irreducible_loss_is_flagged_not_reported_as_determined(tmp_path):
+    # losses far above the irreducible loss: a pure power law (E = 0) generated them
+    pure = sl.Law(E=0.0, B=9.0, C=0.3, alpha=0.05, beta=0.5)
+    rows = synthetic_rows(pure)
+    law, _ = sl.fit_law(rows)
+    assert sl.e_at_zero(law, rows) and not sl.e_at_zero(sl.fit_law(synthetic_rows())[0],
+                                                         synthetic_rows())
+    csv_path, out = tmp_path / "runs.csv", tmp_path / "fit.json"
+    write_csv(csv_path, rows)
+    proc = run_cli(["tools/scaling_law.py", "fit", "--csv", str(csv_path), "--bootstrap", "3",
+                    "--output", str(out)])
+    e_line = next(line for line in proc.stdout.splitlines() if line.strip().startswith("E "))
+    assert "AT 0: not identified" in e_line
+    assert "E went to 0" in proc.stderr
+    assert json.loads(out.read_text())["16"]["E_at_zero"] is True
