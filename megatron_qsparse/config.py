@@ -165,7 +165,8 @@ class ModelConfig:
         "(Gumbel noise on the logits, top-1 only).", choices=MOE_NOISY_GATE_POLICIES)
     moe_top2_sampling: bool = arg(
         True, "MoE top-2: take the second expert by largest logit instead of sampling it "
-        "(Gumbel noise) in training.", flag="--no-moe-top2-sampling")
+        "(Gumbel noise) in training (evaluation and generation always take it by logit).",
+        flag="--no-moe-top2-sampling")
     moe_aux_loss_coeff: float = arg(
         0.01, "MoE: weight of the load-balancing auxiliary loss added to the training loss.")
     moe_z_loss_coeff: float = arg(

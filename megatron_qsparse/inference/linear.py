@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_qsparse.inference import cpu_kernels
+from megatron_qsparse.model.mlp import MLP
 from megatron_qsparse.sparsity.bitnet import absmean, int8_activation, ternary_weight
 
 logger = logging.getLogger(__name__)
@@ -171,10 +172,10 @@ def round_trip_decode_weights(model: nn.Module, weight_dtype: torch.dtype | None
         return 0
     mats = []
     for layer in model.layers:
-        a, m = layer.attention, layer.mlp
-        for p in (a.qkv, a.o, getattr(m, "gate_up", None), getattr(m, "down", None)):
-            if p is not None:
-                mats.append(p.weight)
+        a = layer.attention
+        mlps = [m for m in layer.mlp.modules() if isinstance(m, MLP)]  # dense FFN or experts
+        for p in (a.qkv, a.o, *[q for m in mlps for q in (m.gate_up, m.down)]):
+            mats.append(p.weight)
     mats.append(model.output_weight())
     for w in mats:
         wt = w.t()

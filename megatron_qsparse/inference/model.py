@@ -52,6 +52,13 @@ class KVCache:
         self.length = 0
 
 
+def _mlps(ffn: nn.Module) -> list[MLP]:
+    """The dense MLPs of a block's FFN: itself, or the experts of an MoE layer."""
+    if isinstance(ffn, MLP):
+        return [ffn]
+    return [m for m in ffn.modules() if isinstance(m, MLP)]
+
+
 def _is_dense(model: GPTModel) -> bool:
     q = model.qsparse_config
     return get_method(q.mode).dense and not q.bitnet
@@ -80,10 +87,11 @@ class InferenceModel(nn.Module):
         decode_layers = self.sparse_kernel or (sparse_kernel and compiled_step and dense)
         if decode_layers:
             for layer in model.layers:
-                a, m = layer.attention, layer.mlp
+                a = layer.attention
                 a.qkv = DecodeLinear(a.qkv, weight_dtype=weight_dtype)
                 a.o = DecodeLinear(a.o, weight_dtype=weight_dtype)
-                if isinstance(m, MLP):  # an MoE layer keeps its training form (DeepSpeed's MoE)
+                # the dense FFN, or every expert of an MoE layer (DeepSpeed's routing stays)
+                for m in _mlps(layer.mlp):
                     m.gate_up = DecodeLinear(m.gate_up, weight_dtype=weight_dtype)
                     m.down = DecodeLinear(m.down, weight_dtype=weight_dtype)
         # the LM head, input-major, in the decode weight dtype (like the projections: llama.cpp's
@@ -116,11 +124,8 @@ class InferenceModel(nn.Module):
         step runs the token), else per layer (see ``DecodeLinear.path``); ``dense`` for a dense
         model's own layers, ``reference`` (the training layers) with ``sparse_kernel=False``."""
         if self.step is not None:
-            return {"compiled-step": 4 * self.num_layers}
+            return {"compiled-step": sum(isinstance(m, DecodeLinear) for m in self.model.modules())}
         paths = Counter(m.path() for m in self.model.modules() if isinstance(m, DecodeLinear))
-        moe = sum(not isinstance(layer.mlp, MLP) for layer in self.model.layers)
-        if moe and paths:
-            paths["moe-experts (training forward)"] = 2 * moe
         if not paths:
             paths["dense" if _is_dense(self.model) else "reference"] = 4 * self.num_layers
         return dict(paths)

@@ -99,6 +99,8 @@ class MoELayer(nn.Module):
         self.ep_size, self.ep_rank = ep_size, ep_rank
         self.num_local_experts = E // ep_size
         self.aux_coeff, self.z_coeff = cfg.moe_aux_loss_coeff, cfg.moe_z_loss_coeff
+        self.top2_sampling = cfg.moe_top2_sampling
+        self.min_capacity = cfg.moe_min_capacity
         policy = cfg.moe_token_drop_policy
         noisy = {"none": None, "jitter": "Jitter", "rsample": "RSample"}[cfg.moe_noisy_gate_policy]
         cap = cfg.moe_expert_capacity_factor
@@ -145,6 +147,14 @@ class MoELayer(nn.Module):
         self.stat_aux, self.stat_z, self.stat_steps = 0.0, 0.0, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # DeepSpeed samples top-2's second expert (Gumbel noise) in evaluation too; ours only in
+        # training (--moe-top2-sampling), so evaluation and generation route deterministically
+        gate = self.moe.deepspeed_moe.gate
+        gate.top2_2nd_expert_sampling = self.top2_sampling and self.training
+        # DeepSpeed's top-1 gate refuses fewer tokens than --moe-min-capacity (e.g. one decoded
+        # token); any capacity >= the token count drops nothing, so cap the minimum there: the
+        # same routing and outputs as min_capacity itself
+        gate.min_capacity = min(self.min_capacity, x.shape[0] * x.shape[1])
         router_x = None
         if self.router_sparsifier is not None:
             router_x = self.router_sparsifier(x)
@@ -197,7 +207,7 @@ class MoELayer(nn.Module):
             return None
         factor = gate.capacity_factor if self.training else gate.eval_capacity_factor
         cap = math.ceil((tokens / self.num_experts) * (factor * self.topk))
-        return max(cap, gate.min_capacity)
+        return max(cap, self.min_capacity)
 
     def stats(self) -> dict:
         """``load`` (fraction of routes per expert), ``dropped`` (fraction of routes over

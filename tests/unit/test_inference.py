@@ -203,7 +203,19 @@ STEP_VARIANTS = {
     "bitnet-block-int8": (QSparseConfig(mode="block", block="2:4", bitnet=True,
                                         quantize_activations=True), {}),
     "dense-int8": (QSparseConfig(mode="none", quantize_activations=True), {}),
+    # mixture of experts: DeepSpeed's routing of one token in evaluation, experts' Top-K inside
+    "moe-top2": (QSparseConfig(ratio=0.5), {"num_experts": 4}),
+    "moe-top1-every-other-sparse-router": (
+        QSparseConfig(ratio=0.6), {"num_experts": 3, "moe_router_topk": 1, "moe_layer_freq": 2,
+                                   "moe_router_sparsify_input": True, "ffn": "swiglu"}),
+    "moe-bitnet-block": (QSparseConfig(mode="block", block="2:4", bitnet=True),
+                         {"num_experts": 2, "add_bias_linear": True}),
 }
+
+
+def _projections(im: InferenceModel) -> int:
+    from megatron_qsparse.inference.linear import DecodeLinear
+    return sum(isinstance(m, DecodeLinear) for m in im.modules())
 
 
 def _twin(qcfg, kw, **im_kw):
@@ -230,7 +242,10 @@ def test_compiled_step_equals_layer_by_layer(name):
     qcfg, kw = STEP_VARIANTS[name]
     fast, slow = _twin(qcfg, kw)
     assert fast.step is not None, fast.step_unavailable
-    assert fast.decode_paths() == {"compiled-step": 8}
+    experts = kw.get("num_experts") or 1
+    moe_blocks = len(range(0, 2, kw.get("moe_layer_freq", 1))) if "num_experts" in kw else 0
+    assert _projections(fast) == 8 + moe_blocks * 2 * (experts - 1)
+    assert fast.decode_paths() == {"compiled-step": _projections(fast)}
     assert "compiled-step" not in slow.decode_paths()
     prompt = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(6))
     cf, cs = fast.new_cache(1, 40), slow.new_cache(1, 40)
@@ -257,12 +272,26 @@ def test_compiled_step_bf16_weights_and_generation():
     assert a.tokens == b.tokens and a.decode_tokens == 19
 
 
-@pytest.mark.parametrize("qcfg, kw, reason", [
-    (QSparseConfig(ratio=0.5), {"num_experts": 2}, "MoE"),
+@needs_kernels
+def test_compiled_step_moe_int8_weights_and_generation():
+    """An MoE model with int8 decode weights (experts included) through the step: the layer
+    path's greedy tokens, and its logits up to summation order."""
+    kw = {"num_experts": 4, "ffn": "swiglu"}
+    fast, slow = _twin(QSparseConfig(ratio=0.5), kw, weight_dtype=torch.int8)
+    assert fast.step is not None, fast.step_unavailable
+    assert all(m.wt.dtype == torch.int8 for m in fast.modules() if hasattr(m, "wt"))
+    assert _projections(fast) == 2 * (2 + 2 * 4)
+    a = generate(fast, [3, 1, 4, 1, 5], 20)
+    b = generate(slow, [3, 1, 4, 1, 5], 20)
+    assert a.tokens == b.tokens and a.decode_tokens == 19
+
+
+@pytest.mark.parametrize("convert, reason", [
+    (lambda m: m.double(), "float64"),
 ])
 @needs_kernels
-def test_compiled_step_falls_back_to_layers(qcfg, kw, reason):
-    im = InferenceModel(build(qcfg, **kw))
+def test_compiled_step_falls_back_to_layers(convert, reason):
+    im = InferenceModel(convert(build(QSparseConfig(ratio=0.5))))
     assert im.step is None and reason in im.step_unavailable
     assert "compiled-step" not in im.decode_paths()
     out = generate(im, [1, 2, 3], 4)  # still decodes, layer by layer

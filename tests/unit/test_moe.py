@@ -216,3 +216,38 @@ def test_describe_counts_every_expert():
     proj = count_parameters(model, non_embedding=True) - sum(
         p.numel() for n, p in model.named_parameters() if "norm" in n)
     assert proj > 2e6 and f"{proj / 1e6:.1f}M projection params" in line
+
+
+def test_top2_samples_its_second_expert_in_training_only():
+    """DeepSpeed adds Gumbel noise to top-2's second choice in evaluation too; ours routes
+    deterministically there (evaluation and generation repeat), and samples only in training."""
+    c = cfg(moe_top2_sampling=True)
+    torch.manual_seed(0)
+    layer = MoELayer(c.with_sparsity(QSparseConfig()), 0, ParallelState.single())
+    x = torch.randn(2, 8, c.hidden_size)
+    layer.eval()
+    with torch.no_grad():
+        outs = [layer(x) for _ in range(4)]
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    assert not layer.moe.deepspeed_moe.gate.top2_2nd_expert_sampling
+    layer.train()
+    with torch.no_grad():
+        trained = [layer(x) for _ in range(4)]
+    assert layer.moe.deepspeed_moe.gate.top2_2nd_expert_sampling
+    assert any(not torch.equal(t, trained[0]) for t in trained)  # the second expert varies
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_fewer_tokens_than_the_min_capacity_route_without_drops(k):
+    """One decoded token under --moe-min-capacity 4 (DeepSpeed's top-1 gate asserts on it):
+    the output is each token's own mixture, as in a batch with room for every route."""
+    c = cfg(moe_router_topk=k, moe_min_capacity=4, moe_expert_capacity_factor=1.0)
+    torch.manual_seed(0)
+    layer = MoELayer(c.with_sparsity(QSparseConfig()), 0, ParallelState.single()).eval()
+    x = torch.randn(1, 3, c.hidden_size)
+    with torch.no_grad():
+        alone = torch.cat([layer(x[:, t:t + 1]) for t in range(3)], dim=1)
+        layer.min_capacity = 64  # capacity for all 3 tokens at once: nothing dropped
+        together = layer(x)
+    assert torch.allclose(alone, together, atol=1e-6)
+    assert layer.moe.deepspeed_moe.gate.min_capacity == 3

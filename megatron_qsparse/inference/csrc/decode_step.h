@@ -15,6 +15,11 @@
 //   append k, v to the cache; y_j = softmax(q_j · K_g^T / sqrt(hd)) V_g for query head j, group
 //   g = j / (nq / nkv); h += P_o(y); a = norm(h); [gate; up] = P_gate_up(a);
 //   h += P_down(act(gate, up)), act = up ⊙ relu(gate)^2 (relu2_glu) or silu(gate) ⊙ up (swiglu).
+// A mixture-of-experts block replaces the FFN by DeepSpeed's gating of one token in evaluation:
+//   logits = P_router(a) (fp32, [E]; its input sparsified when the router's is), g = softmax(logits),
+//   top-1: e1 = argmax g, h += g[e1] · FFN_e1(a); top-2: e1 = argmax g, e2 = argmax of the logits
+//   without e1, h += (g[e1] FFN_e1(a) + g[e2] FFN_e2(a)) / max(g[e1] + g[e2], eps) (one token never
+//   exceeds an expert's capacity; an all-zero a routes to nothing, as model/moe.py's _Expert).
 // P(x) keeps the Top-K of |x| (k > 0: the training selection, ties to the lower index, zeros left
 // out) or every nonzero input (k == 0: mode none), then reads only those rows.
 // Everything is fp32; projection weights may be stored bf16 (converted as they are read).
@@ -25,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -138,19 +144,41 @@ class DecodeStep {
              at::Tensor sin, std::vector<at::Tensor> weights, std::vector<at::Tensor> biases,
              std::vector<int64_t> keeps, std::vector<at::Tensor> norms,
              std::vector<at::Tensor> scales, at::Tensor head_scale,
-             std::vector<std::vector<double>> specs, std::vector<at::Tensor> packed)
+             std::vector<std::vector<double>> specs, std::vector<at::Tensor> packed,
+             std::vector<int64_t> experts, std::vector<int64_t> router_topk,
+             std::vector<at::Tensor> routers, std::vector<std::vector<double>> router_specs)
       : h_(hidden), nq_(nq), nkv_(nkv), hd_(hd), ffn_(ffn), rms_(rmsnorm),
         eps_(static_cast<float>(eps)), swiglu_(swiglu),
         scale_(1.f / std::sqrt(static_cast<float>(hd))), emb_(embedding), head_(head_t), head_scale_(head_scale),
         cos_(cos), sin_(sin), norms_(std::move(norms)),
         sel_(std::max({hidden, nq * hd, ffn}) + 1) {  // widest projection input
     TORCH_CHECK(nq > 0 && nkv > 0 && nq % nkv == 0 && hd % 2 == 0, "decode step: bad heads");
-    TORCH_CHECK(weights.size() % 4 == 0 && weights.size() == biases.size() &&
-                    weights.size() == keeps.size() && weights.size() == scales.size() &&
+    TORCH_CHECK(weights.size() == biases.size() && weights.size() == keeps.size() &&
+                    weights.size() == scales.size() &&
                     (specs.empty() || specs.size() == weights.size()) &&
                     (packed.empty() || packed.size() == weights.size()),
-                "decode step: 4 projections per block");
-    layers_ = static_cast<int64_t>(weights.size() / 4);
+                "decode step: one bias, keep, scale (and spec, packed) per projection");
+    // per block: qkv, o, then gate_up, down of the dense FFN or of each of its E experts
+    if (experts.empty()) {
+      TORCH_CHECK(weights.size() % 4 == 0, "decode step: 4 projections per dense block");
+      experts.assign(weights.size() / 4, 0);
+      router_topk.assign(experts.size(), 0);
+      routers.assign(experts.size(), at::Tensor());
+      router_specs.assign(experts.size(), std::vector<double>());
+    }
+    layers_ = static_cast<int64_t>(experts.size());
+    TORCH_CHECK(router_topk.size() == experts.size() && routers.size() == experts.size() &&
+                    router_specs.size() == experts.size(),
+                "decode step: one expert count, router top-k, router and router spec per block");
+    int64_t expected = 0;
+    for (int64_t l = 0; l < layers_; ++l) {
+      TORCH_CHECK(experts[l] >= 0, "decode step: negative expert count");
+      first_.push_back(expected);
+      expected += 2 + 2 * std::max<int64_t>(1, experts[l]);
+    }
+    TORCH_CHECK(static_cast<int64_t>(weights.size()) == expected, "decode step: expected ",
+                expected, " projections for these blocks, got ", weights.size());
+    experts_ = experts;
     TORCH_CHECK(norms_.size() == static_cast<size_t>(4 * layers_ + 2),
                 "decode step: expected ", 4 * layers_ + 2, " norm tensors, got ", norms_.size());
     check_f32(emb_, "embedding", 2);
@@ -171,15 +199,23 @@ class DecodeStep {
       TORCH_CHECK(norms_[i].numel() == h_, "decode step: norm of ", norms_[i].numel(), " != ", h_);
     }
     const int64_t q = (nq_ + 2 * nkv_) * hd_;
-    const int64_t shapes[4][2] = {{h_, q}, {nq_ * hd_, h_}, {h_, 2 * ffn_}, {ffn_, h_}};
+    std::vector<std::pair<int64_t, int64_t>> shapes;  // [in, out] of each projection
+    for (int64_t l = 0; l < layers_; ++l) {
+      shapes.push_back({h_, q});
+      shapes.push_back({nq_ * hd_, h_});
+      for (int64_t e = 0; e < std::max<int64_t>(1, experts[l]); ++e) {
+        shapes.push_back({h_, 2 * ffn_});
+        shapes.push_back({ffn_, h_});
+      }
+    }
     for (size_t i = 0; i < weights.size(); ++i) {
       Projection p;
       p.wt = weights[i];
       p.bias = biases[i];
       p.scale = scales[i];
       p.keep = keeps[i];
-      p.in = shapes[i % 4][0];
-      p.out = shapes[i % 4][1];
+      p.in = shapes[i].first;
+      p.out = shapes[i].second;
       check_weight(p.wt, p.scale, "projection");
       TORCH_CHECK(p.wt.size(0) == p.in && p.wt.size(1) == p.out, "decode step: projection ", i,
                   " is ", p.wt.sizes(), ", expected [", p.in, ", ", p.out, "] (input-major)");
@@ -189,27 +225,7 @@ class DecodeStep {
       }
       TORCH_CHECK(p.keep >= 0 && p.keep <= p.in, "decode step: keep ", p.keep, " of ", p.in);
       p.select = p.keep > 0 && p.keep < p.in ? Select::kTopK : Select::kNone;
-      if (!specs.empty()) {
-        // [select, keep, n, m, threshold, quantize, rescale, bitnet, alpha]
-        const std::vector<double>& sp = specs[i];
-        TORCH_CHECK(sp.size() == 9, "decode step: a projection spec has 9 numbers");
-        const int64_t sel = static_cast<int64_t>(sp[0]);
-        TORCH_CHECK(sel >= 0 && sel <= 4, "decode step: unknown selection ", sel);
-        p.select = static_cast<Select>(sel);
-        p.keep = static_cast<int64_t>(sp[1]);
-        p.bn = static_cast<int64_t>(sp[2]);
-        p.bm = static_cast<int64_t>(sp[3]);
-        p.threshold = static_cast<float>(sp[4]);
-        p.quantize = sp[5] != 0;
-        p.rescale = sp[6] != 0;
-        p.bitnet = sp[7] != 0;
-        p.alpha = static_cast<float>(sp[8]);
-        if (p.select == Select::kTopK && p.keep >= p.in) p.select = Select::kNone;
-        TORCH_CHECK(p.select != Select::kTopK || p.keep >= 1, "decode step: Top-K keeps ", p.keep);
-        TORCH_CHECK(p.select != Select::kBlock ||
-                        (p.bm >= 1 && p.bn >= 1 && p.bn <= p.bm && p.in % p.bm == 0),
-                    "decode step: Block ", p.bn, ":", p.bm, " on ", p.in, " inputs");
-      }
+      if (!specs.empty()) apply_spec(specs[i], p);
       if (p.bitnet) {
         TORCH_CHECK(!packed.empty() && packed[i].scalar_type() == at::kByte &&
                         packed[i].is_contiguous() && packed[i].dim() == 2 &&
@@ -220,6 +236,33 @@ class DecodeStep {
       }
       proj_.push_back(p);
     }
+    // routers: fp32 input-major [hidden, E] (DeepSpeed's gate computes in fp32), no bias
+    for (int64_t l = 0; l < layers_; ++l) {
+      Projection r;
+      if (experts[l] > 0) {
+        TORCH_CHECK(router_topk[l] == 1 || router_topk[l] == 2,
+                    "decode step: routers take the top 1 or 2 experts, not ", router_topk[l]);
+        TORCH_CHECK(experts[l] >= router_topk[l], "decode step: top-", router_topk[l], " of ",
+                    experts[l], " experts");
+        check_f32(routers[l], "router", 2);
+        TORCH_CHECK(routers[l].size(0) == h_ && routers[l].size(1) == experts[l],
+                    "decode step: the router of block ", l, " must be input-major [", h_, ", ",
+                    experts[l], "]");
+        r.wt = routers[l];
+        r.scale = at::Tensor();
+        r.in = h_;
+        r.out = experts[l];
+        if (!router_specs[l].empty()) apply_spec(router_specs[l], r);
+        TORCH_CHECK(!r.bitnet, "decode step: a router has no ternary weights");
+        topk_.push_back(router_topk[l]);
+      } else {
+        topk_.push_back(0);
+      }
+      router_.push_back(r);
+    }
+    const int64_t widest_router = *std::max_element(experts.begin(), experts.end());
+    logits_.resize(std::max<int64_t>(1, widest_router));
+    moe_.resize(h_);
     x_.resize(h_);
     xs_.resize(std::max({h_, nq_ * hd_, ffn_}));
     a_.resize(std::max<int64_t>(h_, nq_ * hd_));
@@ -247,7 +290,7 @@ class DecodeStep {
     std::memcpy(x, emb_.data_ptr<float>() + token * h_, h_ * sizeof(float));
     const int64_t hq = nq_ * hd_, hk = nkv_ * hd_;
     for (int64_t l = 0; l < layers_; ++l) {
-      const Projection* p = &proj_[4 * l];
+      const Projection* p = &proj_[first_[l]];
       // attention
       norm(x, norms_[4 * l], norms_[4 * l + 1], a_.data());
       project(p[0], a_.data(), qkv_.data());
@@ -268,19 +311,12 @@ class DecodeStep {
       for (int64_t i = 0; i < h_; ++i) x[i] += tmp_[i];
       // FFN
       norm(x, norms_[4 * l + 2], norms_[4 * l + 3], a_.data());
-      project(p[2], a_.data(), gu_.data());
-      float* gate = gu_.data();
-      float* up = gate + ffn_;
-      if (swiglu_) {
-        for (int64_t i = 0; i < ffn_; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+      if (experts_[l] == 0) {
+        ffn(p + 2, a_.data(), tmp_.data());
+        for (int64_t i = 0; i < h_; ++i) x[i] += tmp_[i];
       } else {
-        for (int64_t i = 0; i < ffn_; ++i) {
-          const float r = gate[i] > 0.f ? gate[i] : 0.f;
-          gate[i] = up[i] * (r * r);
-        }
+        mixture(l, p + 2, a_.data(), x);
       }
-      project(p[3], gate, tmp_.data());
-      for (int64_t i = 0; i < h_; ++i) x[i] += tmp_[i];
     }
     norm(x, norms_[4 * layers_], norms_[4 * layers_ + 1], a_.data());
     gather_all(a_.data(), h_, all_);
@@ -324,6 +360,84 @@ class DecodeStep {
                     c.size(4) == hd_,
                 "decode step: the ", what, " cache must be a contiguous fp32 [", layers_,
                 ", batch, ", nkv_, ", max_len, ", hd_, "] tensor");
+  }
+
+  // A projection's selection from its spec [select, keep, n, m, threshold, quantize, rescale,
+  // bitnet, alpha] (compiled_step.py's _spec).
+  static void apply_spec(const std::vector<double>& sp, Projection& p) {
+    TORCH_CHECK(sp.size() == 9, "decode step: a projection spec has 9 numbers");
+    const int64_t sel = static_cast<int64_t>(sp[0]);
+    TORCH_CHECK(sel >= 0 && sel <= 4, "decode step: unknown selection ", sel);
+    p.select = static_cast<Select>(sel);
+    p.keep = static_cast<int64_t>(sp[1]);
+    p.bn = static_cast<int64_t>(sp[2]);
+    p.bm = static_cast<int64_t>(sp[3]);
+    p.threshold = static_cast<float>(sp[4]);
+    p.quantize = sp[5] != 0;
+    p.rescale = sp[6] != 0;
+    p.bitnet = sp[7] != 0;
+    p.alpha = static_cast<float>(sp[8]);
+    if (p.select == Select::kTopK && p.keep >= p.in) p.select = Select::kNone;
+    TORCH_CHECK(p.select != Select::kTopK || p.keep >= 1, "decode step: Top-K keeps ", p.keep);
+    TORCH_CHECK(p.select != Select::kBlock ||
+                    (p.bm >= 1 && p.bn >= 1 && p.bn <= p.bm && p.in % p.bm == 0),
+                "decode step: Block ", p.bn, ":", p.bm, " on ", p.in, " inputs");
+  }
+
+  // y = P_down(act(P_gate_up(a))) for the FFN whose two projections start at p.
+  void ffn(const Projection* p, const float* a, float* y) {
+    project(p[0], a, gu_.data());
+    float* gate = gu_.data();
+    const float* up = gate + ffn_;
+    if (swiglu_) {
+      for (int64_t i = 0; i < ffn_; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+    } else {
+      for (int64_t i = 0; i < ffn_; ++i) {
+        const float r = gate[i] > 0.f ? gate[i] : 0.f;
+        gate[i] = up[i] * (r * r);
+      }
+    }
+    project(p[1], gate, y);
+  }
+
+  // x += the mixture of experts of block l at its normed input a (experts' projections from p).
+  void mixture(int64_t l, const Projection* p, const float* a, float* x) {
+    const int64_t E = experts_[l];
+    float* logits = logits_.data();
+    project(router_[l], a, logits);
+    float mx = -INFINITY;
+    for (int64_t e = 0; e < E; ++e) mx = std::max(mx, logits[e]);
+    std::vector<float>& g = gates_;
+    g.resize(E);
+    float sum = 0.f;
+    for (int64_t e = 0; e < E; ++e) {
+      g[e] = std::exp(logits[e] - mx);
+      sum += g[e];
+    }
+    for (int64_t e = 0; e < E; ++e) g[e] /= sum;
+    int64_t e1 = 0;  // torch.argmax: the first of equal maxima
+    for (int64_t e = 1; e < E; ++e)
+      if (g[e] > g[e1]) e1 = e;
+    int64_t chosen[2] = {e1, -1};
+    float weight[2] = {g[e1], 0.f};
+    if (topk_[l] == 2) {  // the second expert by logit (DeepSpeed's top2gating without sampling)
+      int64_t e2 = -1;
+      for (int64_t e = 0; e < E; ++e)
+        if (e != e1 && (e2 < 0 || logits[e] > logits[e2])) e2 = e;
+      const float denom = std::max(g[e1] + g[e2], std::numeric_limits<float>::epsilon());
+      chosen[1] = e2;
+      weight[0] = g[e1] / denom;
+      weight[1] = g[e2] / denom;
+    }
+    bool any = false;  // an all-zero input is an empty capacity slot to model/moe.py's _Expert
+    for (int64_t i = 0; i < h_ && !any; ++i) any = a[i] != 0.f;
+    if (!any) return;
+    std::fill(moe_.begin(), moe_.end(), 0.f);
+    for (int c = 0; c < topk_[l]; ++c) {
+      ffn(p + 2 * chosen[c], a, tmp_.data());
+      for (int64_t i = 0; i < h_; ++i) moe_[i] += weight[c] * tmp_[i];
+    }
+    for (int64_t i = 0; i < h_; ++i) x[i] += moe_[i];
   }
 
   // y = w ⊙ normalize(x) (+ b): RMSNorm x / sqrt(mean(x²) + eps), or LayerNorm.
@@ -442,10 +556,11 @@ class DecodeStep {
   float scale_;
   at::Tensor emb_, head_, head_scale_, cos_, sin_;
   std::vector<at::Tensor> norms_;
-  std::vector<Projection> proj_;
+  std::vector<Projection> proj_, router_;
+  std::vector<int64_t> first_, experts_, topk_;  // per block: first projection, E (0: dense), k
   qsparse::TopKSelect<uint32_t> sel_;
   Kept kept_, all_;
-  std::vector<float> x_, xs_, blk_, a_, qkv_, gu_, tmp_, scores_;
+  std::vector<float> x_, xs_, blk_, a_, qkv_, gu_, tmp_, scores_, logits_, gates_, moe_;
 };
 
 }  // namespace qsparse_gemv

@@ -190,7 +190,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
                           at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>,
                           std::vector<at::Tensor>, std::vector<int64_t>, std::vector<at::Tensor>,
                           std::vector<at::Tensor>, at::Tensor, std::vector<std::vector<double>>,
-                          std::vector<at::Tensor>>(),
+                          std::vector<at::Tensor>, std::vector<int64_t>, std::vector<int64_t>,
+                          std::vector<at::Tensor>, std::vector<std::vector<double>>>(),
            pybind11::arg("hidden"), pybind11::arg("nq"), pybind11::arg("nkv"), pybind11::arg("hd"),
            pybind11::arg("ffn"), pybind11::arg("rmsnorm"), pybind11::arg("eps"),
            pybind11::arg("swiglu"), pybind11::arg("embedding"), pybind11::arg("head_t"),
@@ -198,7 +199,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
            pybind11::arg("biases"), pybind11::arg("keeps"), pybind11::arg("norms"),
            pybind11::arg("scales"), pybind11::arg("head_scale"),
            pybind11::arg("specs") = std::vector<std::vector<double>>(),
-           pybind11::arg("packed") = std::vector<at::Tensor>())
+           pybind11::arg("packed") = std::vector<at::Tensor>(),
+           pybind11::arg("experts") = std::vector<int64_t>(),
+           pybind11::arg("router_topk") = std::vector<int64_t>(),
+           pybind11::arg("routers") = std::vector<at::Tensor>(),
+           pybind11::arg("router_specs") = std::vector<std::vector<double>>())
       .def("step", &DecodeStep::step, "Logits [V] of one token at one position",
            pybind11::arg("token"), pybind11::arg("pos"), pybind11::arg("k_cache"),
            pybind11::arg("v_cache"))
