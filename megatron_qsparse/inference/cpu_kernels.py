@@ -59,6 +59,22 @@ def isa() -> str:
     return module.isa() if module is not None else "unavailable"
 
 
+def int8_path() -> str:
+    """How int8 weights are multiplied in dense products (consecutive rows): ``vnni`` (AVX-512
+    VNNI: activations quantized to int16 per pass of eight rows, error <= 2^-16 of the pass's
+    largest ``|x|``), ``fp32`` (each weight widened to fp32, exact activations; always the path
+    of scattered kept rows) or ``unavailable``."""
+    module = _EXT.get()
+    return module.int8_path() if module is not None else "unavailable"
+
+
+def set_int8_vnni(on: bool) -> bool:
+    """Use the VNNI int8 path where the CPU has it (``False``: the fp32 path). Returns the
+    previous setting; a no-op without the kernels."""
+    module = _EXT.get()
+    return bool(module.set_int8_vnni(on)) if module is not None else False
+
+
 def on_huge_pages(t: torch.Tensor) -> torch.Tensor:
     """A decode weight ``t`` (contiguous, CPU) copied into memory advised for transparent huge
     pages, where the kernels are enabled and the OS has them; else ``t`` itself. Decoding streams

@@ -26,14 +26,20 @@ def kernel():
         pytest.skip(f"decode kernel unavailable: {cpu_kernels.unavailable_reason()}")
 
 
-def assert_close_to(y: torch.Tensor, xs: torch.Tensor, wt: torch.Tensor, bias=None) -> None:
-    """``y`` vs ``xs @ wt (+ bias)`` under the bound of the module docstring."""
+def assert_close_to(y: torch.Tensor, xs: torch.Tensor, wt: torch.Tensor, bias=None,
+                    int8: bool = False) -> None:
+    """``y`` vs ``xs @ wt (+ bias)`` under the bound of the module docstring; ``int8``: the
+    product of int8 weights, whose VNNI path quantizes each pass of eight kept activations to
+    int16 (error <= 2^-16 of the pass's largest |x| per term, bounded here by the row's)."""
     x64, w64 = xs.double(), wt.double()
     ref = x64 @ w64
     scale = x64.abs() @ w64.abs()
     if bias is not None:
         ref = ref + bias.double()
     tol = 2e-6 * scale + 1e-6
+    if int8 and cpu_kernels.int8_path() == "vnni":
+        amax = x64.abs().amax(dim=-1, keepdim=True)
+        tol = tol + 2.0 ** -16 * amax * w64.abs().sum(dim=0)
     if y.dtype in (torch.bfloat16, torch.float16):
         tol = tol + 2.0 ** -7 * ref.abs()
     err = (y.double() - ref).abs()
@@ -78,7 +84,7 @@ def test_topk_gemv_matches_dense_reference(d, n, xdtype, wdtype):
             y = cpu_kernels.gemv_topk(x, wt, k, bias, scale=scale)
             assert y.shape == (3, n) and y.dtype == torch.float32
             xs = x.float() * topk_mask(x, k)
-            assert_close_to(y, xs, w32, bias)
+            assert_close_to(y, xs, w32, bias, int8=wdtype == torch.int8)
             if s == 0.6:
                 ref = cpu_kernels.gemv_topk(x, wt, k, bias, scale=scale, use_kernel=False)
                 assert_close_to(ref, xs, w32, bias)
@@ -264,3 +270,36 @@ def test_block24_linear_matches_dense():
     w = data((96, 192), 2).half().cuda()
     y = semi_structured.block24_linear(xs, w)
     assert torch.allclose(y.float(), (xs.float() @ w.float().t()), rtol=1e-2, atol=1e-1)
+
+
+@pytest.mark.skipif(cpu_kernels.int8_path() != "vnni", reason="needs AVX-512 VNNI")
+@pytest.mark.parametrize("d,n", [(7, 64), (9, 200), (819, 2048), (300, 4096 + 64 + 9)])
+def test_int8_vnni_path_is_within_its_bound_and_close_to_the_fp32_path(d, n):
+    """The VNNI path of dense int8 products (int16 activations per pass of 8 rows) against the
+    fp32-activation path: within 2^-16 of each pass's largest |x| per term; rows padded past the
+    last full pass, the columns past the last 64, inf / NaN activations (fp32 path), and rows
+    with zeros (scattered kept rows: the fp32 path)."""
+    wt, scale, w32 = stored(data((d, n), d + 3 * n), torch.int8)
+    x = data((4, d), d + n)
+    x[1, : min(d, 8)] = 0.0  # zeros are not gathered: scattered rows
+    x[2, 0] = 1e4  # one large activation beside small ones: the error bound is per pass
+    x[3, d // 2] = float("inf")
+    prev = cpu_kernels.set_int8_vnni(True)
+    try:
+        fast = cpu_kernels.gemv_nonzero(x, wt, scale=scale)
+        cpu_kernels.set_int8_vnni(False)
+        assert cpu_kernels.int8_path() == "fp32"
+        slow = cpu_kernels.gemv_nonzero(x, wt, scale=scale)
+    finally:
+        cpu_kernels.set_int8_vnni(prev)
+    assert cpu_kernels.int8_path() == "vnni"
+    # per term error <= s/2 * |w| with s = (largest |x| of the pass) / 32767; a pass is 8
+    # consecutive kept rows from where its row group starts, so within 7 rows either side
+    x64 = x[:3].double()
+    near = torch.nn.functional.max_pool1d(x64.abs().unsqueeze(1), 15, 1, 7).squeeze(1)
+    bound = (near / 65534) @ w32.double().abs() + 2e-6 * (x64.abs() @ w32.double().abs()) + 1e-6
+    ref = x64 @ w32.double()
+    assert bool(((fast[:3].double() - ref).abs() <= bound).all())
+    assert bool(((fast[:3] - slow[:3]).double().abs() <= 2 * bound).all())
+    assert torch.equal(torch.isinf(fast[3]) | torch.isnan(fast[3]),
+                       torch.isinf(slow[3]) | torch.isnan(slow[3]))

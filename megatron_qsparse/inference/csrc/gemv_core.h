@@ -349,6 +349,112 @@ QS_AVX512 void block_bf16_512(const float* val, const int64_t* idx, int64_t nk,
     _mm512_storeu_ps(acc + j + 16, _mm512_permutex2var_ps(e, hi_idx, o));
   }
 }
+
+// int8 weights with AVX-512 VNNI: the activations of each pass of eight kept rows are quantized
+// to int16 (one scale per pass, s = max|v| / 32767, so |error| <= s / 2: 2^-16 of the pass's
+// largest |v|, far below the int8 weights' own 2^-8), two rows are interleaved word by word and
+// vpdpwssd multiplies and sums each pair into int32, which is converted and scaled into the fp32
+// accumulator once per pass. Per 8 rows x 64 outputs that is 16 widening loads, 16 unpacks,
+// 16 dot products and 4 conversions instead of 32 widening loads, 32 conversions and 32 FMAs
+// (block_V512<int8_t>). Within each 128-bit lane, unpacklo/hi of 16-bit words give the outputs
+// 8L + 0..3 and 8L + 4..7, so each run of 32 outputs accumulates as [lo lanes, hi lanes] and is
+// put back in order once the unit's rows are summed. Outputs past the last full 64 take
+// block_V512's fp32 path (exact activations); rows past the last full pass are padded with the
+// last kept row at activation 0. A unit with an inf or NaN activation takes the fp32 path.
+#define QS_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+
+QS_VNNI inline void rows_i8_vnni(const int8_t* const* p, const int32_t* xp, float s,
+                                 int64_t main, float* acc, const int8_t* const* nx,
+                                 int64_t pf_from) {
+  const __m512i x0 = _mm512_set1_epi32(xp[0]), x1 = _mm512_set1_epi32(xp[1]);
+  const __m512i x2 = _mm512_set1_epi32(xp[2]), x3 = _mm512_set1_epi32(xp[3]);
+  const __m512 vs = _mm512_set1_ps(s);
+  for (int64_t j = 0; j < main; j += 64) {
+    if (nx && j >= pf_from) prefetch_rows<8, 64>(nx, j - pf_from);
+    __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+    __m512i a2 = _mm512_setzero_si512(), a3 = _mm512_setzero_si512();
+#define QS_PAIR(T, X)                                                                            \
+    {                                                                                            \
+      const __m512i u0 = _mm512_cvtepi8_epi16(                                                   \
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p[2 * T] + j)));                  \
+      const __m512i v0 = _mm512_cvtepi8_epi16(                                                   \
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p[2 * T + 1] + j)));              \
+      const __m512i u1 = _mm512_cvtepi8_epi16(                                                   \
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p[2 * T] + j + 32)));             \
+      const __m512i v1 = _mm512_cvtepi8_epi16(                                                   \
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p[2 * T + 1] + j + 32)));         \
+      a0 = _mm512_dpwssd_epi32(a0, _mm512_unpacklo_epi16(u0, v0), X);                            \
+      a1 = _mm512_dpwssd_epi32(a1, _mm512_unpackhi_epi16(u0, v0), X);                            \
+      a2 = _mm512_dpwssd_epi32(a2, _mm512_unpacklo_epi16(u1, v1), X);                            \
+      a3 = _mm512_dpwssd_epi32(a3, _mm512_unpackhi_epi16(u1, v1), X);                            \
+    }
+    QS_PAIR(0, x0)
+    QS_PAIR(1, x1)
+    QS_PAIR(2, x2)
+    QS_PAIR(3, x3)
+#undef QS_PAIR
+    _mm512_storeu_ps(acc + j, _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0), vs, _mm512_loadu_ps(acc + j)));
+    _mm512_storeu_ps(acc + j + 16,
+                     _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1), vs, _mm512_loadu_ps(acc + j + 16)));
+    _mm512_storeu_ps(acc + j + 32,
+                     _mm512_fmadd_ps(_mm512_cvtepi32_ps(a2), vs, _mm512_loadu_ps(acc + j + 32)));
+    _mm512_storeu_ps(acc + j + 48,
+                     _mm512_fmadd_ps(_mm512_cvtepi32_ps(a3), vs, _mm512_loadu_ps(acc + j + 48)));
+  }
+}
+
+QS_VNNI void block_i8_vnni(const float* val, const int64_t* idx, int64_t nk, const int8_t* w,
+                           int64_t ld, int64_t c0, int64_t len, float* acc) {
+  for (int64_t i = 0; i < nk; ++i)  // inf / NaN: the fp32 path propagates them as the reference
+    if (!std::isfinite(val[i])) return block_V512<int8_t>(val, idx, nk, w, ld, c0, len, acc);
+  const int64_t main = len / 64 * 64;
+  for (int64_t c = 0; c < len; ++c) acc[c] = 0.f;
+  const int8_t* p[8];
+  const int8_t* nx[8];
+  const int64_t pf_from = prefetch_from<int8_t>(len);
+  for (int64_t r = 0; r < nk; r += 8) {
+    const int64_t R = std::min<int64_t>(8, nk - r);
+    for (int i = 0; i < 8; ++i) p[i] = w + idx[r + std::min<int64_t>(i, R - 1)] * ld + c0;
+    float mx = 0.f;
+    for (int64_t i = 0; i < R; ++i) mx = std::max(mx, std::fabs(val[r + i]));
+    if (mx == 0.f) continue;  // eight zero activations add nothing
+    const float scale = mx / 32767.f, inv = 32767.f / mx;
+    int32_t q16[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t i = 0; i < R; ++i) {
+      const float qv = std::nearbyint(val[r + i] * inv);
+      q16[i] = static_cast<int32_t>(std::min(32767.f, std::max(-32767.f, qv)));
+    }
+    int32_t xp[4];
+    for (int t = 0; t < 4; ++t)
+      xp[t] = static_cast<int32_t>((static_cast<uint32_t>(q16[2 * t]) & 0xffffu) |
+                                   (static_cast<uint32_t>(q16[2 * t + 1]) << 16));
+    const bool pf = R == 8 && next_rows(idx, r, nk, w, ld, c0, nx);
+    rows_i8_vnni(p, xp, scale, main, acc, pf ? nx : nullptr, pf_from);
+    if (main < len) {  // the outputs past the last full 64: fp32 activations, natural order
+      const int8_t* q[8];
+      for (int64_t i = 0; i < R; ++i) q[i] = p[i] + main;
+      switch (R) {
+        case 8: rows_V512<8, int8_t>(q, val + r, len - main, acc + main); break;
+        case 7: rows_V512<7, int8_t>(q, val + r, len - main, acc + main); break;
+        case 6: rows_V512<6, int8_t>(q, val + r, len - main, acc + main); break;
+        case 5: rows_V512<5, int8_t>(q, val + r, len - main, acc + main); break;
+        case 4: rows_V512<4, int8_t>(q, val + r, len - main, acc + main); break;
+        case 3: rows_V512<3, int8_t>(q, val + r, len - main, acc + main); break;
+        case 2: rows_V512<2, int8_t>(q, val + r, len - main, acc + main); break;
+        default: rows_V512<1, int8_t>(q, val + r, len - main, acc + main); break;
+      }
+    }
+  }
+  // [lo lanes, hi lanes] -> outputs in order, per 32
+  const __m512i lo_idx = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i hi_idx =
+      _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int64_t j = 0; j < main; j += 32) {
+    const __m512 e = _mm512_loadu_ps(acc + j), o = _mm512_loadu_ps(acc + j + 16);
+    _mm512_storeu_ps(acc + j, _mm512_permutex2var_ps(e, lo_idx, o));
+    _mm512_storeu_ps(acc + j + 16, _mm512_permutex2var_ps(e, hi_idx, o));
+  }
+}
 #endif
 
 // Baseline x86-64 / other architectures: the same order of work in plain loops.
@@ -452,6 +558,21 @@ Isa detect_isa() {
 
 const Isa kIsa = detect_isa();
 
+// int8 weights through AVX-512 VNNI (block_i8_vnni) where the CPU has it; set_int8_vnni(false)
+// takes the fp32-activation path instead (tests of both, before/after benchmarks).
+inline bool int8_vnni_supported() {
+#if defined(__x86_64__) || defined(__i386__)
+  return kIsa == Isa::kAvx512 && __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
+inline bool& int8_vnni() {
+  static bool on = int8_vnni_supported();
+  return on;
+}
+
 template <typename WT>
 void run_dense(const float* val, const int64_t* idx, int64_t nk, const WT* w, int64_t ld,
                int64_t c0, int64_t len, float* acc) {
@@ -460,8 +581,15 @@ void run_dense(const float* val, const int64_t* idx, int64_t nk, const WT* w, in
     case Isa::kAvx512:
       if constexpr (std::is_same<WT, uint16_t>::value)
         return block_bf16_512(val, idx, nk, w, ld, c0, len, acc);
-      else
-        return block_V512<WT>(val, idx, nk, w, ld, c0, len, acc);
+      else if constexpr (std::is_same<WT, int8_t>::value) {
+        // VNNI for consecutive rows (the dense product) only: measured on the 8-layer
+        // 2048-wide model's shapes (2 threads, 4 runs each), dense tokens 2-6% faster, S = 0.6
+        // 1-4% slower (scattered short int8 rows are bound by their access pattern, not by
+        // the widening instructions VNNI saves)
+        if (int8_vnni() && nk > 0 && idx[nk - 1] - idx[0] == nk - 1)
+          return block_i8_vnni(val, idx, nk, w, ld, c0, len, acc);
+      }
+      return block_V512<WT>(val, idx, nk, w, ld, c0, len, acc);
     case Isa::kAvx2: return block_V256<WT>(val, idx, nk, w, ld, c0, len, acc);
 #endif
     default: return block_base<WT>(val, idx, nk, w, ld, c0, len, acc);

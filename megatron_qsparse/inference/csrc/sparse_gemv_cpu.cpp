@@ -185,6 +185,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           "Copy of a contiguous CPU tensor in memory advised for transparent huge pages",
           pybind11::arg("t"));
   mod.def("isa", &isa_name, "Instruction set the inner loops run with");
+  mod.def("int8_path", [] { return std::string(int8_vnni() ? "vnni" : "fp32"); },
+          "How int8 weights are multiplied: vnni (int16 activations, vpdpwssd) or fp32 (FMA)");
+  mod.def("set_int8_vnni", [](bool on) {
+            const bool prev = int8_vnni();
+            int8_vnni() = on && int8_vnni_supported();
+            return prev;
+          }, "Use the VNNI int8 path where the CPU has it (returns the previous setting)",
+          pybind11::arg("on"));
   pybind11::class_<DecodeStep>(mod, "DecodeStep", "One token of the whole model (decode_step.h)")
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, bool, double, bool,
                           at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>,
