@@ -146,7 +146,7 @@ def plot(results: dict, budgets: list[int], path: str, title: str, base_loss: fl
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    runlib.save_fig(fig, path)
     plt.close(fig)
 
 

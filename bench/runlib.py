@@ -1,7 +1,8 @@
 """Training runs for the study benchmarks, through the real CLI, resumable run by run.
 
 A run lives in its own folder: ``summary.json`` (written by ``pretrain_qsparse.py
---summary-json`` when training ends) marks it finished and makes every later call skip it;
+--summary-json`` when training ends) with ``exit_reason`` "finished" marks it finished and makes
+every later call skip it (a run stopped by a signal writes one too, and is resumed);
 ``ckpt/`` holds its checkpoints while it trains (``--save``/``--load`` on the same folder, so a run
 killed mid-way resumes bit-exactly from its last checkpoint instead of starting again), and
 ``log.txt`` collects the output of every sitting. Finished runs drop their checkpoints unless
@@ -37,12 +38,15 @@ def prepare_data(work: str, py: str = sys.executable) -> str:
 
 
 def finished(run_dir: str) -> dict | None:
-    """The summary of a finished run, or None."""
+    """The summary of a finished run, or None. A run that stopped early (a SIGTERM, an exit
+    interval or duration) also leaves a summary, with its ``exit_reason``: it is not finished,
+    and the next sitting resumes it from its checkpoint."""
     path = os.path.join(run_dir, "summary.json")
     if not os.path.isfile(path):
         return None
     with open(path) as fh:
-        return json.load(fh)
+        summary = json.load(fh)
+    return summary if summary.get("exit_reason", "finished") == "finished" else None
 
 
 def train(run_dir: str, flags: list[str], *, save_interval: int, keep_checkpoint: bool = False,
@@ -72,7 +76,12 @@ def train(run_dir: str, flags: list[str], *, save_interval: int, keep_checkpoint
         raise SystemExit(f"run {run_dir} failed (exit {proc.returncode}); see {run_dir}/log.txt")
     summary = finished(run_dir)
     if summary is None:
-        raise SystemExit(f"run {run_dir} ended without writing summary.json; see its log.txt")
+        why = "ended without writing summary.json"
+        path = os.path.join(run_dir, "summary.json")
+        if os.path.isfile(path):
+            with open(path) as fh:
+                why = f"stopped early ({json.load(fh).get('exit_reason')}); its checkpoint stays"
+        raise SystemExit(f"run {run_dir} {why}: run the study again to resume it; see its log.txt")
     if not keep_checkpoint:
         shutil.rmtree(ckpt, ignore_errors=True)
     if not quiet:
@@ -95,3 +104,12 @@ def write_text(path: str, text: str) -> None:
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic.write_text(path, text)
+
+
+def save_fig(fig, path: str) -> None:
+    """A matplotlib figure as PNG, written atomically (a temporary file renamed into place)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, ".tmp-" + os.path.basename(path))
+    fig.savefig(tmp, dpi=110, format="png")
+    os.replace(tmp, path)

@@ -125,7 +125,7 @@ def plots(results: dict, out: str) -> None:
     ax.legend(fontsize=8)
     ax.set_title("training loss, same data and tokens")
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "loss_curves.png"), dpi=110)
+    runlib.save_fig(fig, os.path.join(out, "loss_curves.png"))
     plt.close(fig)
 
     pair = [n for n in ("topk-0.6", "topk-0.6-no-ste") if n in results]
@@ -145,7 +145,7 @@ def plots(results: dict, out: str) -> None:
             ax.set_yscale("log")
         axes[0].legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(os.path.join(out, "grad_norm_ste.png"), dpi=110)
+        runlib.save_fig(fig, os.path.join(out, "grad_norm_ste.png"))
         plt.close(fig)
 
     if "relu" in results:
@@ -165,7 +165,7 @@ def plots(results: dict, out: str) -> None:
         ax.legend(fontsize=7, ncol=2)
         ax.set_title("sparsity during training: ReLU drifts, top-K is fixed")
         fig.tight_layout()
-        fig.savefig(os.path.join(out, "relu_density.png"), dpi=110)
+        runlib.save_fig(fig, os.path.join(out, "relu_density.png"))
         plt.close(fig)
 
 

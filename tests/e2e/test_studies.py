@@ -40,12 +40,14 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_result(kjv_small, 
     whole = runlib.train(str(tmp_path / "whole"), [*FLAGS, *data], save_interval=4, quiet=True)
     assert whole["iterations"] == 8 and not (tmp_path / "whole" / "ckpt").exists()
 
-    # the same run stopped after its checkpoint at iteration 4 (as a kill would leave it) ...
+    # the same run stopped after its checkpoint at iteration 4, with the summary a stopped run
+    # writes (as a SIGTERM leaves it) ...
     cut = tmp_path / "cut"
     pretrain(kjv_small, "--train-iters", "8", "--eval-interval", "8", "--log-interval", "1",
              "--deterministic", "--save", str(cut / "ckpt"), "--save-interval", "4",
-             "--exit-interval", "4")
+             "--exit-interval", "4", "--summary-json", str(cut / "summary.json"))
     assert (cut / "ckpt" / "latest").read_text().strip() == "iter_0000004"
+    assert json.loads((cut / "summary.json").read_text())["exit_reason"] != "finished"
     assert runlib.finished(str(cut)) is None
     # ... is finished by the next sitting from there, with the uninterrupted run's result
     again = runlib.train(str(cut), [*FLAGS, *data], save_interval=4, quiet=True)
