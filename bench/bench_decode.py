@@ -266,7 +266,7 @@ def main(argv=None) -> int:
         return 2
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, kernel ISA "
-          f"{cpu_kernels.isa()}, fp32, batch 1\n")
+          f"{cpu_kernels.isa()} (int8 dense: {cpu_kernels.int8_path()}), fp32, batch 1\n")
     if not args.skip_gemv:
         bench_gemv(args)
     if not args.skip_e2e:

@@ -441,7 +441,8 @@ def main(argv=None) -> int:
     work = os.path.join(args.work, "quick" if args.quick else "full")
     os.makedirs(work, exist_ok=True)
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} "
-          f"threads, torch {torch.__version__}, kernel ISA {cpu_kernels.isa()}; llama.cpp "
+          f"threads, torch {torch.__version__}, kernel ISA {cpu_kernels.isa()} (int8 dense: "
+          f"{cpu_kernels.int8_path()}); llama.cpp "
           f"{binary}\n")
     ok = True
     if not args.skip_agreement:
