@@ -107,9 +107,7 @@ def write_text(path: str, text: str) -> None:
 
 
 def save_fig(fig, path: str) -> None:
-    """A matplotlib figure as PNG, written atomically (a temporary file renamed into place)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, ".tmp-" + os.path.basename(path))
-    fig.savefig(tmp, dpi=110, format="png")
-    os.replace(tmp, path)
+    """A matplotlib figure as PNG, written atomically."""
+    from megatron_qsparse import atomic
+
+    atomic.save_png(fig, path)

@@ -54,3 +54,9 @@ def write_text(path: str, text: str) -> None:
 def save_npy(path: str, array: np.ndarray) -> None:
     with atomic_open(path, "wb") as fh:
         np.save(fh, array, allow_pickle=False)
+
+
+def save_png(fig, path: str, dpi: int = 110) -> None:
+    """A matplotlib figure as a PNG file, atomically."""
+    with atomic_open(path, "wb") as fh:
+        fig.savefig(fh, dpi=dpi, format="png")

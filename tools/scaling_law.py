@@ -312,11 +312,9 @@ def _plot_fit_optimum(path: str, groups: dict, laws: dict) -> float:
 
 
 def _save_fig(fig, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, ".tmp-" + os.path.basename(path))
-    fig.savefig(tmp, dpi=110, format="png")
-    os.replace(tmp, path)
+    from megatron_qsparse.atomic import save_png
+
+    save_png(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
