@@ -111,18 +111,23 @@ def bench_gemv(args) -> list[dict]:
             for s in args.ratios:
                 k = keep_count(d, s)
                 if s > 0:
-                    ref = (x * topk_mask(x, k)) @ cpu_kernels.dequantize(q, scale)
+                    xs = x * topk_mask(x, k)
+                    ref = xs @ cpu_kernels.dequantize(q, scale)
                     got = cpu_kernels.gemv_topk(x, q, k, scale=scale)
 
                     def ours(k=k):
                         return cpu_kernels.gemv_topk(x, rot.next(), k, scale=scale)
                 else:  # dense: every row, through the same kernel
+                    xs = x
                     ref = x @ cpu_kernels.dequantize(q, scale)
                     got = cpu_kernels.gemv_nonzero(x, q, scale=scale)
 
                     def ours():
                         return cpu_kernels.gemv_nonzero(x, rot.next(), scale=scale)
-                assert torch.allclose(got, ref, rtol=1e-4, atol=1e-3), "kernel disagrees"
+                # within 1e-4 of sum |x_i W_ij| (the fp32 paths: ~1e-6; int8 on VNNI: int16
+                # activations, 2^-16 of each pass's largest |x|)
+                bound = 1e-4 * (xs.abs() @ cpu_kernels.dequantize(q, scale).abs()) + 1e-3
+                assert bool(((got - ref).abs() <= bound).all()), "kernel disagrees"
                 fns = [lambda: torch.mv(dense_w.next(), x), ours,
                        lambda: cpu_kernels.stream_read(stream_buf)]
                 t = interleaved(fns, args.repeats, args.warmup)
