@@ -68,11 +68,22 @@ def int8_path() -> str:
     return module.int8_path() if module is not None else "unavailable"
 
 
-def set_int8_vnni(on: bool) -> bool:
-    """Use the VNNI int8 path where the CPU has it (``False``: the fp32 path). Returns the
-    previous setting; a no-op without the kernels."""
+_VNNI_MODES = ("off", "dense", "all")
+
+
+def set_int8_vnni(mode: bool | str) -> str:
+    """Which int8 products take the VNNI path where the CPU has it: ``"dense"`` (consecutive
+    rows; the default, also ``True``), ``"off"`` (``False``: the fp32 path everywhere) or
+    ``"all"`` (scattered kept rows too; measured slower there, for benchmarks). Returns the
+    previous mode; a no-op without the kernels."""
+    if isinstance(mode, bool):
+        mode = "dense" if mode else "off"
+    if mode not in _VNNI_MODES:
+        raise ValueError(f"set_int8_vnni: mode {mode!r}, expected one of {_VNNI_MODES}")
     module = _EXT.get()
-    return bool(module.set_int8_vnni(on)) if module is not None else False
+    if module is None:
+        return "off"
+    return _VNNI_MODES[module.set_int8_vnni(_VNNI_MODES.index(mode))]
 
 
 def on_huge_pages(t: torch.Tensor) -> torch.Tensor:

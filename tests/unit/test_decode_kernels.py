@@ -287,12 +287,14 @@ def test_int8_vnni_path_is_within_its_bound_and_close_to_the_fp32_path(d, n):
     prev = cpu_kernels.set_int8_vnni(True)
     try:
         fast = cpu_kernels.gemv_nonzero(x, wt, scale=scale)
+        cpu_kernels.set_int8_vnni("all")  # scattered rows (x[1]'s) through VNNI too
+        every = cpu_kernels.gemv_nonzero(x, wt, scale=scale)
         cpu_kernels.set_int8_vnni(False)
         assert cpu_kernels.int8_path() == "fp32"
         slow = cpu_kernels.gemv_nonzero(x, wt, scale=scale)
     finally:
         cpu_kernels.set_int8_vnni(prev)
-    assert cpu_kernels.int8_path() == "vnni"
+    assert cpu_kernels.int8_path() == "vnni" and prev == "dense"
     # per term error <= s/2 * |w| with s = (largest |x| of the pass) / 32767; a pass is 8
     # consecutive kept rows from where its row group starts, so within 7 rows either side
     x64 = x[:3].double()
@@ -300,6 +302,9 @@ def test_int8_vnni_path_is_within_its_bound_and_close_to_the_fp32_path(d, n):
     bound = (near / 65534) @ w32.double().abs() + 2e-6 * (x64.abs() @ w32.double().abs()) + 1e-6
     ref = x64 @ w32.double()
     assert bool(((fast[:3].double() - ref).abs() <= bound).all())
+    assert bool(((every[:3].double() - ref).abs() <= bound).all())
+    with pytest.raises(ValueError, match="mode"):
+        cpu_kernels.set_int8_vnni("sometimes")
     assert bool(((fast[:3] - slow[:3]).double().abs() <= 2 * bound).all())
     assert torch.equal(torch.isinf(fast[3]) | torch.isnan(fast[3]),
                        torch.isinf(slow[3]) | torch.isnan(slow[3]))

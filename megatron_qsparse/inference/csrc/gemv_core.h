@@ -558,8 +558,8 @@ Isa detect_isa() {
 
 const Isa kIsa = detect_isa();
 
-// int8 weights through AVX-512 VNNI (block_i8_vnni) where the CPU has it; set_int8_vnni(false)
-// takes the fp32-activation path instead (tests of both, before/after benchmarks).
+// int8 weights through AVX-512 VNNI (block_i8_vnni) where the CPU has it; set_int8_vnni picks
+// the products that take it (tests of both paths, A/B benchmarks: bench/bench_int8_path.py).
 inline bool int8_vnni_supported() {
 #if defined(__x86_64__) || defined(__i386__)
   return kIsa == Isa::kAvx512 && __builtin_cpu_supports("avx512vnni");
@@ -568,9 +568,11 @@ inline bool int8_vnni_supported() {
 #endif
 }
 
-inline bool& int8_vnni() {
-  static bool on = int8_vnni_supported();
-  return on;
+// 0: off, 1: dense products (consecutive rows) only (the default where supported), 2: every
+// product (for benchmarks: scattered rows measured slower on it)
+inline int& int8_vnni_mode() {
+  static int mode = int8_vnni_supported() ? 1 : 0;
+  return mode;
 }
 
 template <typename WT>
@@ -586,7 +588,8 @@ void run_dense(const float* val, const int64_t* idx, int64_t nk, const WT* w, in
         // 2048-wide model's shapes (2 threads, 4 runs each), dense tokens 2-6% faster, S = 0.6
         // 1-4% slower (scattered short int8 rows are bound by their access pattern, not by
         // the widening instructions VNNI saves)
-        if (int8_vnni() && nk > 0 && idx[nk - 1] - idx[0] == nk - 1)
+        const int mode = int8_vnni_mode();
+        if (mode == 2 || (mode == 1 && nk > 0 && idx[nk - 1] - idx[0] == nk - 1))
           return block_i8_vnni(val, idx, nk, w, ld, c0, len, acc);
       }
       return block_V512<WT>(val, idx, nk, w, ld, c0, len, acc);

@@ -185,14 +185,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           "Copy of a contiguous CPU tensor in memory advised for transparent huge pages",
           pybind11::arg("t"));
   mod.def("isa", &isa_name, "Instruction set the inner loops run with");
-  mod.def("int8_path", [] { return std::string(int8_vnni() ? "vnni" : "fp32"); },
-          "How int8 weights are multiplied: vnni (int16 activations, vpdpwssd) or fp32 (FMA)");
-  mod.def("set_int8_vnni", [](bool on) {
-            const bool prev = int8_vnni();
-            int8_vnni() = on && int8_vnni_supported();
+  mod.def("int8_path", [] { return std::string(int8_vnni_mode() ? "vnni" : "fp32"); },
+          "How dense int8 products run: vnni (int16 activations, vpdpwssd) or fp32 (FMA)");
+  mod.def("set_int8_vnni", [](int mode) {
+            const int prev = int8_vnni_mode();
+            TORCH_CHECK(mode >= 0 && mode <= 2, "set_int8_vnni: mode 0 (off), 1 (dense), 2 (all)");
+            int8_vnni_mode() = int8_vnni_supported() ? mode : 0;
             return prev;
-          }, "Use the VNNI int8 path where the CPU has it (returns the previous setting)",
-          pybind11::arg("on"));
+          }, "Which int8 products take the VNNI path: 0 none, 1 dense (consecutive rows), 2 all; "
+          "returns the previous mode", pybind11::arg("mode"));
   pybind11::class_<DecodeStep>(mod, "DecodeStep", "One token of the whole model (decode_step.h)")
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, int64_t, bool, double, bool,
                           at::Tensor, at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>,
