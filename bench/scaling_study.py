@@ -123,10 +123,13 @@ def collect(work: str, out: str, sizes, sparsities, precisions) -> list[dict]:
 
 
 def fit(out: str, bootstrap: int) -> str:
-    cmd = [sys.executable, "tools/scaling_law.py", "fit", "--csv", os.path.join(out, "runs.csv"),
-           "--bootstrap", str(bootstrap), "--plot", os.path.join(out, "loss_vs_n.png"),
-           "--plot-optimum", os.path.join(out, "loss_vs_s.png"),
-           "--output", os.path.join(out, "fit.json")]
+    # paths relative to the checkout when inside it, so fit.txt names the repo's own files
+    rel = os.path.relpath(out, runlib.ROOT)
+    where = out if rel.startswith("..") else rel
+    cmd = [sys.executable, "tools/scaling_law.py", "fit", "--csv", os.path.join(where, "runs.csv"),
+           "--bootstrap", str(bootstrap), "--plot", os.path.join(where, "loss_vs_n.png"),
+           "--plot-optimum", os.path.join(where, "loss_vs_s.png"),
+           "--output", os.path.join(where, "fit.json")]
     proc = subprocess.run(cmd, cwd=runlib.ROOT, capture_output=True, text=True)
     text = proc.stdout + proc.stderr
     if proc.returncode != 0:
