@@ -23,9 +23,8 @@ import torch
 
 from megatron_qsparse.inference import cpu_kernels
 from megatron_qsparse.sparsity import keep_count
+from token_projections import LAYERS, SHAPES, kernels_ready, weights as build_weights
 
-SHAPES = [(2048, 3072), (2048, 2048), (2048, 11264), (5632, 2048)]
-LAYERS = 8
 
 
 def token_time(weights, xs, s: float, reps: int) -> float:
@@ -51,20 +50,14 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=10, help="Tokens per timing.")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    if not cpu_kernels.available():
-        print(f"decode kernels unavailable ({cpu_kernels.unavailable_reason()}); nothing to do")
+    if not kernels_ready(args.threads):
         return 0
     prev = cpu_kernels.set_int8_vnni("all")  # sparse rows too: both paths at every S
     if cpu_kernels.int8_path() != "vnni":
         print("this CPU has no AVX-512 VNNI: int8 weights take the fp32 path only; nothing to do")
         return 0
     g = torch.Generator().manual_seed(0)
-    weights = []
-    for _ in range(LAYERS):
-        for d, n in SHAPES:
-            q, scale = cpu_kernels.quantize_int8(torch.randn(d, n, generator=g))
-            weights.append((cpu_kernels.on_huge_pages(q), scale))
+    weights = build_weights(torch.int8, g)
     xs = [torch.randn(d, generator=g) for d, _ in SHAPES]
     stream = torch.randn(64 << 20, generator=g)
     t = time.perf_counter()

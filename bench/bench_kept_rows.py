@@ -23,9 +23,8 @@ import torch
 
 from megatron_qsparse.inference import cpu_kernels
 from megatron_qsparse.sparsity import keep_count
+from token_projections import LAYERS, SHAPES, kernels_ready, weights as build_weights
 
-SHAPES = [(2048, 3072), (2048, 2048), (2048, 11264), (5632, 2048)]
-LAYERS = 8
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
 
 
@@ -55,9 +54,7 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=6, help="Tokens per timing.")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    if not cpu_kernels.available():
-        print(f"decode kernels unavailable ({cpu_kernels.unavailable_reason()}); nothing to do")
+    if not kernels_ready(args.threads):
         return 0
     g = torch.Generator().manual_seed(0)
     # contiguous kept rows would take the VNNI path of dense int8 products: the fp32 path for
@@ -70,15 +67,7 @@ def main() -> int:
     patterns = ("random", "pairs", "contiguous")
     for name in args.dtypes:
         dt = DTYPES[name]
-        weights = []
-        for _ in range(LAYERS):
-            for d, n in SHAPES:
-                w = torch.randn(d, n, generator=g)
-                if dt == torch.int8:
-                    q, scale = cpu_kernels.quantize_int8(w)
-                else:
-                    q, scale = w.to(dt).contiguous(), None
-                weights.append((cpu_kernels.on_huge_pages(q), scale))
+        weights = build_weights(dt, g)
         ks = [keep_count(d, args.sparsity) for d, _ in SHAPES]
         xs = {pat: [inputs(d, k, pat, g) for (d, _), k in zip(SHAPES, ks)] for pat in patterns}
         times = {pat: [] for pat in patterns}
