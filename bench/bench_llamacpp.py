@@ -18,8 +18,10 @@ decode weights fp32, 16-bit (fp16 and bf16) and int8 (per-output-channel scales)
 compares with llama.cpp's *dense* decode at the same precision (16-bit: the faster of its f16 and
 bf16; 8-bit: q8_0), and gives the bandwidth it reached: weight bytes actually read per token
 (every kept row of every projection, the LM head, the KV cache) x tokens/s, over a STREAM-like
-read (:func:`~megatron_qsparse.inference.cpu_kernels.stream_read`, 1 GB, same threads) measured
-in the same run; llama.cpp's row uses its file's matrices (the embedding row is one row a token).
+read (:func:`~megatron_qsparse.inference.cpu_kernels.stream_read`, 1 GB, same threads); llama.cpp's
+bytes are its file's matrices (the embedding row is one row a token). The machine's memory
+bandwidth drifts, so every row of ours is bracketed by a run of llama.cpp's reference file and a
+STREAM-like read just before and just after it, and is compared with their means.
 
 **Agreement**: a tiny dense SwiGLU model is trained for a few steps by ``pretrain_qsparse.py``,
 exported by us, converted to an f32 GGUF, and both decoders generate greedily from the same
@@ -36,7 +38,7 @@ Usage::
   python bench/bench_llamacpp.py --llama-bench PATH --skip-speed        # agreement only
 
 ``--quick``: a 2-layer, width-256 model, S = 0 and 0.6, 16 tokens: checks that everything works
-in about a minute. The default run takes ~4 minutes on the 2-core development machine.
+in about a minute. The default run takes ~8 minutes on the 2-core development machine.
 """
 
 from __future__ import annotations
@@ -261,27 +263,21 @@ def bytes_per_token(im, cache_len: int) -> int:
     return total
 
 
-def bench_ours(state, cfg, ratios, weight_dtype, prompt, tokens, repeats, stream_gbs):
-    """[(S, tok/s, GB/s, fraction of STREAM)] for our decoder at each ratio."""
+def bench_ours(state, cfg, s, weight_dtype, prompt, tokens, repeats) -> tuple[float, int]:
+    """(tok/s, weight bytes read per token) of our decoder at sparsity ``s``."""
     from megatron_qsparse.config import QSparseConfig, padded_vocab_size
     from megatron_qsparse.inference import InferenceModel, generate
     from megatron_qsparse.model.gpt import GPTModel
 
-    rows = []
     vocab = padded_vocab_size(cfg.model.vocab_size, cfg)
-    for s in ratios:
-        q = QSparseConfig(mode="none") if s == 0 else QSparseConfig(mode="topk", ratio=s)
-        m = GPTModel(cfg.model.with_sparsity(q), vocab)
-        m.load_state_dict(state)
-        im = InferenceModel(m.eval(), weight_dtype=weight_dtype)
-        assert im.step is not None, im.step_unavailable
-        generate(im, prompt, 4)  # warm-up (threads, pages)
-        tps = [generate(im, prompt, tokens + 1).decode_tokens_per_second for _ in range(repeats)]
-        v = statistics.median(tps)
-        gbs = bytes_per_token(im, len(prompt) + tokens // 2) * v / 1e9
-        rows.append((s, v, gbs, gbs / stream_gbs))
-        del im, m
-    return rows
+    q = QSparseConfig(mode="none") if s == 0 else QSparseConfig(mode="topk", ratio=s)
+    m = GPTModel(cfg.model.with_sparsity(q), vocab)
+    m.load_state_dict(state)
+    im = InferenceModel(m.eval(), weight_dtype=weight_dtype)
+    assert im.step is not None, im.step_unavailable
+    generate(im, prompt, 4)  # warm-up (threads, pages)
+    tps = [generate(im, prompt, tokens + 1).decode_tokens_per_second for _ in range(repeats)]
+    return statistics.median(tps), bytes_per_token(im, len(prompt) + tokens // 2)
 
 
 def stream_bandwidth(repeats: int = 5) -> float:
@@ -462,32 +458,46 @@ def main(argv=None) -> int:
     theirs = {}
     for t in types:
         tps = llama_bench(binary, ggufs[t], args.tokens, args.threads, args.repeats)
-        gbs = gguf_matrix_bytes(ggufs[t], root) * tps / 1e9
-        theirs[t] = (tps, gbs)
+        theirs[t] = (tps, gguf_matrix_bytes(ggufs[t], root) * tps / 1e9)
     m = cfg.model
     prompt = list(range(5, 21))
     print(f"model: {m.num_layers} layers, hidden {m.hidden_size}, FFN {m.ffn_hidden_size} "
           f"SwiGLU, {m.num_attention_heads}/{m.num_query_groups} heads, vocab {m.vocab_size}, "
           f"untied; {n_params / 1e6:.0f}M parameters; {len(prompt)}-token prompt, {args.tokens} "
           f"decode tokens, {args.threads} threads; STREAM-like read {stream:.1f} GB/s\n")
-    print("llama.cpp (llama-bench -p 0 -n %d -t %d):" % (args.tokens, args.threads))
+    print("llama.cpp (llama-bench -p 0 -n %d -t %d), each once:" % (args.tokens, args.threads))
     for t, (tps, gbs) in theirs.items():
         print(f"  {t:5} {tps:7.1f} tok/s  {gbs:5.1f} GB/s = {gbs / stream:.2f} of STREAM")
-    print()
-    hdr = (f"| precision | ours | S | ours tok/s | llama.cpp dense tok/s | ours / llama.cpp | "
-           f"ours GB/s | of STREAM |")
+    print("\nEach row below is bracketed: llama.cpp's reference file and the STREAM-like read are "
+          "timed right before and right after ours (the next row's 'before' is this row's "
+          "'after'), and the row compares with their means, so that the machine's drift (its "
+          "memory bandwidth moves by tens of percent within minutes) cancels.\n")
+    hdr = ("| precision | ours | S | ours tok/s | llama.cpp dense tok/s | ours / llama.cpp | "
+           "ours GB/s | STREAM GB/s | of STREAM | llama.cpp of STREAM |")
     print(hdr)
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     summary = {}
     for name in args.precisions:
         ours_list, their_types = PRECISIONS[name]
         best_t = max(their_types, key=lambda t: theirs[t][0])
-        ref = theirs[best_t][0]
+        ref_bytes = gguf_matrix_bytes(ggufs[best_t], root)
+
+        def bracket():
+            return (llama_bench(binary, ggufs[best_t], args.tokens, args.threads, args.repeats),
+                    stream_bandwidth())
+
         for label, dtype in ours_list:
-            for s, tps, gbs, frac in bench_ours(state, cfg, args.ratios, dtype, prompt,
-                                                args.tokens, args.repeats, stream):
+            before = bracket()
+            for s in args.ratios:
+                tps, byt = bench_ours(state, cfg, s, dtype, prompt, args.tokens, args.repeats)
+                after = bracket()
+                ref = (before[0] + after[0]) / 2
+                st = (before[1] + after[1]) / 2
+                before = after
+                gbs = byt * tps / 1e9
                 print(f"| {name} | {label} | {s:.1f} | {tps:.1f} | {ref:.1f} ({best_t}) | "
-                      f"{tps / ref:.2f}× | {gbs:.1f} | {frac:.2f} |", flush=True)
+                      f"{tps / ref:.2f}× | {gbs:.1f} | {st:.1f} | {gbs / st:.2f} | "
+                      f"{ref_bytes * ref / 1e9 / st:.2f} |", flush=True)
                 key = (name, s)
                 summary[key] = max(summary.get(key, 0.0), tps / ref)
     print()

@@ -90,6 +90,31 @@ def test_topk_gemv_matches_dense_reference(d, n, xdtype, wdtype):
                 assert_close_to(ref, xs, w32, bias)
 
 
+def test_gathers_at_every_length_and_on_special_values():
+    """The kept-set gathers (16 entries per step with AVX-512, a masked tail) at every length
+    across two vectors: -0.0 is not kept, NaN and inf are; Top-K ties at the threshold keep the
+    lowest indices, also where the tie run crosses a vector boundary."""
+    g = torch.Generator().manual_seed(5)
+    for d in range(1, 41):
+        w = torch.randn(d, 7, generator=g)
+        x = torch.randn(d, generator=g)
+        x[torch.rand(d, generator=g) < 0.4] = 0.0
+        x[::5] = -0.0
+        assert_close_to(cpu_kernels.gemv_nonzero(x, w), x, w)
+        if d >= 3:
+            y = x.clone()
+            y[d // 2] = float("nan")
+            assert bool(cpu_kernels.gemv_nonzero(y, w).isnan().all())
+            y[d // 2] = float("inf")
+            assert bool(cpu_kernels.gemv_nonzero(y, w).isinf().any())
+        if d >= 2:
+            ties = torch.full((d,), 0.5)  # every |x| equal: Top-K keeps the first k
+            ties[1::2] = -0.5
+            for k in {1, d // 2, d - 1} - {0}:
+                xs = torch.where(torch.arange(d) < k, ties, torch.zeros(d))
+                assert_close_to(cpu_kernels.gemv_topk(ties, w, k), xs, w)
+
+
 def test_int8_quantization_is_per_output_channel():
     w = data((300, 40), 9)
     w[:, 3] = 0.0  # an all-zero column: scale 1, codes 0

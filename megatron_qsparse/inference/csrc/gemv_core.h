@@ -36,10 +36,10 @@ struct Kept {
   std::vector<int64_t> idx;
   std::vector<float> val;
   int64_t n = 0;
-  void reserve(int64_t d) {
-    if (static_cast<int64_t>(idx.size()) < d) {
-      idx.resize(d);
-      val.resize(d);
+  void reserve(int64_t d) {  // room for d entries plus one vector store past them
+    if (static_cast<int64_t>(idx.size()) < d + 16) {
+      idx.resize(d + 16);
+      val.resize(d + 16);
     }
   }
 };
@@ -945,14 +945,68 @@ void product_ternary(const Kept& kept, const uint8_t* w, int64_t n, int64_t P, f
   });
 }
 
+#if defined(__x86_64__) || defined(__i386__)
+// The gathers with AVX-512: 16 entries per step, the kept ones compressed to the front of a
+// register and stored whole at the running count (the buffers have a vector of room past d),
+// their int64 indices in two halves of 8. `keep(i, v)` is the mask of the 16 entries at i.
+template <typename Keep>
+QS_AVX512 inline int64_t gather_512(const float* x, int64_t d, int64_t* idx, float* val,
+                                    Keep keep) {
+  const __m512i step = _mm512_set1_epi64(16);
+  __m512i i_lo = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+  __m512i i_hi = _mm512_setr_epi64(8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t n = 0;
+  for (int64_t i = 0; i < d; i += 16) {
+    const __mmask16 live = d - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (d - i)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(live, x + i);
+    const __mmask16 m = keep(i, v) & live;
+    _mm512_storeu_ps(val + n, _mm512_maskz_compress_ps(m, v));
+    const __mmask8 m_lo = static_cast<__mmask8>(m), m_hi = static_cast<__mmask8>(m >> 8);
+    _mm512_storeu_si512(idx + n, _mm512_maskz_compress_epi64(m_lo, i_lo));
+    const int64_t n_lo = n + __builtin_popcount(m_lo);
+    _mm512_storeu_si512(idx + n_lo, _mm512_maskz_compress_epi64(m_hi, i_hi));
+    n = n_lo + __builtin_popcount(m_hi);
+    i_lo = _mm512_add_epi64(i_lo, step);
+    i_hi = _mm512_add_epi64(i_hi, step);
+  }
+  return n;
+}
+
+QS_AVX512 inline int64_t gather_nonzero_512(const float* x, int64_t d, int64_t* idx, float* val) {
+  return gather_512(x, d, idx, val, [](int64_t, __m512 v) QS_AVX512 {  // NaN != 0 (unordered)
+    return _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+  });
+}
+
+QS_AVX512 inline int64_t gather_topk_512(const float* x, int64_t d, uint32_t t, int64_t limit,
+                                         int64_t* idx, float* val) {
+  const __m512i abs = _mm512_set1_epi32(0x7fffffff), tv = _mm512_set1_epi32(static_cast<int>(t));
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const int64_t lim = std::min<int64_t>(limit, d);
+  return gather_512(x, d, idx, val, [&](int64_t i, __m512 v) QS_AVX512 {
+    const __m512i a = _mm512_and_si512(_mm512_castps_si512(v), abs);
+    const __m512i pos = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int>(i)));
+    const __mmask16 tie = _mm512_cmpeq_epi32_mask(a, tv) &
+                          _mm512_cmplt_epi32_mask(pos, _mm512_set1_epi32(static_cast<int>(lim)));
+    return _mm512_test_epi32_mask(a, a) & (_mm512_cmpgt_epu32_mask(a, tv) | tie);
+  });
+}
+#endif
+
 // Kept set = the nonzero entries of x (any sparsifier's output). NaN counts as nonzero.
 // Gathers are branch-free (each entry is written, the count advances by whether it is kept):
 // which inputs survive is data-dependent, and a mispredicted branch per input cost more than the
-// selection itself on decode-sized rows.
+// selection itself on decode-sized rows. With AVX-512 they take 16 entries per step (gather_512).
 void gather_nonzero(const float* x, int64_t d, Kept& kept) {
   kept.reserve(d);
   int64_t* idx = kept.idx.data();
   float* val = kept.val.data();
+#if defined(__x86_64__) || defined(__i386__)
+  if (kIsa == Isa::kAvx512) {
+    kept.n = gather_nonzero_512(x, d, idx, val);
+    return;
+  }
+#endif
   int64_t n = 0;
   for (int64_t i = 0; i < d; ++i) {
     idx[n] = i;
@@ -971,6 +1025,12 @@ void gather_topk(const float* x, int64_t d, int64_t k, qsparse::TopKSelect<uint3
   kept.reserve(d);
   int64_t* idx = kept.idx.data();
   float* val = kept.val.data();
+#if defined(__x86_64__) || defined(__i386__)
+  if (kIsa == Isa::kAvx512) {
+    kept.n = gather_topk_512(x, d, th.t, th.limit, idx, val);
+    return;
+  }
+#endif
   int64_t n = 0;
   for (int64_t i = 0; i < d; ++i) {
     const uint32_t a = bits[i] & 0x7fffffffu;
