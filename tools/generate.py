@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-model", default=None,
                    help="Override the checkpoint's tokenizer model file.")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
+    p.add_argument("--profile", action="store_true",
+                   help="Print where a decode step's time goes (compiled step only): selection, "
+                        "products, partial sums, LM head, attention, activation, the rest.")
     return p
 
 
@@ -93,7 +96,7 @@ def run(args) -> int:
     try:
         out = generate(model, prompt, args.max_new_tokens, greedy=args.greedy,
                        temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                       vocab_size=tok.vocab_size, stop_ids=stop)
+                       vocab_size=tok.vocab_size, stop_ids=stop, profile=args.profile)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     q = cfg.qsparse
@@ -106,7 +109,20 @@ def run(args) -> int:
           f"{mode}{' + BitNet b1.58' if q.bitnet else ''}; projections: {paths}"
           + (f"; decode weights {args.decode_weight_dtype}" if dtype is not None else "")
           + ("; stopped at end-of-document" if out.stopped_at_eod else ""), file=sys.stderr)
+    if args.profile:
+        print(profile_line(out.profile), file=sys.stderr)
     return 0
+
+
+def profile_line(ms: dict[str, float] | None) -> str:
+    """The --profile summary: ms per decode step by phase, and each phase's share."""
+    if not ms:
+        return "--- profile: no compiled decode step ran (layer-by-layer path or no decode step)"
+    step = ms["step"]
+    parts = [f"{k} {ms[k]:.3f} ({100 * ms[k] / step:.0f}%)"
+             for k in ("select", "products", "head", "attention", "activation", "other")]
+    return (f"--- profile, ms per decode step: {step:.3f} = " + ", ".join(parts)
+            + f"; partial sums {ms['reduce']:.3f} (in products and head)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,6 +86,35 @@ def set_int8_vnni(mode: bool | str) -> str:
     return _VNNI_MODES[module.set_int8_vnni(_VNNI_MODES.index(mode))]
 
 
+def set_decode_profile(on: bool) -> None:
+    """Reset the compiled decode step's per-phase timers and switch them on (or off); a no-op
+    without the kernels. Off (the default), a phase costs one flag test."""
+    module = _EXT.get()
+    if module is not None:
+        module.set_profile(bool(on))
+
+
+def decode_profile() -> dict[str, float]:
+    """Milliseconds per decode step of each phase of the compiled step, over the steps since
+    :func:`set_decode_profile` ``(True)``: ``select`` (each projection's sparsifier and kept-set
+    gather), ``products`` (the projections' sparse products, their ``reduce`` of row-group
+    partials included), ``reduce`` (the partials' sums, also the LM head's), ``head`` (the LM
+    head's product), ``attention``, ``activation`` (the FFN's GLU), ``other`` (norms, RoPE, KV
+    append, residuals, MoE routing: the step minus the rest) and ``step``; ``{}`` when no step
+    was profiled."""
+    module = _EXT.get()
+    if module is None:
+        return {}
+    raw = module.profile()
+    steps = raw.pop("steps")
+    if steps == 0:
+        return {}
+    ms = {k: v / steps / 1e6 for k, v in raw.items()}
+    ms["other"] = ms["step"] - sum(ms[k] for k in ("select", "products", "head", "attention",
+                                                   "activation"))
+    return ms
+
+
 def on_huge_pages(t: torch.Tensor) -> torch.Tensor:
     """A decode weight ``t`` (contiguous, CPU) copied into memory advised for transparent huge
     pages, where the kernels are enabled and the OS has them; else ``t`` itself. Decoding streams

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from megatron_qsparse.inference import cpu_kernels
 from megatron_qsparse.inference.model import InferenceModel
 
 
@@ -27,6 +28,7 @@ class Generation:
     decode_seconds: float = 0.0
     decode_tokens: int = 0
     stopped_at_eod: bool = False
+    profile: dict[str, float] | None = None  # ms per decode step by phase (profile=True)
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -63,12 +65,15 @@ def generate(model: InferenceModel, prompt: list[int], max_new_tokens: int, *,
              greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0,
              seed: int | None = None, vocab_size: int | None = None,
              stop_ids: tuple[int, ...] = (),
-             stop_when: Callable[[list[int]], bool] | None = None) -> Generation:
+             stop_when: Callable[[list[int]], bool] | None = None,
+             profile: bool = False) -> Generation:
     """Generate up to ``max_new_tokens`` ids after ``prompt`` (batch size 1).
 
     ``vocab_size`` limits sampling to the tokenizer's ids (the model's vocabulary is padded);
     generation stops after an id in ``stop_ids``, or when ``stop_when(tokens so far)`` is true
-    after a new id (e.g. a stop string in the decoded text).
+    after a new id (e.g. a stop string in the decoded text). ``profile``: time the phases of
+    the compiled decode step (:func:`cpu_kernels.decode_profile`) into ``Generation.profile``
+    (left None on the layer-by-layer path).
     """
     check_sampling(temperature, top_p)
     if not prompt:
@@ -82,6 +87,9 @@ def generate(model: InferenceModel, prompt: list[int], max_new_tokens: int, *,
     t0 = time.perf_counter()
     logits = model(torch.tensor([prompt], device=device), cache, last_only=True)[0, -1]
     out.prefill_seconds = time.perf_counter() - t0
+    profile = profile and model.step is not None
+    if profile:
+        cpu_kernels.set_decode_profile(True)
     t0 = time.perf_counter()
     for step in range(max_new_tokens):
         nxt = sample_next(logits[:vocab_size] if vocab_size else logits, greedy=greedy,
@@ -95,4 +103,7 @@ def generate(model: InferenceModel, prompt: list[int], max_new_tokens: int, *,
         logits = model.decode_token(nxt, cache)
         out.decode_tokens += 1
     out.decode_seconds = time.perf_counter() - t0
+    if profile:
+        out.profile = cpu_kernels.decode_profile()
+        cpu_kernels.set_decode_profile(False)
     return out

@@ -46,17 +46,20 @@ namespace qsparse_gemv {
 #define QS_MULTIVERSION
 #endif
 
-// Grouped-query attention of one token over `len` cached positions: for query head j (group
-// g = j / (nq / nkv)), y_j = softmax(q_j K_g^T · scale) V_g; K, V are [nkv, max_len, hd] rows.
-QS_MULTIVERSION void attention(const float* __restrict q, const float* __restrict K,
-                               const float* __restrict V, int64_t nq, int64_t nkv, int64_t hd,
-                               int64_t max_len, int64_t len, float scale, float* __restrict p,
-                               float* __restrict y) {
+// Grouped-query attention of one token over `len` cached positions, query heads [j0, j1): for
+// head j (group g = j / (nq / nkv)), y_j = softmax(q_j K_g^T · scale) V_g; K, V are
+// [nkv, max_len, hd] rows; head j's scores go to p + j·len.
+QS_MULTIVERSION void attention_heads(const float* __restrict q, const float* __restrict K,
+                                     const float* __restrict V, int64_t j0, int64_t j1,
+                                     int64_t nq, int64_t nkv, int64_t hd, int64_t max_len,
+                                     int64_t len, float scale, float* __restrict scores,
+                                     float* __restrict y) {
   const int64_t group = nq / nkv;
-  for (int64_t j = 0; j < nq; ++j) {
+  for (int64_t j = j0; j < j1; ++j) {
     const float* qj = q + j * hd;
     const float* Kg = K + (j / group) * max_len * hd;
     const float* Vg = V + (j / group) * max_len * hd;
+    float* p = scores + j * len;
     float mx = -INFINITY;
     for (int64_t t = 0; t < len; ++t) {
       const float* kt = Kg + t * hd;
@@ -79,6 +82,55 @@ QS_MULTIVERSION void attention(const float* __restrict q, const float* __restric
       const float* vt = Vg + t * hd;
 #pragma omp simd
       for (int64_t i = 0; i < hd; ++i) yj[i] += w * vt[i];
+    }
+  }
+}
+
+// All nq heads (scores: nq·len floats), shared out by head on the product threads once the
+// work is worth a hand-off (long contexts); every head is computed the same way on any thread.
+inline void attention(const float* q, const float* K, const float* V, int64_t nq, int64_t nkv,
+                      int64_t hd, int64_t max_len, int64_t len, float scale, float* scores,
+                      float* y) {
+  auto fn = [&](int64_t j0, int64_t j1) {
+    attention_heads(q, K, V, j0, j1, nq, nkv, hd, max_len, len, scale, scores, y);
+  };
+  const int64_t threads = 2 * nq * len * hd >= kParallelMacs
+                              ? std::min<int64_t>(at::get_num_threads(), nq) : 1;
+  Pool::get().run(nq, 1, threads, fn);
+}
+
+// e^x for the GLU (vectorizable, no libm call): x = n·ln2 + r with |r| <= ln2 / 2, a degree-6
+// polynomial for e^r (Cephes' expf coefficients, relative error ~2 ulp) times 2^n from the
+// exponent bits; x is clamped to [-87, 88] (e^-87 ~ 1.6e-38, e^88 ~ 1.7e38), which leaves
+// silu(x) = x / (1 + e^-x) at x or ~0 there, as in fp32.
+inline float exp_glu(float x) {
+  x = std::min(88.f, std::max(-87.f, x));
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float e = 1.9875691500e-4f;
+  e = e * r + 1.3981999507e-3f;
+  e = e * r + 8.3334519073e-3f;
+  e = e * r + 4.1665795894e-2f;
+  e = e * r + 1.6666665459e-1f;
+  e = e * r + 5.0000001201e-1f;
+  e = (e * r) * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return e * scale;
+}
+
+// gate = silu(gate) ⊙ up (SwiGLU) or relu(gate)² ⊙ up (relu2_glu), in place.
+QS_MULTIVERSION void glu(float* __restrict gate, const float* __restrict up, int64_t n,
+                         bool swiglu) {
+  if (swiglu) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) gate[i] = gate[i] / (1.f + exp_glu(-gate[i])) * up[i];
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const float r = gate[i] > 0.f ? gate[i] : 0.f;
+      gate[i] = up[i] * (r * r);
     }
   }
 }
@@ -283,6 +335,8 @@ class DecodeStep {
                 max_len, ")");
     TORCH_CHECK(pos < cos_.size(0), "decode step: position ", pos, " beyond the rotary table");
     Pool::Hot hot;  // helpers stay awake between this step's products (and into the next token)
+    PhaseTimer timer(kStep);
+    profile().steps += profile().on;
     const int64_t cache_layer = kc.stride(0);  // one layer's [batch, nkv, max_len, hd]
     float* K = kc.data_ptr<float>();
     float* V = vc.data_ptr<float>();
@@ -305,8 +359,11 @@ class DecodeStep {
         std::memcpy(Kl + (g * max_len + pos) * hd_, k + g * hd_, hd_ * sizeof(float));
         std::memcpy(Vl + (g * max_len + pos) * hd_, v + g * hd_, hd_ * sizeof(float));
       }
-      scores_.resize(std::max<int64_t>(scores_.size(), pos + 1));
-      attention(q, Kl, Vl, nq_, nkv_, hd_, max_len, pos + 1, scale_, scores_.data(), a_.data());
+      scores_.resize(std::max<int64_t>(scores_.size(), nq_ * (pos + 1)));
+      {
+        PhaseTimer t(kAttention);
+        attention(q, Kl, Vl, nq_, nkv_, hd_, max_len, pos + 1, scale_, scores_.data(), a_.data());
+      }
       project(p[1], a_.data(), tmp_.data());
       for (int64_t i = 0; i < h_; ++i) x[i] += tmp_[i];
       // FFN
@@ -321,6 +378,7 @@ class DecodeStep {
     norm(x, norms_[4 * layers_], norms_[4 * layers_ + 1], a_.data());
     gather_all(a_.data(), h_, all_);
     at::Tensor logits = at::empty({vocab_}, emb_.options());
+    PhaseTimer t(kHead);
     product_tensor(all_, head_, vocab_, scale_ptr(head_scale_), nullptr,
                    logits.data_ptr<float>());
     return logits;
@@ -389,13 +447,9 @@ class DecodeStep {
     project(p[0], a, gu_.data());
     float* gate = gu_.data();
     const float* up = gate + ffn_;
-    if (swiglu_) {
-      for (int64_t i = 0; i < ffn_; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
-    } else {
-      for (int64_t i = 0; i < ffn_; ++i) {
-        const float r = gate[i] > 0.f ? gate[i] : 0.f;
-        gate[i] = up[i] * (r * r);
-      }
+    {
+      PhaseTimer t(kActivation);
+      glu(gate, up, ffn_, swiglu_);
     }
     project(p[1], gate, y);
   }
@@ -458,13 +512,26 @@ class DecodeStep {
   // select while gathering; every other mode writes the sparse input (xs_) first, as the layer's
   // sparsifier does, then gathers its nonzero entries.
   void project(const Projection& p, const float* x, float* y) {
+    {
+      PhaseTimer t(kSelect);
+      select_inputs(p, x);
+    }
+    PhaseTimer t(kProducts);
     const float* b = p.bias.numel() ? p.bias.data_ptr<float>() : nullptr;
+    if (p.bitnet)
+      return product_ternary(kept_, p.packed.data_ptr<uint8_t>(), p.out, p.packed.size(1),
+                             p.alpha, b, y);
+    product_tensor(kept_, p.wt, p.out, scale_ptr(p.scale), b, y);
+  }
+
+  // kept_ = the inputs of p that its sparsifier keeps, from its input x.
+  void select_inputs(const Projection& p, const float* x) {
     if (p.simple()) {
       if (p.select == Select::kTopK)
         gather_topk(x, p.in, p.keep, sel_, kept_);
       else
         gather_nonzero(x, p.in, kept_);
-      return product_tensor(kept_, p.wt, p.out, scale_ptr(p.scale), b, y);
+      return;
     }
     float* xs = xs_.data();
     const int64_t d = p.in;
@@ -528,10 +595,6 @@ class DecodeStep {
     }
     if (p.bitnet) fake_quant_int8(xs, d, 1e-5f, xs);
     gather_nonzero(xs, d, kept_);
-    if (p.bitnet)
-      return product_ternary(kept_, p.packed.data_ptr<uint8_t>(), p.out, p.packed.size(1),
-                             p.alpha, b, y);
-    product_tensor(kept_, p.wt, p.out, scale_ptr(p.scale), b, y);
   }
 
   // RoPE in place on `heads` heads of hd features at position pos (rotate_half convention).

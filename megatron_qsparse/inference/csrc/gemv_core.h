@@ -30,6 +30,41 @@ namespace qsparse_gemv {
 constexpr int64_t kChunk = 2048;  // outputs accumulated per block: 8 KB of fp32, stays in L1
 constexpr int64_t kAlign = 16;    // thread slices start on 64-byte boundaries of fp32 outputs
 
+// Where the compiled decode step's time goes, per phase, when switched on (set_profile): the
+// counters add up nanoseconds over steps until read. Off, a phase costs one flag test.
+enum Phase : int { kSelect, kProducts, kReduce, kHead, kAttention, kActivation, kStep, kPhases };
+
+struct Profile {
+  bool on = false;
+  int64_t steps = 0;
+  int64_t ns[kPhases] = {};
+};
+
+inline Profile& profile() {
+  static Profile p;
+  return p;
+}
+
+// Adds the time from construction to destruction to one phase, when profiling.
+class PhaseTimer {
+ public:
+  explicit PhaseTimer(Phase ph) : ph_(ph), on_(profile().on) {
+    if (on_) t0_ = std::chrono::steady_clock::now();
+  }
+  ~PhaseTimer() {
+    if (on_)
+      profile().ns[ph_] += std::chrono::duration_cast<std::chrono::nanoseconds>(
+                               std::chrono::steady_clock::now() - t0_).count();
+  }
+  PhaseTimer(const PhaseTimer&) = delete;
+  PhaseTimer& operator=(const PhaseTimer&) = delete;
+
+ private:
+  Phase ph_;
+  bool on_;
+  std::chrono::steady_clock::time_point t0_;
+};
+
 // The kept inputs of one token: their indices (ascending) and values (fp32).
 // Buffers grow to the widest input seen and are reused; n entries are valid.
 struct Kept {
@@ -859,6 +894,7 @@ void product(const Kept& kept, const WT* w, int64_t n, const float* scale, const
       nk * n >= kParallelMacs ? std::min<int64_t>(at::get_num_threads(), units) : 1;
   Pool::get().run(units, 1, threads, fn);
   if (part) {
+    PhaseTimer timer(kReduce);
     // The partials added in group order per output (the same order on any thread count), in
     // column slices shared out like the products' units.
     constexpr int64_t kSlice = 1024;

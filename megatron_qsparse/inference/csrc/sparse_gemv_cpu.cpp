@@ -28,6 +28,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <string>
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -184,6 +185,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("huge_page_copy", &huge_page_copy,
           "Copy of a contiguous CPU tensor in memory advised for transparent huge pages",
           pybind11::arg("t"));
+  mod.def("set_profile", [](bool on) {
+            profile() = Profile();
+            profile().on = on;
+          }, "Reset the decode step's per-phase counters and switch them on or off",
+          pybind11::arg("on"));
+  mod.def("profile", [] {
+            static const char* names[kPhases] = {"select", "products", "reduce", "head",
+                                                 "attention", "activation", "step"};
+            std::map<std::string, int64_t> out;
+            for (int i = 0; i < kPhases; ++i) out[names[i]] = profile().ns[i];
+            out["steps"] = profile().steps;
+            return out;
+          }, "Nanoseconds per phase summed over the profiled decode steps, and their count");
   mod.def("isa", &isa_name, "Instruction set the inner loops run with");
   mod.def("int8_path", [] { return std::string(int8_vnni_mode() ? "vnni" : "fp32"); },
           "How dense int8 products run: vnni (int16 activations, vpdpwssd) or fp32 (FMA)");
