@@ -100,8 +100,9 @@ def decode_profile() -> dict[str, float]:
     gather), ``products`` (the projections' sparse products, their ``reduce`` of row-group
     partials included), ``reduce`` (the partials' sums, also the LM head's), ``head`` (the LM
     head's product), ``attention``, ``activation`` (the FFN's GLU), ``other`` (norms, RoPE, KV
-    append, residuals, MoE routing: the step minus the rest) and ``step``; ``{}`` when no step
-    was profiled."""
+    append, residuals, MoE routing: the step minus the rest), ``step``, and ``wait`` (the calling
+    thread waiting for the helpers' last work units, inside the phases above: the load
+    imbalance); ``{}`` when no step was profiled."""
     module = _EXT.get()
     if module is None:
         return {}

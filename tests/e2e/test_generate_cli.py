@@ -25,8 +25,12 @@ def test_generate_greedy_kernel_on_and_off_agree(checkpoint):
     args = ["tools/generate.py", "--load", str(checkpoint), "--prompt", "In the beginning God",
             "--max-new-tokens", "12", "--greedy", "--ignore-eod"]
     on = run_cli(args)
-    layers = run_cli(args + ["--compiled-step", "off"])
+    layers = run_cli(args + ["--compiled-step", "off", "--profile"])
     off = run_cli(args + ["--sparse-kernel", "off"])
+    prof = run_cli(args + ["--profile"])
+    assert prof.stdout == on.stdout
+    assert "--- profile, ms per decode step:" in prof.stderr and "products" in prof.stderr
+    assert "no compiled decode step ran" in layers.stderr
     assert on.stdout.startswith("In the beginning God")
     assert len(on.stdout.strip()) > len("In the beginning God")
     # same greedy tokens: compiled step, per-projection sparse GEMV, training forward

@@ -286,6 +286,54 @@ def test_compiled_step_moe_int8_weights_and_generation():
     assert a.tokens == b.tokens and a.decode_tokens == 19
 
 
+@needs_kernels
+def test_compiled_step_long_context_attention_on_two_threads():
+    """A context long enough that the step shares attention out by head over the threads
+    (2·heads·positions·head_dim >= 64K multiply-adds): logits equal the layer path's at every
+    step, SwiGLU (the step's own exp) included, on 1 and 2 threads alike."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_layers=2, hidden_size=256, num_attention_heads=8, num_query_groups=2,
+                      seq_length=160, ffn_type="swiglu")
+    a = GPTModel(cfg.with_sparsity(QSparseConfig(ratio=0.6)), VOCAB).eval()
+    b = GPTModel(cfg.with_sparsity(QSparseConfig(ratio=0.6)), VOCAB).eval()
+    b.load_state_dict(a.state_dict())
+    fast, slow = InferenceModel(a, compiled_step=True), InferenceModel(b, compiled_step=False)
+    assert fast.step is not None, fast.step_unavailable
+    prompt = torch.randint(0, VOCAB, (1, 120), generator=torch.Generator().manual_seed(2))
+    prev = torch.get_num_threads()
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            cf, cs = fast.new_cache(1, 160), slow.new_cache(1, 160)
+            with torch.inference_mode():
+                lf = fast(prompt, cf, last_only=True)[0, -1]
+                ls = slow(prompt, cs, last_only=True)[0, -1]
+                for _ in range(30):  # positions 120..149: 2·8·len·32 >= 61K..76K
+                    tok = int(ls.argmax())
+                    lf, ls = fast.decode_token(tok, cf), slow.decode_token(tok, cs)
+                    assert torch.allclose(lf, ls, atol=1e-4, rtol=0), float((lf - ls).abs().max())
+    finally:
+        torch.set_num_threads(prev)
+
+
+@needs_kernels
+def test_generate_profile_splits_the_step():
+    """generate(profile=True): ms per step by phase on the compiled step, each phase within the
+    step, the phases adding up to it; None on the layer path; the timers are off afterwards."""
+    fast, slow = _twin(QSparseConfig(ratio=0.6), {"ffn": "swiglu"})
+    out = generate(fast, [3, 1, 4, 1, 5], 12, profile=True)
+    prof = out.profile
+    phases = ("select", "products", "head", "attention", "activation", "other")
+    assert set(phases) | {"reduce", "wait", "step"} <= set(prof)
+    assert prof["step"] > 0 and all(prof[k] >= 0 for k in phases if k != "other")
+    assert sum(prof[k] for k in phases) == pytest.approx(prof["step"], rel=1e-6)
+    assert prof["products"] > 0 and prof["select"] > 0 and prof["activation"] > 0
+    assert prof["products"] + prof["head"] <= prof["step"]
+    assert generate(slow, [3, 1, 4, 1, 5], 4, profile=True).profile is None
+    generate(fast, [3, 1, 4], 4)
+    assert cpu_kernels.decode_profile() == {}  # switched off and reset by the profiled call
+
+
 @pytest.mark.parametrize("convert, reason", [
     (lambda m: m.double(), "float64"),
 ])

@@ -32,7 +32,7 @@ constexpr int64_t kAlign = 16;    // thread slices start on 64-byte boundaries o
 
 // Where the compiled decode step's time goes, per phase, when switched on (set_profile): the
 // counters add up nanoseconds over steps until read. Off, a phase costs one flag test.
-enum Phase : int { kSelect, kProducts, kReduce, kHead, kAttention, kActivation, kStep, kPhases };
+enum Phase : int { kSelect, kProducts, kReduce, kHead, kAttention, kActivation, kStep, kWait, kPhases };
 
 struct Profile {
   bool on = false;
@@ -712,6 +712,7 @@ class Pool {
     // not counted in sleeping_ here will see this job without a notification.
     if (sleeping_.load(std::memory_order_acquire) > 0) cv_.notify_all();
     job->work();
+    PhaseTimer timer(kWait);
     for (int spin = 0; job->done.load(std::memory_order_acquire) < units; ++spin) {
       if (spin > 256) std::this_thread::yield();
     }

@@ -192,7 +192,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           pybind11::arg("on"));
   mod.def("profile", [] {
             static const char* names[kPhases] = {"select", "products", "reduce", "head",
-                                                 "attention", "activation", "step"};
+                                                 "attention", "activation", "step", "wait"};
             std::map<std::string, int64_t> out;
             for (int i = 0; i < kPhases; ++i) out[names[i]] = profile().ns[i];
             out["steps"] = profile().steps;
