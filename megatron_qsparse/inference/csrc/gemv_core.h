@@ -230,6 +230,23 @@ inline __attribute__((always_inline)) void prefetch_rows(const WT* const* nx, in
   }
 }
 
+// f(std::integral_constant<int, R>{}) for a run-time row count R in [1, 8] (nothing for 0): the
+// one dispatch from a pass's row count to the row kernels, which take R as a template argument.
+template <typename F>
+inline __attribute__((always_inline)) void with_rows(int64_t rows, F&& f) {
+  switch (rows) {
+    case 8: return f(std::integral_constant<int, 8>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 1: return f(std::integral_constant<int, 1>{});
+    default: return;
+  }
+}
+
 // R rows (R <= 8) into acc over [0, len): vector steps of 4·kW, then kW, then scalar.
 #define QS_ROWS_KERNEL(TARGET, V)                                                                \
   template <int R, typename WT>                                                                  \
@@ -280,16 +297,9 @@ inline __attribute__((always_inline)) void prefetch_rows(const WT* const* nx, in
     }                                                                                            \
     /* the last nk - r < 8 rows in one pass (the same FMAs in the same order per output) */     \
     for (int64_t i = r; i < nk; ++i) p[i - r] = w + idx[i] * ld + c0;                            \
-    switch (nk - r) {                                                                            \
-      case 7: return rows_##V<7, WT>(p, val + r, len, acc);                                      \
-      case 6: return rows_##V<6, WT>(p, val + r, len, acc);                                      \
-      case 5: return rows_##V<5, WT>(p, val + r, len, acc);                                      \
-      case 4: return rows_##V<4, WT>(p, val + r, len, acc);                                      \
-      case 3: return rows_##V<3, WT>(p, val + r, len, acc);                                      \
-      case 2: return rows_##V<2, WT>(p, val + r, len, acc);                                      \
-      case 1: return rows_##V<1, WT>(p, val + r, len, acc);                                      \
-      default: return;                                                                           \
-    }                                                                                            \
+    with_rows(nk - r, [&](auto R) {                                                              \
+      rows_##V<decltype(R)::value, WT>(p, val + r, len, acc);                                    \
+    });                                                                                          \
   }                                                                                              \
   TARGET inline float sum_##V(const float* a, int64_t n) {                                       \
     typename V::vec s0 = V::zero(), s1 = V::zero(), s2 = V::zero(), s3 = V::zero();              \
@@ -365,16 +375,7 @@ QS_AVX512 void block_bf16_512(const float* val, const int64_t* idx, int64_t nk,
     rows_bf16_512<8>(p, val + r, main, len, acc, pf ? nx : nullptr, pf_from);
   }
   for (int64_t i = r; i < nk; ++i) p[i - r] = w + idx[i] * ld + c0;  // the last < 8 in one pass
-  switch (nk - r) {
-    case 7: rows_bf16_512<7>(p, val + r, main, len, acc); break;
-    case 6: rows_bf16_512<6>(p, val + r, main, len, acc); break;
-    case 5: rows_bf16_512<5>(p, val + r, main, len, acc); break;
-    case 4: rows_bf16_512<4>(p, val + r, main, len, acc); break;
-    case 3: rows_bf16_512<3>(p, val + r, main, len, acc); break;
-    case 2: rows_bf16_512<2>(p, val + r, main, len, acc); break;
-    case 1: rows_bf16_512<1>(p, val + r, main, len, acc); break;
-    default: break;
-  }
+  with_rows(nk - r, [&](auto R) { rows_bf16_512<decltype(R)::value>(p, val + r, main, len, acc); });
   const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i hi_idx =
       _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
@@ -468,16 +469,9 @@ QS_VNNI void block_i8_vnni(const float* val, const int64_t* idx, int64_t nk, con
     if (main < len) {  // the outputs past the last full 64: fp32 activations, natural order
       const int8_t* q[8];
       for (int64_t i = 0; i < R; ++i) q[i] = p[i] + main;
-      switch (R) {
-        case 8: rows_V512<8, int8_t>(q, val + r, len - main, acc + main); break;
-        case 7: rows_V512<7, int8_t>(q, val + r, len - main, acc + main); break;
-        case 6: rows_V512<6, int8_t>(q, val + r, len - main, acc + main); break;
-        case 5: rows_V512<5, int8_t>(q, val + r, len - main, acc + main); break;
-        case 4: rows_V512<4, int8_t>(q, val + r, len - main, acc + main); break;
-        case 3: rows_V512<3, int8_t>(q, val + r, len - main, acc + main); break;
-        case 2: rows_V512<2, int8_t>(q, val + r, len - main, acc + main); break;
-        default: rows_V512<1, int8_t>(q, val + r, len - main, acc + main); break;
-      }
+      with_rows(R, [&](auto K) {
+        rows_V512<decltype(K)::value, int8_t>(q, val + r, len - main, acc + main);
+      });
     }
   }
   // [lo lanes, hi lanes] -> outputs in order, per 32
