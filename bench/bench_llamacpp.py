@@ -263,8 +263,9 @@ def bytes_per_token(im, cache_len: int) -> int:
     return total
 
 
-def bench_ours(state, cfg, s, weight_dtype, prompt, tokens, repeats) -> tuple[float, int]:
-    """(tok/s, weight bytes read per token) of our decoder at sparsity ``s``."""
+def bench_ours(state, cfg, s, weight_dtype, prompt, tokens, repeats) -> tuple[float, int, dict]:
+    """(tok/s, weight bytes read per token, ms per decode step by phase) of our decoder at
+    sparsity ``s``; the phases come from one more generation, profiled."""
     from megatron_qsparse.config import QSparseConfig, padded_vocab_size
     from megatron_qsparse.inference import InferenceModel, generate
     from megatron_qsparse.model.gpt import GPTModel
@@ -277,7 +278,8 @@ def bench_ours(state, cfg, s, weight_dtype, prompt, tokens, repeats) -> tuple[fl
     assert im.step is not None, im.step_unavailable
     generate(im, prompt, 4)  # warm-up (threads, pages)
     tps = [generate(im, prompt, tokens + 1).decode_tokens_per_second for _ in range(repeats)]
-    return statistics.median(tps), bytes_per_token(im, len(prompt) + tokens // 2)
+    profile = generate(im, prompt, tokens + 1, profile=True).profile
+    return statistics.median(tps), bytes_per_token(im, len(prompt) + tokens // 2), profile
 
 
 def stream_bandwidth(repeats: int = 5) -> float:
@@ -477,6 +479,7 @@ def main(argv=None) -> int:
     print(hdr)
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     summary = {}
+    profiles = []
     for name in args.precisions:
         ours_list, their_types = PRECISIONS[name]
         best_t = max(their_types, key=lambda t: theirs[t][0])
@@ -489,7 +492,9 @@ def main(argv=None) -> int:
         for label, dtype in ours_list:
             before = bracket()
             for s in args.ratios:
-                tps, byt = bench_ours(state, cfg, s, dtype, prompt, args.tokens, args.repeats)
+                tps, byt, prof = bench_ours(state, cfg, s, dtype, prompt, args.tokens,
+                                            args.repeats)
+                profiles.append((name, label, s, prof))
                 after = bracket()
                 ref = (before[0] + after[0]) / 2
                 st = (before[1] + after[1]) / 2
@@ -500,6 +505,16 @@ def main(argv=None) -> int:
                       f"{ref_bytes * ref / 1e9 / st:.2f} |", flush=True)
                 key = (name, s)
                 summary[key] = max(summary.get(key, 0.0), tps / ref)
+    print("\nWhere our decode step's time goes (one more generation per row, profiled: "
+          "generate(profile=True), as tools/generate.py --profile), ms per step:\n")
+    phases = ("select", "products", "reduce", "head", "attention", "activation", "other", "wait")
+    print("| precision | ours | S | step | " + " | ".join(phases) + " |")
+    print("|---|---|---:|---:|" + "---:|" * len(phases))
+    for name, label, s, prof in profiles:
+        print(f"| {name} | {label} | {s:.1f} | {prof['step']:.3f} | "
+              + " | ".join(f"{prof[k]:.3f}" for k in phases) + " |")
+    print("\n(reduce: the row-group partial sums, inside products and head; wait: the calling "
+          "thread waiting for the other threads' last work units, inside the other phases)")
     print()
     for name in args.precisions:
         d = summary.get((name, 0.0))
