@@ -263,9 +263,26 @@ def bytes_per_token(im, cache_len: int) -> int:
     return total
 
 
+def bytes_by_projection(im) -> dict[str, int]:
+    """Weight bytes a decode step reads per projection kind (qkv, o, gate_up, down): the kept
+    rows, all layers (and experts) together."""
+    from megatron_qsparse.inference.linear import DecodeLinear
+
+    out: dict[str, int] = {}
+    for name, m in im.model.named_modules():
+        if isinstance(m, DecodeLinear):
+            sp = m.sparsifier
+            k = sp.keep(m.in_features) if sp is not None else 0
+            rows = m.in_features if not isinstance(k, int) or k == 0 else k
+            kind = name.rsplit(".", 1)[-1]
+            out[kind] = out.get(kind, 0) + rows * m.wt.shape[1] * m.wt.element_size()
+    return out
+
+
 def bench_ours(state, cfg, s, weight_dtype, prompt, tokens, repeats) -> tuple[float, int, dict]:
-    """(tok/s, weight bytes read per token, ms per decode step by phase) of our decoder at
-    sparsity ``s``; the phases come from one more generation, profiled."""
+    """(tok/s, weight bytes read per token, profile) of our decoder at sparsity ``s``; the
+    profile (ms per decode step by phase, and ``bytes``: the weight bytes by projection) comes
+    from one more generation, profiled."""
     from megatron_qsparse.config import QSparseConfig, padded_vocab_size
     from megatron_qsparse.inference import InferenceModel, generate
     from megatron_qsparse.model.gpt import GPTModel
@@ -279,6 +296,7 @@ def bench_ours(state, cfg, s, weight_dtype, prompt, tokens, repeats) -> tuple[fl
     generate(im, prompt, 4)  # warm-up (threads, pages)
     tps = [generate(im, prompt, tokens + 1).decode_tokens_per_second for _ in range(repeats)]
     profile = generate(im, prompt, tokens + 1, profile=True).profile
+    profile["bytes"] = bytes_by_projection(im)
     return statistics.median(tps), bytes_per_token(im, len(prompt) + tokens // 2), profile
 
 
@@ -515,6 +533,14 @@ def main(argv=None) -> int:
               + " | ".join(f"{prof[k]:.3f}" for k in phases) + " |")
     print("\n(reduce: the row-group partial sums, inside products and head; wait: the calling "
           "thread waiting for the other threads' last work units, inside the other phases)")
+    kinds = ("qkv", "o", "gate_up", "down")
+    print("\nThe products by projection, ms per step and the GB/s of their weight reads:\n")
+    print("| precision | ours | S | " + " | ".join(kinds) + " |")
+    print("|---|---|---:|" + "---:|" * len(kinds))
+    for name, label, s, prof in profiles:
+        cells = [f"{prof[k]:.3f} ms, {prof['bytes'].get(k, 0) / prof[k] / 1e6:.1f} GB/s"
+                 if prof[k] > 0 else "-" for k in kinds]
+        print(f"| {name} | {label} | {s:.1f} | " + " | ".join(cells) + " |")
     print()
     for name in args.precisions:
         d = summary.get((name, 0.0))

@@ -121,8 +121,11 @@ def profile_line(ms: dict[str, float] | None) -> str:
     step = ms["step"]
     parts = [f"{k} {ms[k]:.3f} ({100 * ms[k] / step:.0f}%)"
              for k in ("select", "products", "head", "attention", "activation", "other")]
+    kinds = ", ".join(f"{k} {ms[k]:.3f}" for k in ("qkv", "o", "gate_up", "down", "router")
+                      if ms[k] > 0)
     return (f"--- profile, ms per decode step: {step:.3f} = " + ", ".join(parts)
-            + f"; partial sums {ms['reduce']:.3f} (in products and head)")
+            + f"; products by projection: {kinds}; partial sums {ms['reduce']:.3f} (in products"
+            " and head)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,7 +98,8 @@ def decode_profile() -> dict[str, float]:
     """Milliseconds per decode step of each phase of the compiled step, over the steps since
     :func:`set_decode_profile` ``(True)``: ``select`` (each projection's sparsifier and kept-set
     gather), ``products`` (the projections' sparse products, their ``reduce`` of row-group
-    partials included), ``reduce`` (the partials' sums, also the LM head's), ``head`` (the LM
+    partials included; also by projection: ``qkv``, ``o``, ``gate_up``, ``down`` (MoE experts'
+    included) and ``router``), ``reduce`` (the partials' sums, also the LM head's), ``head`` (the LM
     head's product), ``attention``, ``activation`` (the FFN's GLU), ``other`` (norms, RoPE, KV
     append, residuals, MoE routing: the step minus the rest), ``step``, and ``wait`` (the calling
     thread waiting for the helpers' last work units, inside the phases above: the load
@@ -111,9 +112,13 @@ def decode_profile() -> dict[str, float]:
     if steps == 0:
         return {}
     ms = {k: v / steps / 1e6 for k, v in raw.items()}
+    ms["products"] = sum(ms[k] for k in PROJECTIONS)
     ms["other"] = ms["step"] - sum(ms[k] for k in ("select", "products", "head", "attention",
                                                    "activation"))
     return ms
+
+
+PROJECTIONS = ("qkv", "o", "gate_up", "down", "router")  # decode_profile's products, by kind
 
 
 def on_huge_pages(t: torch.Tensor) -> torch.Tensor:

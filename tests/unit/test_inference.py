@@ -324,7 +324,9 @@ def test_generate_profile_splits_the_step():
     out = generate(fast, [3, 1, 4, 1, 5], 12, profile=True)
     prof = out.profile
     phases = ("select", "products", "head", "attention", "activation", "other")
-    assert set(phases) | {"reduce", "wait", "step"} <= set(prof)
+    assert set(phases) | {"reduce", "wait", "step"} | set(cpu_kernels.PROJECTIONS) <= set(prof)
+    assert prof["products"] == pytest.approx(sum(prof[k] for k in cpu_kernels.PROJECTIONS))
+    assert min(prof[k] for k in ("qkv", "o", "gate_up", "down")) > 0 and prof["router"] == 0
     assert prof["step"] > 0 and all(prof[k] >= 0 for k in phases if k != "other")
     assert sum(prof[k] for k in phases) == pytest.approx(prof["step"], rel=1e-6)
     assert prof["products"] > 0 and prof["select"] > 0 and prof["activation"] > 0

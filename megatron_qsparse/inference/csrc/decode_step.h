@@ -347,7 +347,7 @@ class DecodeStep {
       const Projection* p = &proj_[first_[l]];
       // attention
       norm(x, norms_[4 * l], norms_[4 * l + 1], a_.data());
-      project(p[0], a_.data(), qkv_.data());
+      project(p[0], a_.data(), qkv_.data(), kQkv);
       float* q = qkv_.data();
       float* k = q + hq;
       float* v = k + hk;
@@ -364,7 +364,7 @@ class DecodeStep {
         PhaseTimer t(kAttention);
         attention(q, Kl, Vl, nq_, nkv_, hd_, max_len, pos + 1, scale_, scores_.data(), a_.data());
       }
-      project(p[1], a_.data(), tmp_.data());
+      project(p[1], a_.data(), tmp_.data(), kO);
       for (int64_t i = 0; i < h_; ++i) x[i] += tmp_[i];
       // FFN
       norm(x, norms_[4 * l + 2], norms_[4 * l + 3], a_.data());
@@ -444,21 +444,21 @@ class DecodeStep {
 
   // y = P_down(act(P_gate_up(a))) for the FFN whose two projections start at p.
   void ffn(const Projection* p, const float* a, float* y) {
-    project(p[0], a, gu_.data());
+    project(p[0], a, gu_.data(), kGateUp);
     float* gate = gu_.data();
     const float* up = gate + ffn_;
     {
       PhaseTimer t(kActivation);
       glu(gate, up, ffn_, swiglu_);
     }
-    project(p[1], gate, y);
+    project(p[1], gate, y, kDown);
   }
 
   // x += the mixture of experts of block l at its normed input a (experts' projections from p).
   void mixture(int64_t l, const Projection* p, const float* a, float* x) {
     const int64_t E = experts_[l];
     float* logits = logits_.data();
-    project(router_[l], a, logits);
+    project(router_[l], a, logits, kRouter);
     float mx = -INFINITY;
     for (int64_t e = 0; e < E; ++e) mx = std::max(mx, logits[e]);
     std::vector<float>& g = gates_;
@@ -511,12 +511,12 @@ class DecodeStep {
   // The kept inputs of p, then the product over their rows. Plain Top-K and dense projections
   // select while gathering; every other mode writes the sparse input (xs_) first, as the layer's
   // sparsifier does, then gathers its nonzero entries.
-  void project(const Projection& p, const float* x, float* y) {
+  void project(const Projection& p, const float* x, float* y, Phase kind) {
     {
       PhaseTimer t(kSelect);
       select_inputs(p, x);
     }
-    PhaseTimer t(kProducts);
+    PhaseTimer t(kind);
     const float* b = p.bias.numel() ? p.bias.data_ptr<float>() : nullptr;
     if (p.bitnet)
       return product_ternary(kept_, p.packed.data_ptr<uint8_t>(), p.out, p.packed.size(1),

@@ -32,7 +32,10 @@ constexpr int64_t kAlign = 16;    // thread slices start on 64-byte boundaries o
 
 // Where the compiled decode step's time goes, per phase, when switched on (set_profile): the
 // counters add up nanoseconds over steps until read. Off, a phase costs one flag test.
-enum Phase : int { kSelect, kProducts, kReduce, kHead, kAttention, kActivation, kStep, kWait, kPhases };
+enum Phase : int {
+  kSelect, kQkv, kO, kGateUp, kDown, kRouter,  // selection; the products by projection
+  kReduce, kHead, kAttention, kActivation, kStep, kWait, kPhases
+};
 
 struct Profile {
   bool on = false;

@@ -191,8 +191,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           }, "Reset the decode step's per-phase counters and switch them on or off",
           pybind11::arg("on"));
   mod.def("profile", [] {
-            static const char* names[kPhases] = {"select", "products", "reduce", "head",
-                                                 "attention", "activation", "step", "wait"};
+            static const char* names[kPhases] = {"select", "qkv", "o", "gate_up", "down",
+                                                 "router", "reduce", "head", "attention",
+                                                 "activation", "step", "wait"};
             std::map<std::string, int64_t> out;
             for (int i = 0; i < kPhases; ++i) out[names[i]] = profile().ns[i];
             out["steps"] = profile().steps;
