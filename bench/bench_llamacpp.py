@@ -547,9 +547,9 @@ def main(argv=None) -> int:
         sp = summary.get((name, 0.6))
         parts = []
         if d is not None:
-            parts.append(f"dense {d:.2f}× (target ≥ 1.0: {'PASS' if d >= 1.0 else 'FAIL'})")
+            parts.append(f"dense {d:.3f}× (target ≥ 1.0: {'PASS' if d >= 1.0 else 'FAIL'})")
         if sp is not None:
-            parts.append(f"S=0.6 {sp:.2f}× (target ≥ 2.5: {'PASS' if sp >= 2.5 else 'FAIL'})")
+            parts.append(f"S=0.6 {sp:.3f}× (target ≥ 2.5: {'PASS' if sp >= 2.5 else 'FAIL'})")
         print(f"{name}: " + "; ".join(parts))
     return 0 if ok else 1
 
