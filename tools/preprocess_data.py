@@ -357,9 +357,26 @@ def process_pieces(pieces: list[Piece], job: Job, builders: dict, reporter,
             pool = None
     finally:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            _stop_pool(pool)
     return stats
+
+
+def _stop_pool(pool, timeout: float = 2.0) -> None:
+    """``pool.terminate()`` and ``join()``, bounded (the interrupted path: Ctrl-C, SIGTERM, an
+    error). CPython's ``Pool.terminate`` can hang for ever: it stops the workers, then joins its
+    task-handler thread, which may be blocked writing a large task (a 1 MB blob of input)
+    into the pipe those workers no longer read (seen here: about 1 in 30 Ctrl-C'd runs). So after
+    ``timeout`` seconds the workers are killed if still alive (they hold no output: the builders
+    are this process's) and the tool goes on to remove its temporary files and exit; the stuck
+    thread and the pool's own threads are daemons, so the exit does not wait for them."""
+    workers = list(getattr(pool, "_pool", []))
+    stopper = threading.Thread(target=lambda: (pool.terminate(), pool.join()), daemon=True)
+    stopper.start()
+    stopper.join(timeout)
+    if stopper.is_alive():
+        for proc in workers:
+            if proc.exitcode is None:
+                proc.kill()
 
 
 def output_prefix_for(output_prefix: str, key: str) -> str:

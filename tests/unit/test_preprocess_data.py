@@ -288,6 +288,40 @@ def test_bounded_imap_keeps_order_and_bounds_memory():
                                                                                  (2, 4)]
 
 
+def test_stopping_the_pool_is_bounded_when_terminate_hangs():
+    """The interrupted path's pool stop returns, with the workers dead, even when
+    Pool.terminate() never returns (CPython's can hang: its task handler blocked writing a 1 MB
+    task into the pipe of workers it has just stopped; here terminate is made to hang)."""
+    import multiprocessing.pool
+    import time
+    from multiprocessing import Pool
+
+    tool = load_tool("preprocess_data")
+    pool = Pool(2)
+    workers = list(pool._pool)
+
+    def hanging_terminate():  # like the real one, first stops the pool replacing dead workers
+        pool._worker_handler._state = multiprocessing.pool.TERMINATE
+        time.sleep(3600)
+
+    pool.terminate = hanging_terminate
+    try:
+        t0 = time.perf_counter()
+        tool._stop_pool(pool, timeout=0.5)
+        assert time.perf_counter() - t0 < 5
+        for proc in workers:
+            proc.join(5)
+            assert proc.exitcode is not None  # killed
+    finally:
+        # the pool's real terminate would now wait for a lock a killed worker held, and its
+        # exit-time finalizer is that terminate (a real stop has already run it): cancel it
+        pool._terminate.cancel()
+    pool = Pool(2)  # the normal case: terminate() and join() within the timeout
+    workers = list(pool._pool)
+    tool._stop_pool(pool, timeout=30)
+    assert all(proc.exitcode is not None for proc in workers)
+
+
 def test_truncated_compressed_input(tmp_path, capsys):
     with open(MODEL.replace("kjv_sp4k.model", "kjv_sample.jsonl"), "rb") as f:
         data = f.read()
