@@ -245,27 +245,15 @@ def gguf_matrix_bytes(path: str, root: str) -> int:
 
 def bytes_per_token(im, cache_len: int) -> int:
     """Weight bytes a decode step reads: the kept rows of each projection (its K, or all for
-    dense), the LM head, and the KV cache up to ``cache_len``."""
-    from megatron_qsparse.inference.linear import DecodeLinear
-
-    total = 0
-    for m in im.model.modules():
-        if isinstance(m, DecodeLinear):
-            sp = m.sparsifier
-            k = sp.keep(m.in_features) if sp is not None else 0
-            rows = m.in_features if not isinstance(k, int) or k == 0 else k
-            total += rows * m.wt.shape[1] * m.wt.element_size()
-            if m.scale is not None:
-                total += m.scale.numel() * 4
+    dense; int8 scales included), the LM head, and the KV cache up to ``cache_len``."""
     head = im.head_wt if im.head_wt is not None else im.model.output_weight()
-    total += head.numel() * head.element_size()
-    total += 2 * im.num_layers * im.nkv * im.hd * cache_len * 4
-    return total
+    return (sum(bytes_by_projection(im).values()) + head.numel() * head.element_size()
+            + 2 * im.num_layers * im.nkv * im.hd * cache_len * 4)
 
 
 def bytes_by_projection(im) -> dict[str, int]:
-    """Weight bytes a decode step reads per projection kind (qkv, o, gate_up, down): the kept
-    rows, all layers (and experts) together."""
+    """Weight bytes a decode step reads per projection kind (qkv, o, gate_up, down; the last
+    part of the module name): the kept rows and int8 scales, all layers (and experts)."""
     from megatron_qsparse.inference.linear import DecodeLinear
 
     out: dict[str, int] = {}
@@ -275,7 +263,10 @@ def bytes_by_projection(im) -> dict[str, int]:
             k = sp.keep(m.in_features) if sp is not None else 0
             rows = m.in_features if not isinstance(k, int) or k == 0 else k
             kind = name.rsplit(".", 1)[-1]
-            out[kind] = out.get(kind, 0) + rows * m.wt.shape[1] * m.wt.element_size()
+            byt = rows * m.wt.shape[1] * m.wt.element_size()
+            if m.scale is not None:
+                byt += m.scale.numel() * 4
+            out[kind] = out.get(kind, 0) + byt
     return out
 
 

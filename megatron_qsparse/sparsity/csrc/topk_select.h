@@ -26,7 +26,9 @@
 
 namespace qsparse {
 
-#if defined(__x86_64__) || defined(__i386__)
+#if !defined(__x86_64__) && !defined(__i386__)
+inline bool select_avx512() { return false; }
+#else
 #define QS_SELECT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
 // Whether the fp32 passes below run with AVX-512 (checked once).
@@ -113,7 +115,9 @@ struct TopKSelect {
   std::vector<uint32_t> hist;
   std::vector<Bits> cand;
 
-  explicit TopKSelect(int64_t d) : hist(kBins<Bits>, 0), cand(d + 16) {}
+  // hist: two histograms (the second for the interleaved counting of the AVX-512 path);
+  // cand: room for d keys plus one vector store past them.
+  explicit TopKSelect(int64_t d) : hist(2 * kBins<Bits>, 0), cand(d + 16) {}
 
   // Threshold of a row of d entries keeping k (1 <= k < d).
   Threshold<Bits> find(const Bits* x, int64_t d, int64_t k) {
@@ -126,32 +130,29 @@ struct TopKSelect {
     // interleaved histograms (neighbouring keys in one bin no longer wait on each other's
     // store), merged over the range touched.
     int64_t lo = kBins<Bits> - 1, hi = 0;
+    const bool vec = sizeof(Bits) == 4 && select_avx512();
+    if (vec) {
 #if defined(__x86_64__) || defined(__i386__)
-    if constexpr (sizeof(Bits) == 4) {
-      if (select_avx512()) {
-        bin_range_512(reinterpret_cast<const uint32_t*>(x), d, kShift, &lo, &hi);
-        if (static_cast<int64_t>(hist.size()) < 2 * kBins<Bits>) hist.resize(2 * kBins<Bits>, 0u);
-        h = hist.data();
-        uint32_t* h2 = h + kBins<Bits>;
-        int64_t i = 0;
-        for (; i + 2 <= d; i += 2) {
-          ++h[static_cast<Bits>(x[i] & kAbs) >> kShift];
-          ++h2[static_cast<Bits>(x[i + 1] & kAbs) >> kShift];
-        }
-        if (i < d) ++h[static_cast<Bits>(x[i] & kAbs) >> kShift];
-        for (int64_t b = lo; b <= hi; ++b) {
-          h[b] += h2[b];
-          h2[b] = 0u;
-        }
+      bin_range_512(reinterpret_cast<const uint32_t*>(x), d, kShift, &lo, &hi);
+      uint32_t* h2 = h + kBins<Bits>;
+      int64_t i = 0;
+      for (; i + 2 <= d; i += 2) {
+        ++h[static_cast<Bits>(x[i] & kAbs) >> kShift];
+        ++h2[static_cast<Bits>(x[i + 1] & kAbs) >> kShift];
       }
-    }
-    if (lo > hi)
+      if (i < d) ++h[static_cast<Bits>(x[i] & kAbs) >> kShift];
+      for (int64_t b = lo; b <= hi; ++b) {
+        h[b] += h2[b];
+        h2[b] = 0u;
+      }
 #endif
-    for (int64_t i = 0; i < d; ++i) {
-      const int64_t b = static_cast<Bits>(x[i] & kAbs) >> kShift;
-      ++h[b];
-      lo = std::min(lo, b);
-      hi = std::max(hi, b);
+    } else {
+      for (int64_t i = 0; i < d; ++i) {
+        const int64_t b = static_cast<Bits>(x[i] & kAbs) >> kShift;
+        ++h[b];
+        lo = std::min(lo, b);
+        hi = std::max(hi, b);
+      }
     }
     // 2. from the top bin down, find bin b0 holding the k-th largest key; `above` keys lie above.
     int64_t above = 0, b0 = hi;
@@ -161,18 +162,17 @@ struct TopKSelect {
     // 3. exact k-th largest key t among the keys of bin b0 (branch-free compaction).
     int64_t n = 0;
     Bits* c = cand.data();
+    if (vec) {
 #if defined(__x86_64__) || defined(__i386__)
-    if constexpr (sizeof(Bits) == 4) {
-      if (select_avx512())
-        n = bin_keys_512(reinterpret_cast<const uint32_t*>(x), d, kShift,
-                         static_cast<uint32_t>(b0), reinterpret_cast<uint32_t*>(c));
-    }
-    if (n == 0)
+      n = bin_keys_512(reinterpret_cast<const uint32_t*>(x), d, kShift,
+                       static_cast<uint32_t>(b0), reinterpret_cast<uint32_t*>(c));
 #endif
-    for (int64_t i = 0; i < d; ++i) {
-      const Bits a = static_cast<Bits>(x[i] & kAbs);
-      c[n] = a;
-      n += (a >> kShift) == b0;
+    } else {
+      for (int64_t i = 0; i < d; ++i) {
+        const Bits a = static_cast<Bits>(x[i] & kAbs);
+        c[n] = a;
+        n += (a >> kShift) == b0;
+      }
     }
     const int64_t r = k - above;  // rank of the threshold inside the bin, 1 <= r <= n
     std::nth_element(c, c + (r - 1), c + n, std::greater<Bits>());
