@@ -39,6 +39,8 @@ Usage::
 
 ``--quick``: a 2-layer, width-256 model, S = 0 and 0.6, 16 tokens: checks that everything works
 in about a minute. The default run takes ~8 minutes on the 2-core development machine.
+``--alternations N`` times each row N times, each time bracketed, and reports medians: the
+verdict run ``--ratios 0 0.6 --alternations 5 --skip-agreement`` takes ~10 minutes.
 """
 
 from __future__ import annotations
@@ -270,10 +272,8 @@ def bytes_by_projection(im) -> dict[str, int]:
     return out
 
 
-def bench_ours(state, cfg, s, weight_dtype, prompt, tokens, repeats) -> tuple[float, int, dict]:
-    """(tok/s, weight bytes read per token, profile) of our decoder at sparsity ``s``; the
-    profile (ms per decode step by phase, and ``bytes``: the weight bytes by projection) comes
-    from one more generation, profiled."""
+def build_ours(state, cfg, s, weight_dtype, prompt):
+    """Our decoder at sparsity ``s`` on the benchmark's weights, warmed up (threads, pages)."""
     from megatron_qsparse.config import QSparseConfig, padded_vocab_size
     from megatron_qsparse.inference import InferenceModel, generate
     from megatron_qsparse.model.gpt import GPTModel
@@ -284,11 +284,26 @@ def bench_ours(state, cfg, s, weight_dtype, prompt, tokens, repeats) -> tuple[fl
     m.load_state_dict(state)
     im = InferenceModel(m.eval(), weight_dtype=weight_dtype)
     assert im.step is not None, im.step_unavailable
-    generate(im, prompt, 4)  # warm-up (threads, pages)
-    tps = [generate(im, prompt, tokens + 1).decode_tokens_per_second for _ in range(repeats)]
+    generate(im, prompt, 4)
+    return im
+
+
+def time_ours(im, prompt, tokens, repeats) -> float:
+    """Median decode tok/s of ``repeats`` greedy generations of ``tokens`` tokens."""
+    from megatron_qsparse.inference import generate
+
+    return statistics.median(generate(im, prompt, tokens + 1).decode_tokens_per_second
+                             for _ in range(repeats))
+
+
+def profile_ours(im, prompt, tokens) -> dict:
+    """ms per decode step by phase (one more generation, profiled), and ``bytes``: the weight
+    bytes by projection."""
+    from megatron_qsparse.inference import generate
+
     profile = generate(im, prompt, tokens + 1, profile=True).profile
     profile["bytes"] = bytes_by_projection(im)
-    return statistics.median(tps), bytes_per_token(im, len(prompt) + tokens // 2), profile
+    return profile
 
 
 def stream_bandwidth(repeats: int = 5) -> float:
@@ -410,6 +425,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tokens", type=int, default=64, help="Decode tokens per measurement.")
     p.add_argument("--repeats", type=int, default=3, help="Generations (ours) / llama-bench -r.")
+    p.add_argument("--alternations", type=int, default=1,
+                   help="Times each row of ours is timed, each time followed by llama.cpp and "
+                        "the STREAM-like read; the row reports medians over them (5 for "
+                        "verdicts on a drifting machine, e.g. with --ratios 0 0.6).")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.0, 0.4, 0.5, 0.6, 0.7])
     p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
     p.add_argument("--quick", action="store_true",
@@ -418,6 +437,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-agreement", action="store_true",
                    help="Skip the greedy-token agreement and the perplexity deltas.")
     args = p.parse_args(argv)
+    if args.alternations < 1:
+        p.error(f"--alternations must be at least 1, got {args.alternations}")
     if args.quick:
         args.tokens, args.repeats = 16, 1
         if args.ratios == p.get_default("ratios"):
@@ -480,9 +501,11 @@ def main(argv=None) -> int:
     for t, (tps, gbs) in theirs.items():
         print(f"  {t:5} {tps:7.1f} tok/s  {gbs:5.1f} GB/s = {gbs / stream:.2f} of STREAM")
     print("\nEach row below is bracketed: llama.cpp's reference file and the STREAM-like read are "
-          "timed right before and right after ours (the next row's 'before' is this row's "
-          "'after'), and the row compares with their means, so that the machine's drift (its "
-          "memory bandwidth moves by tens of percent within minutes) cancels.\n")
+          "timed right before and right after ours (the next timing's 'before' is this one's "
+          "'after'), and each timing compares with their means, so that the machine's drift (its "
+          "memory bandwidth moves by tens of percent within minutes) cancels"
+          + (f"; each row is timed {args.alternations} times so, and gives the medians (the "
+             "ratio's range in brackets)" if args.alternations > 1 else "") + ".\n")
     hdr = ("| precision | ours | S | ours tok/s | llama.cpp dense tok/s | ours / llama.cpp | "
            "ours GB/s | STREAM GB/s | of STREAM | llama.cpp of STREAM |")
     print(hdr)
@@ -498,22 +521,31 @@ def main(argv=None) -> int:
             return (llama_bench(binary, ggufs[best_t], args.tokens, args.threads, args.repeats),
                     stream_bandwidth())
 
+        med = statistics.median
         for label, dtype in ours_list:
             before = bracket()
             for s in args.ratios:
-                tps, byt, prof = bench_ours(state, cfg, s, dtype, prompt, args.tokens,
-                                            args.repeats)
-                profiles.append((name, label, s, prof))
-                after = bracket()
-                ref = (before[0] + after[0]) / 2
-                st = (before[1] + after[1]) / 2
-                before = after
-                gbs = byt * tps / 1e9
+                im = build_ours(state, cfg, s, dtype, prompt)
+                byt = bytes_per_token(im, len(prompt) + args.tokens // 2)
+                runs = []  # (ours tok/s, llama.cpp tok/s, STREAM GB/s) per alternation
+                for _ in range(args.alternations):
+                    tps = time_ours(im, prompt, args.tokens, args.repeats)
+                    after = bracket()
+                    runs.append((tps, (before[0] + after[0]) / 2, (before[1] + after[1]) / 2))
+                    before = after
+                profiles.append((name, label, s, profile_ours(im, prompt, args.tokens)))
+                del im
+                ratios = sorted(t / r for t, r, _ in runs)
+                ratio = med(ratios)
+                spread = f" ({ratios[0]:.2f}-{ratios[-1]:.2f})" if len(runs) > 1 else ""
+                tps, ref, st = (med(r[i] for r in runs) for i in range(3))
+                frac = med(byt * t / 1e9 / b for t, _, b in runs)
+                their_frac = med(ref_bytes * r / 1e9 / b for _, r, b in runs)
                 print(f"| {name} | {label} | {s:.1f} | {tps:.1f} | {ref:.1f} ({best_t}) | "
-                      f"{tps / ref:.2f}× | {gbs:.1f} | {st:.1f} | {gbs / st:.2f} | "
-                      f"{ref_bytes * ref / 1e9 / st:.2f} |", flush=True)
+                      f"{ratio:.2f}×{spread} | {byt * tps / 1e9:.1f} | {st:.1f} | {frac:.2f} | "
+                      f"{their_frac:.2f} |", flush=True)
                 key = (name, s)
-                summary[key] = max(summary.get(key, 0.0), tps / ref)
+                summary[key] = max(summary.get(key, 0.0), ratio)
     print("\nWhere our decode step's time goes (one more generation per row, profiled: "
           "generate(profile=True), as tools/generate.py --profile), ms per step:\n")
     phases = ("select", "products", "reduce", "head", "attention", "activation", "other", "wait")

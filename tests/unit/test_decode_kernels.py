@@ -149,6 +149,31 @@ def test_stream_read_sums():
     assert abs(cpu_kernels.stream_read(a) - float(a.double().sum())) < 1e-2
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kept_rows_read_sums_exactly_the_kept_rows(threads):
+    """The pattern read adds every word of every listed row once (a row left out or read twice
+    changes the sum): row counts around the eight-row pass and the 16 groups, row lengths of one
+    and several cache lines, repeated and unsorted indices."""
+    g = torch.Generator().manual_seed(5)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for row_bytes in (64, 192, 1024):
+            buf = torch.randint(0, 256, (700, row_bytes), dtype=torch.uint8, generator=g)
+            for nk in (1, 7, 8, 9, 15, 16, 17, 127, 128, 129, 300, 700):
+                idx = torch.sort(torch.randperm(700, generator=g)[:nk]).values
+                want = int(buf[idx].view(torch.int64).sum())
+                assert cpu_kernels.kept_rows_read(buf, idx) == want, (row_bytes, nk)
+            idx = torch.tensor([5, 3, 3, 699, 0, 5, 5, 5, 5, 1])
+            assert cpu_kernels.kept_rows_read(buf, idx) == int(buf[idx].view(torch.int64).sum())
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        cpu_kernels.kept_rows_read(torch.zeros(4, 100, dtype=torch.uint8), torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="outside"):
+        cpu_kernels.kept_rows_read(torch.zeros(4, 64, dtype=torch.uint8), torch.tensor([4]))
+
+
 @pytest.mark.parametrize("mode", ["block", "relu", "quantized", "rescaled"])
 def test_nonzero_gemv_after_any_sparsifier(mode):
     cfg = {"block": QSparseConfig(mode="block", block="2:4"),

@@ -989,6 +989,70 @@ inline float stream_read(const float* a, int64_t m) {
   return s;
 }
 
+// The kept-row access pattern alone: the 64-bit words of rows idx[0:nk) of a buffer of rows of
+// `row_words` words (a multiple of 8: whole cache lines), read as the products read weights -
+// eight rows per pass, each row one sequential run, the rows cut into the products' 16
+// contiguous groups taken from the shared counter - with one add per cache line. Returns their
+// sum (mod 2^64). The bandwidth this reaches bounds what any loop over those rows can stream.
+#if defined(__x86_64__) || defined(__i386__)
+QS_AVX512 inline uint64_t rows_read_512(const uint64_t* const* p, int64_t words) {
+  __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
+  for (int64_t j = 0; j < words; j += 8) {
+    s0 = _mm512_add_epi64(s0, _mm512_add_epi64(_mm512_loadu_si512(p[0] + j),
+                                               _mm512_loadu_si512(p[4] + j)));
+    s1 = _mm512_add_epi64(s1, _mm512_add_epi64(_mm512_loadu_si512(p[1] + j),
+                                               _mm512_loadu_si512(p[5] + j)));
+    s2 = _mm512_add_epi64(s2, _mm512_add_epi64(_mm512_loadu_si512(p[2] + j),
+                                               _mm512_loadu_si512(p[6] + j)));
+    s3 = _mm512_add_epi64(s3, _mm512_add_epi64(_mm512_loadu_si512(p[3] + j),
+                                               _mm512_loadu_si512(p[7] + j)));
+  }
+  return static_cast<uint64_t>(
+      _mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(s0, s1), _mm512_add_epi64(s2, s3))));
+}
+#endif
+
+inline uint64_t rows_read_base(const uint64_t* const* p, int64_t words) {
+  uint64_t s = 0;
+  for (int64_t j = 0; j < words; ++j)
+    s += ((p[0][j] + p[1][j]) + (p[2][j] + p[3][j])) + ((p[4][j] + p[5][j]) + (p[6][j] + p[7][j]));
+  return s;
+}
+
+inline uint64_t kept_rows_read(const uint64_t* buf, int64_t row_words, const int64_t* idx,
+                               int64_t nk) {
+  const int64_t groups = std::max<int64_t>(1, std::min(kUnits, nk / kMinGroupRows));
+  std::vector<uint64_t> part(groups, 0);
+  auto fn = [&](int64_t ub, int64_t ue) {
+    for (int64_t g = ub; g < ue; ++g) {
+      const int64_t r0 = nk * g / groups, r1 = nk * (g + 1) / groups;
+      uint64_t s = 0;
+      const uint64_t* p[8];
+      for (int64_t r = r0; r < r1; r += 8) {
+        const int64_t rows = std::min<int64_t>(8, r1 - r);
+        for (int64_t i = 0; i < 8; ++i) p[i] = buf + idx[r + std::min(i, rows - 1)] * row_words;
+        if (rows < 8) {  // the last pass: count each of its rows once
+          for (int64_t i = 0; i < rows; ++i)
+            for (int64_t j = 0; j < row_words; ++j) s += p[i][j];
+          continue;
+        }
+#if defined(__x86_64__) || defined(__i386__)
+        if (kIsa == Isa::kAvx512) {
+          s += rows_read_512(p, row_words);
+          continue;
+        }
+#endif
+        s += rows_read_base(p, row_words);
+      }
+      part[g] = s;
+    }
+  };
+  Pool::get().run(groups, 1, std::min<int64_t>(at::get_num_threads(), groups), fn);
+  uint64_t s = 0;
+  for (uint64_t v : part) s += v;
+  return s;
+}
+
 // Ternary: packed [d, P] with P = ceil(n / 4); y = alpha · (T_kept^T val) (+ bias).
 void product_ternary(const Kept& kept, const uint8_t* w, int64_t n, int64_t P, float alpha,
                      const float* bias, float* y) {

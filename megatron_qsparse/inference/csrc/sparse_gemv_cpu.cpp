@@ -136,6 +136,28 @@ double stream_read_tensor(const at::Tensor& a) {
   return stream_read(a.data_ptr<float>(), a.numel());
 }
 
+// The kept-row access pattern alone over rows idx of a uint8 [rows, L] buffer (see gemv_core.h);
+// returns the sum of their 64-bit words as a signed int64 (two's complement wrap-around).
+int64_t kept_rows_read_tensor(const at::Tensor& buf, const at::Tensor& idx) {
+  TORCH_CHECK(buf.scalar_type() == at::kByte && buf.dim() == 2 && buf.is_contiguous() &&
+                  buf.device().is_cpu() && buf.size(1) % 64 == 0 &&
+                  reinterpret_cast<uintptr_t>(buf.data_ptr()) % 8 == 0,
+              "kept_rows_read: expected a contiguous CPU uint8 [rows, L] buffer, L a multiple "
+              "of 64 bytes");
+  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.dim() == 1 && idx.is_contiguous() &&
+                  idx.device().is_cpu(),
+              "kept_rows_read: expected contiguous CPU int64 row indices");
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  for (int64_t i = 0; i < idx.numel(); ++i)
+    TORCH_CHECK(ip[i] >= 0 && ip[i] < buf.size(0), "kept_rows_read: row ", ip[i],
+                " outside [0, ", buf.size(0), ")");
+  const uint64_t s = kept_rows_read(reinterpret_cast<const uint64_t*>(buf.data_ptr()),
+                                    buf.size(1) / 8, ip, idx.numel());
+  int64_t out;
+  std::memcpy(&out, &s, sizeof out);
+  return out;
+}
+
 // A copy of a contiguous CPU tensor in memory advised for transparent huge pages (2 MB), or the
 // tensor itself where that is not available. A decode token streams every weight once: with 4 KB
 // pages that is one TLB miss (page walk) per 4 KB, and the hardware prefetchers stop at each page
@@ -177,6 +199,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
           pybind11::arg("scale") = pybind11::none());
   mod.def("gemv_nonzero", &gemv_nonzero, "Sparse GEMV over the nonzero inputs", pybind11::arg("x"),
           pybind11::arg("w"), pybind11::arg("bias"), pybind11::arg("scale") = pybind11::none());
+  mod.def("kept_rows_read", &kept_rows_read_tensor,
+          "The kept-row access pattern alone: the sum of the 64-bit words of rows idx",
+          pybind11::arg("buf"), pybind11::arg("idx"));
   mod.def("stream_read", &stream_read_tensor, "STREAM-like read of an fp32 buffer (its sum)",
           pybind11::arg("a"));
   mod.def("gemv_ternary", &gemv_ternary, "Sparse GEMV over 2-bit packed ternary weights",
