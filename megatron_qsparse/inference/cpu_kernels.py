@@ -210,13 +210,13 @@ def kept_rows_read(buf: torch.Tensor, idx: torch.Tensor) -> int:
     run, the kernels' threads and row groups) with one add per cache line, and return the sum of
     their 64-bit words (int64, wrapping). The bandwidth it reaches is the bound of the kept-row
     pattern itself (``bench/bench_read_pattern.py``)."""
-    if buf.dtype != torch.uint8 or buf.dim() != 2 or buf.shape[1] % 64:
-        raise ValueError(f"kept_rows_read: expected a uint8 [rows, L] buffer with L a multiple "
-                         f"of 64, got {buf.dtype} {list(buf.shape)}")
+    if buf.dtype != torch.uint8 or buf.dim() != 2 or buf.shape[1] % 64 or not buf.is_contiguous():
+        raise ValueError(f"kept_rows_read: expected a contiguous uint8 [rows, L] buffer with L a "
+                         f"multiple of 64, got {buf.dtype} {list(buf.shape)}")
     module = _EXT.get()
     if module is None:
         return int(buf[idx].view(torch.int64).sum())
-    return module.kept_rows_read(buf.contiguous(), idx.to(torch.int64).contiguous())
+    return module.kept_rows_read(buf, idx.to(torch.int64).contiguous())  # buf: no hidden copy
 
 
 # ---------------------------------------------------------------------------------------------

@@ -170,6 +170,8 @@ def test_kept_rows_read_sums_exactly_the_kept_rows(threads):
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="multiple of 64"):
         cpu_kernels.kept_rows_read(torch.zeros(4, 100, dtype=torch.uint8), torch.tensor([0]))
+    with pytest.raises(ValueError, match="contiguous"):  # no silent copy of the buffer
+        cpu_kernels.kept_rows_read(torch.zeros(64, 4, dtype=torch.uint8).t(), torch.tensor([0]))
     with pytest.raises(RuntimeError, match="outside"):
         cpu_kernels.kept_rows_read(torch.zeros(4, 64, dtype=torch.uint8), torch.tensor([4]))
 

@@ -865,6 +865,12 @@ struct Split {
   int64_t cols = 0, blocks = 0, groups = 1;
 };
 
+// Row groups of a product over nk kept rows in `blocks` column blocks: enough for kUnits work
+// units, each group at least kMinGroupRows rows.
+inline int64_t row_groups(int64_t nk, int64_t blocks) {
+  return std::max<int64_t>(1, std::min((kUnits + blocks - 1) / blocks, nk / kMinGroupRows));
+}
+
 template <typename WT>
 inline Split split_for(int64_t nk, int64_t n) {
   Split sp;
@@ -877,8 +883,7 @@ inline Split split_for(int64_t nk, int64_t n) {
   sp.cols = std::max<int64_t>(sp.cols, std::min<int64_t>(n, kAlign));
   sp.blocks = std::max<int64_t>(1, (n + sp.cols - 1) / sp.cols);
   if (nk * n >= kParallelMacs && sp.blocks < kUnits)
-    sp.groups = std::max<int64_t>(
-        1, std::min((kUnits + sp.blocks - 1) / sp.blocks, nk / kMinGroupRows));
+    sp.groups = row_groups(nk, sp.blocks);
   return sp;
 }
 
@@ -1021,7 +1026,7 @@ inline uint64_t rows_read_base(const uint64_t* const* p, int64_t words) {
 
 inline uint64_t kept_rows_read(const uint64_t* buf, int64_t row_words, const int64_t* idx,
                                int64_t nk) {
-  const int64_t groups = std::max<int64_t>(1, std::min(kUnits, nk / kMinGroupRows));
+  const int64_t groups = row_groups(nk, 1);  // whole rows: one column block
   std::vector<uint64_t> part(groups, 0);
   auto fn = [&](int64_t ub, int64_t ue) {
     for (int64_t g = ub; g < ue; ++g) {
