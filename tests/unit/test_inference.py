@@ -328,7 +328,9 @@ def test_generate_profile_splits_the_step():
     assert prof["products"] == pytest.approx(sum(prof[k] for k in cpu_kernels.PROJECTIONS))
     assert min(prof[k] for k in ("qkv", "o", "gate_up", "down")) > 0 and prof["router"] == 0
     assert prof["step"] > 0 and all(prof[k] >= 0 for k in phases if k != "other")
-    assert sum(prof[k] for k in phases) == pytest.approx(prof["step"], rel=1e-6)
+    # the timed phases are disjoint parts of the step: together they fit in it ("other", the
+    # step minus them, is not negative beyond the clock's resolution)
+    assert prof["other"] >= -1e-6 * max(1.0, prof["step"])
     assert prof["products"] > 0 and prof["select"] > 0 and prof["activation"] > 0
     assert prof["products"] + prof["head"] <= prof["step"]
     assert generate(slow, [3, 1, 4, 1, 5], 4, profile=True).profile is None
