@@ -265,7 +265,7 @@ def bytes_by_projection(im) -> dict[str, int]:
             k = sp.keep(m.in_features) if sp is not None else 0
             rows = m.in_features if not isinstance(k, int) or k == 0 else k
             kind = name.rsplit(".", 1)[-1]
-            byt = rows * m.wt.shape[1] * m.wt.element_size()
+            byt = rows * m.out_features * m.wt.element_size()
             if m.scale is not None:
                 byt += m.scale.numel() * 4
             out[kind] = out.get(kind, 0) + byt

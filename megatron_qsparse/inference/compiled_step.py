@@ -164,8 +164,8 @@ def build_compiled_step(model: nn.Module, im: nn.Module | None = None
                            torch.device("cpu"))
     head_t, head_scale = getattr(im, "head_wt", None), getattr(im, "head_scale", None)
     if head_t is None:
-        head_t = cpu_kernels.on_huge_pages(  # input-major [h, V]
-            model.output_weight().detach().float().t().contiguous())
+        head_t = cpu_kernels.on_huge_pages(cpu_kernels.tile_if_dense(  # input-major [h, V]
+            model.output_weight().detach().float().t().contiguous()))
     step = cpu_kernels.extension().DecodeStep(
         hidden=cfg.hidden_size, nq=att.nq, nkv=att.nkv, hd=att.hd, ffn=first[0][0].ffn,
         rmsnorm=isinstance(model.final_norm, RMSNorm), eps=float(model.final_norm.eps),

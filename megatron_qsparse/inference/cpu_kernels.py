@@ -138,15 +138,66 @@ def _use(x: torch.Tensor, w: torch.Tensor, use_kernel: bool) -> bool:
             and _sparsify_kernels.kernels_enabled() and _EXT.get() is not None)
 
 
+TILE_ROWS, TILE_COLS = 8, 64
+
+
+def can_tile(wt: torch.Tensor) -> bool:
+    """Whether an input-major ``[in, out]`` weight has a tiled form (:func:`tile_dense`)."""
+    return wt.dim() == 2 and wt.shape[0] % TILE_ROWS == 0 and wt.shape[1] % TILE_COLS == 0
+
+
+def tile_dense(wt: torch.Tensor) -> torch.Tensor:
+    """The tiled form ``[in/8, out/64, 8, 64]`` of an input-major ``[in, out]`` weight
+    (:func:`can_tile`): each 8 rows x 64 outputs of ``wt`` contiguous, in the order a dense
+    product's passes of eight rows read them, so every pass is one sequential stream instead of
+    eight a row apart. The kernels take either form (any row of a tiled weight can be read); a
+    dense product reads the tiled one faster (``bench/bench_dense_layout.py``). :func:`untile`
+    gives the ``[in, out]`` weight back."""
+    if not can_tile(wt):
+        raise ValueError(f"tile_dense: a [{TILE_ROWS}k, {TILE_COLS}m] input-major weight is "
+                         f"needed, got {tuple(wt.shape)}")
+    d, n = wt.shape
+    return wt.reshape(d // TILE_ROWS, TILE_ROWS, n // TILE_COLS, TILE_COLS).permute(
+        0, 2, 1, 3).contiguous()
+
+
+def tile_if_dense(wt: torch.Tensor) -> torch.Tensor:
+    """The tiled form of a weight every decode product reads whole (the LM head, a projection
+    without a selection) where the kernels run and its shape allows; else ``wt``."""
+    if (wt.device.type == "cpu" and can_tile(wt) and _sparsify_kernels.kernels_enabled()
+            and available()):
+        return tile_dense(wt)
+    return wt
+
+
+def untile(wt: torch.Tensor) -> torch.Tensor:
+    """The input-major ``[in, out]`` weight of a tiled one (:func:`tile_dense`); ``wt`` itself
+    when it is not tiled."""
+    if wt.dim() != 4:
+        return wt
+    return wt.permute(0, 2, 1, 3).reshape(wt.shape[0] * TILE_ROWS, wt.shape[1] * TILE_COLS)
+
+
+def weight_shape(wt: torch.Tensor) -> tuple[int, int]:
+    """``(in, out)`` of a decode weight in either layout."""
+    if wt.dim() == 4:
+        return wt.shape[0] * TILE_ROWS, wt.shape[1] * TILE_COLS
+    return tuple(wt.shape)
+
+
 def _check(x: torch.Tensor, wt: torch.Tensor) -> None:
-    if wt.dim() != 2 or x.shape[-1] != wt.shape[0]:
+    tiled = wt.dim() == 4 and tuple(wt.shape[2:]) == (TILE_ROWS, TILE_COLS)
+    if not (wt.dim() == 2 or tiled) or x.shape[-1] != weight_shape(wt)[0]:
         raise ValueError(f"sparse gemv: input has {x.shape[-1]} features, the input-major weight "
-                         f"is {tuple(wt.shape)} ([in, out] expected)")
+                         f"is {tuple(wt.shape)} ([in, out] or tiled [in/8, out/64, 8, 64] "
+                         "expected)")
 
 
 def dequantize(wt: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """The fp32 weight a stored decode weight stands for: ``wt`` itself (fp32 / bf16 / fp16), or
-    ``int8 codes * scale`` (one scale per output column of the input-major ``[in, out]``)."""
+    """The fp32 ``[in, out]`` weight a stored decode weight stands for: ``wt`` itself (fp32 /
+    bf16 / fp16, untiled), or ``int8 codes * scale`` (one scale per output column of the
+    input-major ``[in, out]``)."""
+    wt = untile(wt)
     if wt.dtype == torch.int8:
         if scale is None:
             raise ValueError("int8 decode weights need their per-output scales")
@@ -180,7 +231,7 @@ def gemv_topk(x: torch.Tensor, wt: torch.Tensor, k: int, bias: torch.Tensor | No
         return gemv_nonzero(x, wt, bias, scale=scale, use_kernel=use_kernel)
     if _use(x, wt, use_kernel) and wt.dtype in WEIGHT_DTYPES:
         y = _EXT.module.gemv_topk(x, wt.contiguous(), k, bias, scale)
-        return y.view(*x.shape[:-1], wt.shape[1])
+        return y.view(*x.shape[:-1], weight_shape(wt)[1])
     return _reference(x * topk_mask(x, k), wt, bias, scale)
 
 
@@ -191,7 +242,7 @@ def gemv_nonzero(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None = 
     _check(x, wt)
     if _use(x, wt, use_kernel) and wt.dtype in WEIGHT_DTYPES:
         y = _EXT.module.gemv_nonzero(x, wt.contiguous(), bias, scale)
-        return y.view(*x.shape[:-1], wt.shape[1])
+        return y.view(*x.shape[:-1], weight_shape(wt)[1])
     return _reference(x, wt, bias, scale)
 
 

@@ -56,10 +56,15 @@ class DecodeLinear(nn.Module):
             or ``float16`` halve the decode traffic at 16-bit rounding of the weights, ``int8``
             quarters it: symmetric per-output-channel codes with one fp32 scale per output,
             :func:`~megatron_qsparse.inference.cpu_kernels.quantize_int8`).
+        tile: hold the weight of a projection without a selection (dense: every input is read)
+            tiled (:func:`~megatron_qsparse.inference.cpu_kernels.tile_dense`), which its dense
+            product streams faster; prefill then multiplies by the untiled weight. Pass False
+            where the inputs hold many exact zeros (the down projection after a ReLU² GLU),
+            whose rows the row layout skips one by one.
     """
 
     def __init__(self, layer: nn.Module, *, sparse_kernel: bool = True,
-                 weight_dtype: torch.dtype | None = None):
+                 weight_dtype: torch.dtype | None = None, tile: bool = True):
         super().__init__()
         if getattr(layer, "parallel", None) is not None and layer.parallel.tp_size != 1:
             raise ValueError("DecodeLinear: the layer is a tensor-parallel shard; merge the "
@@ -69,6 +74,12 @@ class DecodeLinear(nn.Module):
         self.sparse_kernel = sparse_kernel
         self.in_features, self.out_features = layer.input_size, layer.output_size
         w = layer.weight.detach()
+        sp = self.sparsifier
+        # selection and product run fused where the method selects a fixed K (plain Top-K; K is
+        # read at each call: warm-up scale); keep 0 means "every nonzero input" (dense)
+        keep = sp.keep(self.in_features) if sp is not None else 0
+        self.fused = isinstance(keep, int) and keep > 0 and not self.bitnet
+        self.selects = not (isinstance(keep, int) and keep == 0)
         with torch.no_grad():
             if self.bitnet:
                 # the exact weight training multiplies by, and its 2-bit codes for the kernel
@@ -85,17 +96,13 @@ class DecodeLinear(nn.Module):
             else:
                 wt = w.t().to(weight_dtype or w.dtype).contiguous()
             if wt.device.type == "cpu":
+                if tile and sparse_kernel and not self.selects and not self.bitnet:
+                    wt = cpu_kernels.tile_if_dense(wt)
                 wt = cpu_kernels.on_huge_pages(wt)
         self.register_buffer("wt", wt, persistent=False)
         self.register_buffer("scale", scale, persistent=False)
         bias = layer.bias.detach().clone() if layer.bias is not None else None
         self.register_buffer("bias", bias, persistent=False)
-        sp = self.sparsifier
-        # selection and product run fused where the method selects a fixed K (plain Top-K; K is
-        # read at each call: warm-up scale); keep 0 means "every nonzero input" (dense)
-        keep = sp.keep(self.in_features) if sp is not None else 0
-        self.fused = isinstance(keep, int) and keep > 0 and not self.bitnet
-        self.selects = not (isinstance(keep, int) and keep == 0)
 
     def path(self) -> str:
         """Which decode path this layer takes: ``fused-topk``, ``sparsify+nonzero-gemv``,
@@ -121,7 +128,7 @@ class DecodeLinear(nn.Module):
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """The training forward: ``F.linear(sparsify(x), W, b)`` (int8 activations for BitNet)."""
         xs = self._sparse_input(x)
-        wt = self.wt
+        wt = cpu_kernels.untile(self.wt)
         if wt.dtype in (torch.int8, torch.float16) and xs.dtype != wt.dtype:
             wt = self.weight_t().to(xs.dtype)
             return F.linear(xs, wt.t(), None if self.bias is None else self.bias.to(xs.dtype))
@@ -156,7 +163,8 @@ class DecodeLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bitnet={self.bitnet}, "
-                f"weight={str(self.wt.dtype).replace('torch.', '')} input-major, "
+                f"weight={str(self.wt.dtype).replace('torch.', '')} input-major"
+                f"{' tiled' if self.wt.dim() == 4 else ''}, "
                 f"decode={self.path()}")
 
 

@@ -34,6 +34,7 @@ from megatron_qsparse.model.gpt import GPTModel
 from megatron_qsparse.model.mlp import MLP
 from megatron_qsparse.model.transformer import apply_rotary
 from megatron_qsparse.sparsity import get_method, set_recording
+from megatron_qsparse.sparsity.activations import relu2_glu
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,10 @@ class InferenceModel(nn.Module):
                 # the dense FFN, or every expert of an MoE layer (DeepSpeed's routing stays)
                 for m in _mlps(layer.mlp):
                     m.gate_up = DecodeLinear(m.gate_up, weight_dtype=weight_dtype)
-                    m.down = DecodeLinear(m.down, weight_dtype=weight_dtype)
+                    # ReLU² GLU outputs are about half exact zeros: their rows are skipped one
+                    # by one, which the row layout serves (dense inputs read tiled)
+                    m.down = DecodeLinear(m.down, weight_dtype=weight_dtype,
+                                          tile=m.act is not relu2_glu)
         # the LM head, input-major, in the decode weight dtype (like the projections: llama.cpp's
         # f16 / q8_0 files hold output.weight so too); None: the model's own weight, fp32
         self.head_wt = self.head_scale = None
@@ -105,7 +109,7 @@ class InferenceModel(nn.Module):
                 else:
                     self.head_wt = w.to(weight_dtype).contiguous()
                 if self.head_wt.device.type == "cpu":
-                    self.head_wt = cpu_kernels.on_huge_pages(self.head_wt)
+                    self.head_wt = cpu_kernels.on_huge_pages(cpu_kernels.tile_if_dense(self.head_wt))
         self.step, self.step_unavailable = None, "off"
         if sparse_kernel and compiled_step:
             from megatron_qsparse.inference.compiled_step import build_compiled_step
@@ -184,7 +188,7 @@ class InferenceModel(nn.Module):
         (one token: the kernel; several: the dequantized weight)."""
         if self.head_wt is None:
             return F.linear(h, self.model.output_weight())
-        if (h.numel() == self.head_wt.shape[0] and h.device.type == "cpu"
+        if (h.numel() == cpu_kernels.weight_shape(self.head_wt)[0] and h.device.type == "cpu"
                 and h.dtype != torch.float64 and cpu_kernels.available()):
             y = cpu_kernels.gemv_nonzero(h, self.head_wt, scale=self.head_scale)
             return y.view(*h.shape[:-1], -1).to(h.dtype)

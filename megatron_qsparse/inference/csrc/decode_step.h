@@ -237,7 +237,7 @@ class DecodeStep {
     TORCH_CHECK(emb_.size(1) == h_, "decode step: embedding width ", emb_.size(1), " != ", h_);
     vocab_ = emb_.size(0);
     check_weight(head_, head_scale_, "LM head");
-    TORCH_CHECK(head_.size(0) == h_ && head_.size(1) == vocab_,
+    TORCH_CHECK(weight_in(head_) == h_ && weight_out(head_) == vocab_,
                 "decode step: the LM head must be input-major [hidden, V]");
     check_f32(cos_, "rotary cos", 2);
     check_f32(sin_, "rotary sin", 2);
@@ -269,7 +269,7 @@ class DecodeStep {
       p.in = shapes[i].first;
       p.out = shapes[i].second;
       check_weight(p.wt, p.scale, "projection");
-      TORCH_CHECK(p.wt.size(0) == p.in && p.wt.size(1) == p.out, "decode step: projection ", i,
+      TORCH_CHECK(weight_in(p.wt) == p.in && weight_out(p.wt) == p.out, "decode step: projection ", i,
                   " is ", p.wt.sizes(), ", expected [", p.in, ", ", p.out, "] (input-major)");
       if (p.bias.numel()) {
         check_f32(p.bias, "bias", 1);
@@ -397,15 +397,16 @@ class DecodeStep {
     return s.numel() ? s.data_ptr<float>() : nullptr;
   }
 
-  // A decode weight: contiguous CPU [in, out] fp32 / bf16 / fp16, or int8 with fp32 [out] scales.
+  // A decode weight: contiguous CPU [in, out] (or tiled, see seg in gemv_core.h) fp32 / bf16 /
+  // fp16, or int8 with fp32 [out] scales.
   static void check_weight(const at::Tensor& w, const at::Tensor& scale, const char* what) {
     const auto t = w.scalar_type();
-    TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.device().is_cpu() &&
+    TORCH_CHECK(layout_ok(w) &&
                     (t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kChar),
                 "decode step: ", what, " weights must be contiguous CPU fp32/bf16/fp16/int8");
     if (t == at::kChar) {
       TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() &&
-                      scale.numel() == w.size(1),
+                      scale.numel() == weight_out(w),
                   "decode step: int8 ", what, " weights need fp32 [out] scales");
     } else {
       TORCH_CHECK(scale.numel() == 0, "decode step: a scale goes with int8 weights only");

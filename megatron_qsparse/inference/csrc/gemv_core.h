@@ -128,6 +128,44 @@ template <> inline float wload<int8_t>(const int8_t* p, int64_t c) {
   return static_cast<float>(p[c]);
 }
 
+// Tiled dense weights (kT = 8): an input-major [d, n] weight stored as [d/8][n/64][8][64], so the
+// 8 rows x 64 outputs one loop step of a pass reads are one contiguous run (1 KB of bf16) and a
+// whole pass of eight consecutive rows is one sequential stream, where the row layout (kT = 1)
+// gives eight streams a row apart. Dense products read every row in that order, and one stream
+// is what the hardware prefetchers follow best (see tile_dense in cpu_kernels.py for the
+// measurements). Any row can still be addressed: row r's outputs [c, c + 64) (c a multiple of
+// 64) lie at (r / 8)·8n + 8c + (r mod 8)·64, so the kept-row loops take tiled weights unchanged
+// with their row pointers from row_ptr and each output offset j through seg.
+constexpr int64_t kTileRows = 8, kTileCols = 64;
+
+// Offset of output j (from a row pointer of row_ptr at a multiple of 64 outputs) in layout kT.
+template <int kT>
+inline __attribute__((always_inline)) int64_t seg(int64_t j) {
+  if constexpr (kT == 1) return j;
+  return (j / kTileCols) * (kTileCols * kT) + j % kTileCols;
+}
+
+// Where row `row`'s outputs from c0 (a multiple of 64 when tiled) start, ld = n.
+template <int kT, typename WT>
+inline __attribute__((always_inline)) const WT* row_ptr(const WT* w, int64_t row, int64_t ld,
+                                                        int64_t c0) {
+  if constexpr (kT == 1) return w + row * ld + c0;
+  return w + (row / kT) * kT * ld + c0 * kT + (row % kT) * kTileCols;
+}
+
+// A decode weight tensor's shape: [in, out] (row layout) or [in/8, out/64, 8, 64] (tiled).
+inline bool is_tiled(const at::Tensor& w) { return w.dim() == 4; }
+inline int64_t weight_in(const at::Tensor& w) {
+  return is_tiled(w) ? w.size(0) * kTileRows : w.size(0);
+}
+inline int64_t weight_out(const at::Tensor& w) {
+  return is_tiled(w) ? w.size(1) * kTileCols : w.size(1);
+}
+inline bool layout_ok(const at::Tensor& w) {
+  return w.is_contiguous() && w.device().is_cpu() &&
+         (w.dim() == 2 || (w.dim() == 4 && w.size(2) == kTileRows && w.size(3) == kTileCols));
+}
+
 // ---------------------------------------------------------------------------------------------
 // The inner loop: acc[0:len) = sum_r val[r] * w[idx[r]·ld + c0 + (0:len)] over nk kept rows.
 //
@@ -283,7 +321,7 @@ inline __attribute__((always_inline)) void with_rows(int64_t rows, F&& f) {
 
 // R rows (R <= 8) into acc over [0, len): vector steps of 4·kW, then kW, then scalar.
 #define QS_ROWS_KERNEL(TARGET, V)                                                                \
-  template <int R, typename WT>                                                                  \
+  template <int R, typename WT, int kT = 1>                                                      \
   TARGET inline void rows_##V(const WT* const* p, const float* v, int64_t len, float* acc,      \
                               const WT* const* nx = nullptr, int64_t pf_from = 0,               \
                               int64_t ahead = 0) {                                               \
@@ -296,10 +334,10 @@ inline __attribute__((always_inline)) void with_rows(int64_t rows, F&& f) {
       typename V::vec a0 = V::ld(acc + j), a1 = V::ld(acc + j + kW);                             \
       typename V::vec a2 = V::ld(acc + j + 2 * kW), a3 = V::ld(acc + j + 3 * kW);                \
       for (int i = 0; i < R; ++i) {                                                              \
-        a0 = V::fma(vv[i], V::w(p[i] + j), a0);                                                  \
-        a1 = V::fma(vv[i], V::w(p[i] + j + kW), a1);                                             \
-        a2 = V::fma(vv[i], V::w(p[i] + j + 2 * kW), a2);                                         \
-        a3 = V::fma(vv[i], V::w(p[i] + j + 3 * kW), a3);                                         \
+        a0 = V::fma(vv[i], V::w(p[i] + seg<kT>(j)), a0);                                                  \
+        a1 = V::fma(vv[i], V::w(p[i] + seg<kT>(j) + kW), a1);                                             \
+        a2 = V::fma(vv[i], V::w(p[i] + seg<kT>(j) + 2 * kW), a2);                                         \
+        a3 = V::fma(vv[i], V::w(p[i] + seg<kT>(j) + 3 * kW), a3);                                         \
       }                                                                                          \
       V::st(acc + j, a0);                                                                        \
       V::st(acc + j + kW, a1);                                                                   \
@@ -308,32 +346,34 @@ inline __attribute__((always_inline)) void with_rows(int64_t rows, F&& f) {
     }                                                                                            \
     for (; j + kW <= len; j += kW) {                                                             \
       typename V::vec a0 = V::ld(acc + j);                                                       \
-      for (int i = 0; i < R; ++i) a0 = V::fma(vv[i], V::w(p[i] + j), a0);                        \
+      for (int i = 0; i < R; ++i) a0 = V::fma(vv[i], V::w(p[i] + seg<kT>(j)), a0);                        \
       V::st(acc + j, a0);                                                                        \
     }                                                                                            \
     for (; j < len; ++j) {                                                                       \
       float a = acc[j];                                                                          \
-      for (int i = 0; i < R; ++i) a += v[i] * wload(p[i], j);                                    \
+      for (int i = 0; i < R; ++i) a += v[i] * wload(p[i], seg<kT>(j));                                  \
       acc[j] = a;                                                                                \
     }                                                                                            \
   }                                                                                              \
-  template <typename WT>                                                                         \
+  template <typename WT, int kT = 1>                                                             \
   TARGET void block_##V(const float* val, const int64_t* idx, int64_t nk, const WT* w,         \
                         int64_t ld, int64_t c0, int64_t len, float* acc) {                      \
     for (int64_t c = 0; c < len; ++c) acc[c] = 0.f;                                              \
     const WT* p[8];                                                                              \
     const WT* nx[8];                                                                             \
-    const int64_t pf_from = prefetch_from<WT>(len), ahead = prefetch_ahead<WT>(len);             \
+    /* tiled weights: one sequential stream per pass, no software prefetch */                   \
+    const int64_t pf_from = prefetch_from<WT>(len);                                              \
+    const int64_t ahead = kT == 1 ? prefetch_ahead<WT>(len) : 0;                                 \
     int64_t r = 0;                                                                               \
     for (; r + 8 <= nk; r += 8) {                                                                \
-      for (int i = 0; i < 8; ++i) p[i] = w + idx[r + i] * ld + c0;                               \
-      const bool pf = next_rows(idx, r, nk, w, ld, c0, nx);                                      \
-      rows_##V<8, WT>(p, val + r, len, acc, pf ? nx : nullptr, pf_from, ahead);                  \
+      for (int i = 0; i < 8; ++i) p[i] = row_ptr<kT>(w, idx[r + i], ld, c0);                     \
+      const bool pf = kT == 1 && next_rows(idx, r, nk, w, ld, c0, nx);                           \
+      rows_##V<8, WT, kT>(p, val + r, len, acc, pf ? nx : nullptr, pf_from, ahead);              \
     }                                                                                            \
     /* the last nk - r < 8 rows in one pass (the same FMAs in the same order per output) */     \
-    for (int64_t i = r; i < nk; ++i) p[i - r] = w + idx[i] * ld + c0;                            \
+    for (int64_t i = r; i < nk; ++i) p[i - r] = row_ptr<kT>(w, idx[i], ld, c0);                  \
     with_rows(nk - r, [&](auto R) {                                                              \
-      rows_##V<decltype(R)::value, WT>(p, val + r, len, acc, nullptr, pf_from, ahead);           \
+      rows_##V<decltype(R)::value, WT, kT>(p, val + r, len, acc, nullptr, pf_from, ahead);       \
     });                                                                                          \
   }                                                                                              \
   TARGET inline float sum_##V(const float* a, int64_t n) {                                       \
@@ -359,7 +399,7 @@ QS_ROWS_KERNEL(QS_AVX2, V256)
 // 32 outputs is then held as [16 even, 16 odd] and put back in order once the unit's rows are
 // summed. Every output still takes the same FMAs in the same row order as block_V512 (the
 // results are identical); runs past the last full 64 outputs use block_V512's loops.
-template <int R>
+template <int R, int kT>
 QS_AVX512 inline void rows_bf16_split(const uint16_t* const* p, const float* v, int64_t main,
                                       float* acc, const uint16_t* const* nx, int64_t pf_from) {
   __m512 vv[R];
@@ -370,7 +410,8 @@ QS_AVX512 inline void rows_bf16_split(const uint16_t* const* p, const float* v, 
     __m512 a0 = _mm512_loadu_ps(acc + j), a1 = _mm512_loadu_ps(acc + j + 16);
     __m512 a2 = _mm512_loadu_ps(acc + j + 32), a3 = _mm512_loadu_ps(acc + j + 48);
     for (int i = 0; i < R; ++i) {
-      const __m512i w0 = _mm512_loadu_si512(p[i] + j), w1 = _mm512_loadu_si512(p[i] + j + 32);
+      const uint16_t* q = p[i] + seg<kT>(j);
+      const __m512i w0 = _mm512_loadu_si512(q), w1 = _mm512_loadu_si512(q + 32);
       a0 = _mm512_fmadd_ps(vv[i], _mm512_castsi512_ps(_mm512_slli_epi32(w0, 16)), a0);
       a1 = _mm512_fmadd_ps(vv[i], _mm512_castsi512_ps(_mm512_and_si512(w0, hi)), a1);
       a2 = _mm512_fmadd_ps(vv[i], _mm512_castsi512_ps(_mm512_slli_epi32(w1, 16)), a2);
@@ -383,18 +424,19 @@ QS_AVX512 inline void rows_bf16_split(const uint16_t* const* p, const float* v, 
   }
 }
 
-template <int R>
+template <int R, int kT = 1>
 QS_AVX512 inline void rows_bf16_512(const uint16_t* const* p, const float* v, int64_t main,
                                     int64_t len, float* acc, const uint16_t* const* nx = nullptr,
                                     int64_t pf_from = 0) {
-  rows_bf16_split<R>(p, v, main, acc, nx, pf_from);
+  rows_bf16_split<R, kT>(p, v, main, acc, nx, pf_from);
   if (main < len) {
     const uint16_t* q[8];
-    for (int i = 0; i < R; ++i) q[i] = p[i] + main;
-    rows_V512<R, uint16_t>(q, v, len - main, acc + main);
+    for (int i = 0; i < R; ++i) q[i] = p[i] + seg<kT>(main);
+    rows_V512<R, uint16_t, kT>(q, v, len - main, acc + main);
   }
 }
 
+template <int kT = 1>
 QS_AVX512 void block_bf16_512(const float* val, const int64_t* idx, int64_t nk,
                               const uint16_t* w, int64_t ld, int64_t c0, int64_t len,
                               float* acc) {
@@ -405,12 +447,14 @@ QS_AVX512 void block_bf16_512(const float* val, const int64_t* idx, int64_t nk,
   const int64_t pf_from = prefetch_from<uint16_t>(len);
   int64_t r = 0;
   for (; r + 8 <= nk; r += 8) {
-    for (int i = 0; i < 8; ++i) p[i] = w + idx[r + i] * ld + c0;
-    const bool pf = next_rows(idx, r, nk, w, ld, c0, nx);
-    rows_bf16_512<8>(p, val + r, main, len, acc, pf ? nx : nullptr, pf_from);
+    for (int i = 0; i < 8; ++i) p[i] = row_ptr<kT>(w, idx[r + i], ld, c0);
+    const bool pf = kT == 1 && next_rows(idx, r, nk, w, ld, c0, nx);
+    rows_bf16_512<8, kT>(p, val + r, main, len, acc, pf ? nx : nullptr, pf_from);
   }
-  for (int64_t i = r; i < nk; ++i) p[i - r] = w + idx[i] * ld + c0;  // the last < 8 in one pass
-  with_rows(nk - r, [&](auto R) { rows_bf16_512<decltype(R)::value>(p, val + r, main, len, acc); });
+  for (int64_t i = r; i < nk; ++i) p[i - r] = row_ptr<kT>(w, idx[i], ld, c0);  // the last < 8
+  with_rows(nk - r, [&](auto R) {
+    rows_bf16_512<decltype(R)::value, kT>(p, val + r, main, len, acc);
+  });
   const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i hi_idx =
       _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
@@ -434,6 +478,7 @@ QS_AVX512 void block_bf16_512(const float* val, const int64_t* idx, int64_t nk,
 // last kept row at activation 0. A unit with an inf or NaN activation takes the fp32 path.
 #define QS_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 
+template <int kT>
 QS_VNNI inline void rows_i8_vnni(const int8_t* const* p, const int32_t* xp, float s,
                                  int64_t main, float* acc, const int8_t* const* nx,
                                  int64_t pf_from, int64_t ahead) {
@@ -446,14 +491,16 @@ QS_VNNI inline void rows_i8_vnni(const int8_t* const* p, const int32_t* xp, floa
     __m512i a2 = _mm512_setzero_si512(), a3 = _mm512_setzero_si512();
 #define QS_PAIR(T, X)                                                                            \
     {                                                                                            \
+      const int8_t* pu = p[2 * T] + seg<kT>(j);                                                  \
+      const int8_t* pv = p[2 * T + 1] + seg<kT>(j);                                              \
       const __m512i u0 = _mm512_cvtepi8_epi16(                                                   \
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p[2 * T] + j)));                  \
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pu)));                             \
       const __m512i v0 = _mm512_cvtepi8_epi16(                                                   \
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p[2 * T + 1] + j)));              \
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pv)));                             \
       const __m512i u1 = _mm512_cvtepi8_epi16(                                                   \
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p[2 * T] + j + 32)));             \
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pu + 32)));                        \
       const __m512i v1 = _mm512_cvtepi8_epi16(                                                   \
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p[2 * T + 1] + j + 32)));         \
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pv + 32)));                        \
       a0 = _mm512_dpwssd_epi32(a0, _mm512_unpacklo_epi16(u0, v0), X);                            \
       a1 = _mm512_dpwssd_epi32(a1, _mm512_unpackhi_epi16(u0, v0), X);                            \
       a2 = _mm512_dpwssd_epi32(a2, _mm512_unpacklo_epi16(u1, v1), X);                            \
@@ -474,18 +521,21 @@ QS_VNNI inline void rows_i8_vnni(const int8_t* const* p, const int32_t* xp, floa
   }
 }
 
+template <int kT = 1>
 QS_VNNI void block_i8_vnni(const float* val, const int64_t* idx, int64_t nk, const int8_t* w,
                            int64_t ld, int64_t c0, int64_t len, float* acc) {
   for (int64_t i = 0; i < nk; ++i)  // inf / NaN: the fp32 path propagates them as the reference
-    if (!std::isfinite(val[i])) return block_V512<int8_t>(val, idx, nk, w, ld, c0, len, acc);
+    if (!std::isfinite(val[i]))
+      return block_V512<int8_t, kT>(val, idx, nk, w, ld, c0, len, acc);
   const int64_t main = len / 64 * 64;
   for (int64_t c = 0; c < len; ++c) acc[c] = 0.f;
   const int8_t* p[8];
   const int8_t* nx[8];
-  const int64_t pf_from = prefetch_from<int8_t>(len), ahead = prefetch_ahead<int8_t>(len);
+  const int64_t pf_from = prefetch_from<int8_t>(len);
+  const int64_t ahead = kT == 1 ? prefetch_ahead<int8_t>(len) : 0;  // tiled: one stream
   for (int64_t r = 0; r < nk; r += 8) {
     const int64_t R = std::min<int64_t>(8, nk - r);
-    for (int i = 0; i < 8; ++i) p[i] = w + idx[r + std::min<int64_t>(i, R - 1)] * ld + c0;
+    for (int i = 0; i < 8; ++i) p[i] = row_ptr<kT>(w, idx[r + std::min<int64_t>(i, R - 1)], ld, c0);
     float mx = 0.f;
     for (int64_t i = 0; i < R; ++i) mx = std::max(mx, std::fabs(val[r + i]));
     if (mx == 0.f) continue;  // eight zero activations add nothing
@@ -499,13 +549,13 @@ QS_VNNI void block_i8_vnni(const float* val, const int64_t* idx, int64_t nk, con
     for (int t = 0; t < 4; ++t)
       xp[t] = static_cast<int32_t>((static_cast<uint32_t>(q16[2 * t]) & 0xffffu) |
                                    (static_cast<uint32_t>(q16[2 * t + 1]) << 16));
-    const bool pf = R == 8 && next_rows(idx, r, nk, w, ld, c0, nx);
-    rows_i8_vnni(p, xp, scale, main, acc, pf ? nx : nullptr, pf_from, ahead);
+    const bool pf = kT == 1 && R == 8 && next_rows(idx, r, nk, w, ld, c0, nx);
+    rows_i8_vnni<kT>(p, xp, scale, main, acc, pf ? nx : nullptr, pf_from, ahead);
     if (main < len) {  // the outputs past the last full 64: fp32 activations, natural order
       const int8_t* q[8];
-      for (int64_t i = 0; i < R; ++i) q[i] = p[i] + main;
+      for (int64_t i = 0; i < R; ++i) q[i] = p[i] + seg<kT>(main);
       with_rows(R, [&](auto K) {
-        rows_V512<decltype(K)::value, int8_t>(q, val + r, len - main, acc + main);
+        rows_V512<decltype(K)::value, int8_t, kT>(q, val + r, len - main, acc + main);
       });
     }
   }
@@ -522,23 +572,25 @@ QS_VNNI void block_i8_vnni(const float* val, const int64_t* idx, int64_t nk, con
 #endif
 
 // Baseline x86-64 / other architectures: the same order of work in plain loops.
-template <typename WT>
+template <typename WT, int kT = 1>
 void block_base(const float* val, const int64_t* idx, int64_t nk, const WT* w, int64_t ld,
                 int64_t c0, int64_t len, float* acc) {
   for (int64_t c = 0; c < len; ++c) acc[c] = 0.f;
   int64_t r = 0;
   for (; r + 4 <= nk; r += 4) {
-    const WT* p0 = w + idx[r] * ld + c0;
-    const WT* p1 = w + idx[r + 1] * ld + c0;
-    const WT* p2 = w + idx[r + 2] * ld + c0;
-    const WT* p3 = w + idx[r + 3] * ld + c0;
+    const WT* p0 = row_ptr<kT>(w, idx[r], ld, c0);
+    const WT* p1 = row_ptr<kT>(w, idx[r + 1], ld, c0);
+    const WT* p2 = row_ptr<kT>(w, idx[r + 2], ld, c0);
+    const WT* p3 = row_ptr<kT>(w, idx[r + 3], ld, c0);
     const float v0 = val[r], v1 = val[r + 1], v2 = val[r + 2], v3 = val[r + 3];
-    for (int64_t c = 0; c < len; ++c)
-      acc[c] += (v0 * wload(p0, c) + v1 * wload(p1, c)) + (v2 * wload(p2, c) + v3 * wload(p3, c));
+    for (int64_t c = 0; c < len; ++c) {
+      const int64_t o = seg<kT>(c);
+      acc[c] += (v0 * wload(p0, o) + v1 * wload(p1, o)) + (v2 * wload(p2, o) + v3 * wload(p3, o));
+    }
   }
   for (; r < nk; ++r) {
-    const WT* p0 = w + idx[r] * ld + c0;
-    for (int64_t c = 0; c < len; ++c) acc[c] += val[r] * wload(p0, c);
+    const WT* p0 = row_ptr<kT>(w, idx[r], ld, c0);
+    for (int64_t c = 0; c < len; ++c) acc[c] += val[r] * wload(p0, seg<kT>(c));
   }
 }
 
@@ -639,14 +691,14 @@ inline int& int8_vnni_mode() {
   return mode;
 }
 
-template <typename WT>
+template <typename WT, int kT = 1>
 void run_dense(const float* val, const int64_t* idx, int64_t nk, const WT* w, int64_t ld,
                int64_t c0, int64_t len, float* acc) {
   switch (kIsa) {
 #if defined(__x86_64__) || defined(__i386__)
     case Isa::kAvx512:
       if constexpr (std::is_same<WT, uint16_t>::value)
-        return block_bf16_512(val, idx, nk, w, ld, c0, len, acc);
+        return block_bf16_512<kT>(val, idx, nk, w, ld, c0, len, acc);
       else if constexpr (std::is_same<WT, int8_t>::value) {
         // VNNI for consecutive rows (the dense product) only: measured on the 8-layer
         // 2048-wide model's shapes (2 threads, 4 runs each), dense tokens 2-6% faster, S = 0.6
@@ -654,12 +706,12 @@ void run_dense(const float* val, const int64_t* idx, int64_t nk, const WT* w, in
         // the widening instructions VNNI saves)
         const int mode = int8_vnni_mode();
         if (mode == 2 || (mode == 1 && nk > 0 && idx[nk - 1] - idx[0] == nk - 1))
-          return block_i8_vnni(val, idx, nk, w, ld, c0, len, acc);
+          return block_i8_vnni<kT>(val, idx, nk, w, ld, c0, len, acc);
       }
-      return block_V512<WT>(val, idx, nk, w, ld, c0, len, acc);
-    case Isa::kAvx2: return block_V256<WT>(val, idx, nk, w, ld, c0, len, acc);
+      return block_V512<WT, kT>(val, idx, nk, w, ld, c0, len, acc);
+    case Isa::kAvx2: return block_V256<WT, kT>(val, idx, nk, w, ld, c0, len, acc);
 #endif
-    default: return block_base<WT>(val, idx, nk, w, ld, c0, len, acc);
+    default: return block_base<WT, kT>(val, idx, nk, w, ld, c0, len, acc);
   }
 }
 
@@ -871,16 +923,16 @@ inline int64_t row_groups(int64_t nk, int64_t blocks) {
   return std::max<int64_t>(1, std::min((kUnits + blocks - 1) / blocks, nk / kMinGroupRows));
 }
 
-template <typename WT>
-inline Split split_for(int64_t nk, int64_t n) {
+// align: column blocks start at multiples of it (kAlign; kTileCols for tiled weights).
+inline Split split_for(int64_t nk, int64_t n, int64_t align = kAlign) {
   Split sp;
   // Column blocks as wide as the accumulator allows (kMaxCols fp32, in L1/L2), in equal parts:
   // each kept row is then read as one long sequential run (the whole row for every projection of
   // a small model), which the hardware prefetchers follow better than 8 KB segments of many rows
   // (measured: +7% tokens/s end to end on an fp32 8-layer 2048-wide model).
   const int64_t parts = std::max<int64_t>(1, (n + kMaxCols - 1) / kMaxCols);
-  sp.cols = std::min<int64_t>(kMaxCols, (n / parts + kAlign - 1) / kAlign * kAlign);
-  sp.cols = std::max<int64_t>(sp.cols, std::min<int64_t>(n, kAlign));
+  sp.cols = std::min<int64_t>(kMaxCols, (n / parts + align - 1) / align * align);
+  sp.cols = std::max<int64_t>(sp.cols, std::min<int64_t>(n, align));
   sp.blocks = std::max<int64_t>(1, (n + sp.cols - 1) / sp.cols);
   if (nk * n >= kParallelMacs && sp.blocks < kUnits)
     sp.groups = row_groups(nk, sp.blocks);
@@ -894,11 +946,12 @@ inline std::vector<float>& partial_buffer() {
 
 // y[0:n) = scale ⊙ (W_kept^T val) (+ bias), W input-major [d, n] of type WT; scale may be null
 // (int8 weights: one fp32 scale per output, applied to the finished sum).
-template <typename WT>
+// kT: the weight's layout (1: rows [d, n]; kTileRows: tiled, see seg).
+template <typename WT, int kT = 1>
 void product(const Kept& kept, const WT* w, int64_t n, const float* scale, const float* bias,
              float* y) {
   const int64_t nk = kept.n;
-  const Split sp = split_for<WT>(nk, n);
+  const Split sp = split_for(nk, n, kT == 1 ? kAlign : kTileCols);
   const int64_t units = sp.groups * sp.blocks;
   float* part = nullptr;
   if (sp.groups > 1) {
@@ -921,7 +974,7 @@ void product(const Kept& kept, const WT* w, int64_t n, const float* scale, const
       const int64_t c = b * sp.cols, len = std::min(sp.cols, n - c);
       if (len <= 0) continue;
       float* acc = part ? part + g * n + c : own.data();  // partials: summed in place
-      run_dense<WT>(kept.val.data() + r0, kept.idx.data() + r0, r1 - r0, w, n, c, len, acc);
+      run_dense<WT, kT>(kept.val.data() + r0, kept.idx.data() + r0, r1 - r0, w, n, c, len, acc);
       if (!part) finish(c, len, acc);
     }
   };
@@ -955,26 +1008,33 @@ void product(const Kept& kept, const WT* w, int64_t n, const float* scale, const
 inline int64_t weight_bytes(int64_t nk, int64_t n, int64_t elem) { return nk * n * elem; }
 
 // product() on a weight tensor of any storage type: fp32, bf16 and fp16 (raw 16-bit words),
-// int8 (with `scale`, fp32 [n]).
-inline void product_tensor(const Kept& kept, const at::Tensor& w, int64_t n, const float* scale,
+// int8 (with `scale`, fp32 [n]); [d, n] rows or tiled [d/8, n/64, 8, 64] (is_tiled).
+template <int kT>
+inline void product_layout(const Kept& kept, const at::Tensor& w, int64_t n, const float* scale,
                            const float* bias, float* y) {
   switch (w.scalar_type()) {
     case at::kFloat:
-      return product<float>(kept, w.data_ptr<float>(), n, nullptr, bias, y);
+      return product<float, kT>(kept, w.data_ptr<float>(), n, nullptr, bias, y);
     case at::kBFloat16:
-      return product<uint16_t>(kept, static_cast<const uint16_t*>(w.const_data_ptr()), n,
-                               nullptr, bias, y);
+      return product<uint16_t, kT>(kept, static_cast<const uint16_t*>(w.const_data_ptr()), n,
+                                   nullptr, bias, y);
     case at::kHalf:
-      return product<Half16>(kept, static_cast<const Half16*>(w.const_data_ptr()), n, nullptr,
-                             bias, y);
+      return product<Half16, kT>(kept, static_cast<const Half16*>(w.const_data_ptr()), n,
+                                 nullptr, bias, y);
     case at::kChar:
       TORCH_CHECK(scale != nullptr, "sparse gemv: int8 weights need their per-output scales");
-      return product<int8_t>(kept, static_cast<const int8_t*>(w.const_data_ptr()), n, scale,
-                             bias, y);
+      return product<int8_t, kT>(kept, static_cast<const int8_t*>(w.const_data_ptr()), n, scale,
+                                 bias, y);
     default:
       TORCH_CHECK(false, "sparse gemv: weight dtype must be float32, bfloat16, float16 or int8, "
                   "got ", w.scalar_type());
   }
+}
+
+inline void product_tensor(const Kept& kept, const at::Tensor& w, int64_t n, const float* scale,
+                           const float* bias, float* y) {
+  if (is_tiled(w)) return product_layout<kTileRows>(kept, w, n, scale, bias, y);
+  product_layout<1>(kept, w, n, scale, bias, y);
 }
 
 // A STREAM-like read: the sum of a [m] fp32 buffer on the same threads and work split as the

@@ -74,9 +74,9 @@ const float* scale_ptr(const at::Tensor& w, const c10::optional<at::Tensor>& sca
 template <typename Select>
 at::Tensor run_rows(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                     const c10::optional<at::Tensor>& scale, Select select) {
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(),
-              "sparse gemv: the weight must be a contiguous CPU [in, out] tensor");
-  const int64_t d = w.size(0), n = w.size(1);
+  TORCH_CHECK(layout_ok(w), "sparse gemv: the weight must be a contiguous CPU [in, out] tensor "
+              "(or its tiled [in/8, out/64, 8, 64] form)");
+  const int64_t d = weight_in(w), n = weight_out(w);
   at::Tensor xr = as_rows(x, d, "sparse gemv");
   at::Tensor bkeep;
   const float* b = bias_ptr(bias, n, bkeep);
@@ -93,7 +93,7 @@ at::Tensor run_rows(const at::Tensor& x, const at::Tensor& w, const c10::optiona
 at::Tensor gemv_topk(const at::Tensor& x, const at::Tensor& w, int64_t k,
                      const c10::optional<at::Tensor>& bias,
                      const c10::optional<at::Tensor>& scale) {
-  const int64_t d = w.size(0);
+  const int64_t d = weight_in(w);
   TORCH_CHECK(k >= 1 && k < d, "gemv_topk: need 1 <= k < d, got k=", k, ", d=", d);
   qsparse::TopKSelect<uint32_t> sel(d);
   return run_rows(x, w, bias, scale, [&](const float* xr, int64_t dd, Kept& kept) {
