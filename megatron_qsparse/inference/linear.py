@@ -3,7 +3,9 @@
 :class:`DecodeLinear` replaces a (TP = 1) :class:`~megatron_qsparse.parallel.layers.ColumnParallelLinear`
 or :class:`~megatron_qsparse.parallel.layers.RowParallelLinear` of a trained model. It keeps the
 layer's own :class:`~megatron_qsparse.sparsity.Sparsifier` (so the kept inputs are exactly the
-ones training would keep: every method of ``sparsity/methods/`` with its settings) and holds the weight once, input-major (``wt = W.T``, ``[in, out]``):
+ones training would keep: every method of ``sparsity/methods/`` with its settings) and holds the weight once, input-major (``wt = W.T``, ``[in, out]``; tiled
+``[in/8, out/64, 8, 64]`` when the layer has no selection, see
+:func:`~megatron_qsparse.inference.cpu_kernels.tile_dense`):
 
 * **decode** (one token): the sparse GEMV of :mod:`~megatron_qsparse.inference.cpu_kernels`
   (on CUDA: :mod:`~megatron_qsparse.inference.triton_kernels`, when Triton is installed; BitNet

@@ -269,8 +269,8 @@ class DecodeStep {
       p.in = shapes[i].first;
       p.out = shapes[i].second;
       check_weight(p.wt, p.scale, "projection");
-      TORCH_CHECK(weight_in(p.wt) == p.in && weight_out(p.wt) == p.out, "decode step: projection ", i,
-                  " is ", p.wt.sizes(), ", expected [", p.in, ", ", p.out, "] (input-major)");
+      TORCH_CHECK(weight_in(p.wt) == p.in && weight_out(p.wt) == p.out, "decode step: projection ",
+                  i, " is ", p.wt.sizes(), ", expected [", p.in, ", ", p.out, "] (input-major)");
       if (p.bias.numel()) {
         check_f32(p.bias, "bias", 1);
         TORCH_CHECK(p.bias.numel() == p.out, "decode step: bias size");

@@ -176,7 +176,9 @@ inline bool layout_ok(const at::Tensor& w) {
 // sequential run that the hardware prefetchers follow; consecutive rows (dense) get no software
 // prefetch (measured: it cost bandwidth), scattered kept rows get the start of the next pass's
 // rows prefetched, and int8 rows are prefetched ahead all along (prefetch_step below). The last
-// nk mod 8 rows go in one pass. Written with intrinsics per ISA.
+// nk mod 8 rows go in one pass. Written with intrinsics per ISA. Every kernel takes the weight's
+// layout kT (1: rows; kTileRows: tiled, see seg): only the addresses differ, and tiled weights,
+// one sequential stream per pass, get no software prefetch.
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -334,10 +336,10 @@ inline __attribute__((always_inline)) void with_rows(int64_t rows, F&& f) {
       typename V::vec a0 = V::ld(acc + j), a1 = V::ld(acc + j + kW);                             \
       typename V::vec a2 = V::ld(acc + j + 2 * kW), a3 = V::ld(acc + j + 3 * kW);                \
       for (int i = 0; i < R; ++i) {                                                              \
-        a0 = V::fma(vv[i], V::w(p[i] + seg<kT>(j)), a0);                                                  \
-        a1 = V::fma(vv[i], V::w(p[i] + seg<kT>(j) + kW), a1);                                             \
-        a2 = V::fma(vv[i], V::w(p[i] + seg<kT>(j) + 2 * kW), a2);                                         \
-        a3 = V::fma(vv[i], V::w(p[i] + seg<kT>(j) + 3 * kW), a3);                                         \
+        a0 = V::fma(vv[i], V::w(p[i] + seg<kT>(j)), a0);                                         \
+        a1 = V::fma(vv[i], V::w(p[i] + seg<kT>(j) + kW), a1);                                    \
+        a2 = V::fma(vv[i], V::w(p[i] + seg<kT>(j) + 2 * kW), a2);                                \
+        a3 = V::fma(vv[i], V::w(p[i] + seg<kT>(j) + 3 * kW), a3);                                \
       }                                                                                          \
       V::st(acc + j, a0);                                                                        \
       V::st(acc + j + kW, a1);                                                                   \
@@ -346,12 +348,12 @@ inline __attribute__((always_inline)) void with_rows(int64_t rows, F&& f) {
     }                                                                                            \
     for (; j + kW <= len; j += kW) {                                                             \
       typename V::vec a0 = V::ld(acc + j);                                                       \
-      for (int i = 0; i < R; ++i) a0 = V::fma(vv[i], V::w(p[i] + seg<kT>(j)), a0);                        \
+      for (int i = 0; i < R; ++i) a0 = V::fma(vv[i], V::w(p[i] + seg<kT>(j)), a0);               \
       V::st(acc + j, a0);                                                                        \
     }                                                                                            \
     for (; j < len; ++j) {                                                                       \
       float a = acc[j];                                                                          \
-      for (int i = 0; i < R; ++i) a += v[i] * wload(p[i], seg<kT>(j));                                  \
+      for (int i = 0; i < R; ++i) a += v[i] * wload(p[i], seg<kT>(j));                           \
       acc[j] = a;                                                                                \
     }                                                                                            \
   }                                                                                              \

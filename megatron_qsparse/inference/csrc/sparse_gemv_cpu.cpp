@@ -3,7 +3,8 @@
 // which documents the Python API and holds the pure-PyTorch reference.
 //
 // The weight is stored INPUT-MAJOR, wt[d, N] (the transpose of torch's [out, in]), so the row of
-// each kept input channel is contiguous. For K kept inputs the kernel reads K·N weights instead of
+// each kept input channel is contiguous (weights read whole may be tiled [d/8, N/64, 8, 64]
+// instead, see seg in gemv_core.h). For K kept inputs the kernel reads K·N weights instead of
 // d·N: the decode step is bound by weight traffic, so the ideal speed-up is d/K = 1/(1-S).
 //
 //   gemv_topk     fused: exact Top-K of |x| (topk_select.h, the selection of the training
