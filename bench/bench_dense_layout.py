@@ -1,15 +1,16 @@
-"""Dense decode products: tiled weights against the row layout, A/B in one run.
+"""Dense decode products: column-tiled weights against the row layout, A/B in one run.
 
 One token's projections of the 378M LLaMA of ``bench/bench_llamacpp.py`` (8 layers x qkv
 2048→3072, o 2048→2048, gate/up 2048→11264, down 5632→2048, each layer its own copy so they come
 from DRAM), every row read (the dense product, ``gemv_nonzero`` on a dense input), with the
 weights input-major ``[in, out]`` (row layout: a pass of eight rows reads eight streams a row
-apart) and tiled ``[in/8, out/64, 8, 64]`` (``cpu_kernels.tile_dense``: each pass one sequential
-stream). The two alternate ``--rounds`` times, each timing bracketed by a STREAM-like read of the
-same threads, so that all see the same machine (its memory bandwidth drifts by tens of percent
-within minutes). Prints per weight dtype the median token time of each layout, the weight bytes
-read per second, that as a fraction of the bracketing STREAM reads, and the ratio row time /
-tiled time.
+apart, in row groups whose partial sums are added) and column-tiled ``[out/64, in, 64]``
+(``cpu_kernels.tile_dense``: each work unit one contiguous region, summed in registers). The two
+alternate ``--rounds`` times, each timing bracketed by a STREAM-like read of the same threads, so
+that all see the same machine (its memory bandwidth drifts by tens of percent within minutes).
+Prints per weight dtype the median token time of each layout, the weight bytes read per second,
+that as a fraction of the bracketing STREAM reads, and the ratio row time / tiled time. (The
+decoder tiles 16-bit and int8 weights; fp32 is measured to show why not.)
 
     .venv/bin/python bench/bench_dense_layout.py [--dtypes fp32 bf16 fp16 int8] [--rounds 6]
 """
@@ -90,8 +91,8 @@ def main() -> int:
                   f"{statistics.median(frac['rows']):.2f} | {statistics.median(frac['tiled']):.2f} "
                   f"| {a / b:.3f}x |", flush=True)
             del rows, tiled
-    print(f"\n({LAYERS} layers; the tiled form is what InferenceModel holds for projections "
-          "without a selection and for the LM head)")
+    print(f"\n({LAYERS} layers; InferenceModel holds 16-bit and int8 weights of projections "
+          "without a selection and of the LM head tiled)")
     return 0
 
 

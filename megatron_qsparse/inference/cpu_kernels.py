@@ -138,34 +138,36 @@ def _use(x: torch.Tensor, w: torch.Tensor, use_kernel: bool) -> bool:
             and _sparsify_kernels.kernels_enabled() and _EXT.get() is not None)
 
 
-TILE_ROWS, TILE_COLS = 8, 64
+TILE_COLS = 64
 
 
 def can_tile(wt: torch.Tensor) -> bool:
     """Whether an input-major ``[in, out]`` weight has a tiled form (:func:`tile_dense`)."""
-    return wt.dim() == 2 and wt.shape[0] % TILE_ROWS == 0 and wt.shape[1] % TILE_COLS == 0
+    return wt.dim() == 2 and wt.shape[1] % TILE_COLS == 0
 
 
 def tile_dense(wt: torch.Tensor) -> torch.Tensor:
-    """The tiled form ``[in/8, out/64, 8, 64]`` of an input-major ``[in, out]`` weight
-    (:func:`can_tile`): each 8 rows x 64 outputs of ``wt`` contiguous, in the order a dense
-    product's passes of eight rows read them, so every pass is one sequential stream instead of
-    eight a row apart. The kernels take either form (any row of a tiled weight can be read); a
-    dense product reads the tiled one faster (``bench/bench_dense_layout.py``). :func:`untile`
-    gives the ``[in, out]`` weight back."""
+    """The column-tiled form ``[out/64, in, 64]`` of an input-major ``[in, out]`` weight
+    (:func:`can_tile`): ``out/64`` input-major ``[in, 64]`` matrices one after the other. The
+    kernels take either form (any row of a tiled weight can be read). A product over it works
+    tile by tile in registers, so each work unit reads one contiguous region (a dense product:
+    one sequential stream, where a dense pass over the row layout reads eight streams a row
+    apart) and no partial sums are added; dense products of 16-bit and int8 weights read it
+    faster, fp32 ones slower (``bench/bench_dense_layout.py``). :func:`untile` gives the
+    ``[in, out]`` weight back."""
     if not can_tile(wt):
-        raise ValueError(f"tile_dense: a [{TILE_ROWS}k, {TILE_COLS}m] input-major weight is "
-                         f"needed, got {tuple(wt.shape)}")
+        raise ValueError(f"tile_dense: an input-major [in, {TILE_COLS}m] weight is needed, got "
+                         f"{tuple(wt.shape)}")
     d, n = wt.shape
-    return wt.reshape(d // TILE_ROWS, TILE_ROWS, n // TILE_COLS, TILE_COLS).permute(
-        0, 2, 1, 3).contiguous()
+    return wt.reshape(d, n // TILE_COLS, TILE_COLS).permute(1, 0, 2).contiguous()
 
 
 def tile_if_dense(wt: torch.Tensor) -> torch.Tensor:
-    """The tiled form of a weight every decode product reads whole (the LM head, a projection
-    without a selection) where the kernels run and its shape allows; else ``wt``."""
-    if (wt.device.type == "cpu" and can_tile(wt) and _sparsify_kernels.kernels_enabled()
-            and available()):
+    """The tiled form of a 16-bit or int8 weight that every decode product reads whole (the LM
+    head, a projection without a selection) where the kernels run and its shape allows; else
+    ``wt`` (fp32 weights too: their dense products measured 7-12% slower tiled)."""
+    if (wt.device.type == "cpu" and wt.element_size() < 4 and can_tile(wt)
+            and _sparsify_kernels.kernels_enabled() and available()):
         return tile_dense(wt)
     return wt
 
@@ -173,24 +175,23 @@ def tile_if_dense(wt: torch.Tensor) -> torch.Tensor:
 def untile(wt: torch.Tensor) -> torch.Tensor:
     """The input-major ``[in, out]`` weight of a tiled one (:func:`tile_dense`); ``wt`` itself
     when it is not tiled."""
-    if wt.dim() != 4:
+    if wt.dim() != 3:
         return wt
-    return wt.permute(0, 2, 1, 3).reshape(wt.shape[0] * TILE_ROWS, wt.shape[1] * TILE_COLS)
+    return wt.permute(1, 0, 2).reshape(wt.shape[1], wt.shape[0] * TILE_COLS)
 
 
 def weight_shape(wt: torch.Tensor) -> tuple[int, int]:
     """``(in, out)`` of a decode weight in either layout."""
-    if wt.dim() == 4:
-        return wt.shape[0] * TILE_ROWS, wt.shape[1] * TILE_COLS
+    if wt.dim() == 3:
+        return wt.shape[1], wt.shape[0] * TILE_COLS
     return tuple(wt.shape)
 
 
 def _check(x: torch.Tensor, wt: torch.Tensor) -> None:
-    tiled = wt.dim() == 4 and tuple(wt.shape[2:]) == (TILE_ROWS, TILE_COLS)
+    tiled = wt.dim() == 3 and wt.shape[2] == TILE_COLS
     if not (wt.dim() == 2 or tiled) or x.shape[-1] != weight_shape(wt)[0]:
         raise ValueError(f"sparse gemv: input has {x.shape[-1]} features, the input-major weight "
-                         f"is {tuple(wt.shape)} ([in, out] or tiled [in/8, out/64, 8, 64] "
-                         "expected)")
+                         f"is {tuple(wt.shape)} ([in, out] or tiled [out/64, in, 64] expected)")
 
 
 def dequantize(wt: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:

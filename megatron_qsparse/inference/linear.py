@@ -4,7 +4,7 @@
 or :class:`~megatron_qsparse.parallel.layers.RowParallelLinear` of a trained model. It keeps the
 layer's own :class:`~megatron_qsparse.sparsity.Sparsifier` (so the kept inputs are exactly the
 ones training would keep: every method of ``sparsity/methods/`` with its settings) and holds the weight once, input-major (``wt = W.T``, ``[in, out]``; tiled
-``[in/8, out/64, 8, 64]`` when the layer has no selection, see
+``[out/64, in, 64]`` for 16-bit and int8 weights of a layer without a selection, see
 :func:`~megatron_qsparse.inference.cpu_kernels.tile_dense`):
 
 * **decode** (one token): the sparse GEMV of :mod:`~megatron_qsparse.inference.cpu_kernels`
@@ -58,9 +58,10 @@ class DecodeLinear(nn.Module):
             or ``float16`` halve the decode traffic at 16-bit rounding of the weights, ``int8``
             quarters it: symmetric per-output-channel codes with one fp32 scale per output,
             :func:`~megatron_qsparse.inference.cpu_kernels.quantize_int8`).
-        tile: hold the weight of a projection without a selection (dense: every input is read)
-            tiled (:func:`~megatron_qsparse.inference.cpu_kernels.tile_dense`), which its dense
-            product streams faster; prefill then multiplies by the untiled weight. Pass False
+        tile: hold the 16-bit or int8 weight of a projection without a selection (dense: every
+            input is read) tiled (:func:`~megatron_qsparse.inference.cpu_kernels.tile_dense`),
+            which its dense product streams faster; prefill then multiplies by the untiled
+            weight. Pass False
             where the inputs hold many exact zeros (the down projection after a ReLU² GLU),
             whose rows the row layout skips one by one.
     """
@@ -166,7 +167,7 @@ class DecodeLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bitnet={self.bitnet}, "
                 f"weight={str(self.wt.dtype).replace('torch.', '')} input-major"
-                f"{' tiled' if self.wt.dim() == 4 else ''}, "
+                f"{' tiled' if self.wt.dim() == 3 else ''}, "
                 f"decode={self.path()}")
 
 

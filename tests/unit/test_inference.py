@@ -265,18 +265,18 @@ def test_compiled_step_equals_layer_by_layer(name):
 @needs_kernels
 @pytest.mark.parametrize("ffn", ["swiglu", "relu2_glu"])
 def test_dense_projections_and_the_head_are_tiled(ffn):
-    """Projections without a selection and the LM head hold tiled weights, except the down
+    """Projections without a selection and the LM head hold tiled 16-bit weights, except the down
     projection after a ReLU² GLU (half its inputs are exact zeros, skipped row by row); Top-K
-    projections keep the row layout. The step's logits equal a row-layout twin's exactly."""
+    projections keep the row layout. The step's logits equal a row-layout twin's."""
     kw = {"ffn": ffn, "untie_embeddings_and_output_weights": True, "ffn_hidden_size": 128}
     dense = InferenceModel(build(CONFIGS["dense"], **kw), weight_dtype=torch.bfloat16)
-    tiled = {n.rsplit(".", 1)[-1]: m.wt.dim() == 4 for n, m in dense.model.named_modules()
+    tiled = {n.rsplit(".", 1)[-1]: m.wt.dim() == 3 for n, m in dense.model.named_modules()
              if hasattr(m, "wt")}
     assert tiled == {"qkv": True, "o": True, "gate_up": True, "down": ffn == "swiglu"}
-    assert dense.head_wt.dim() == 4
+    assert dense.head_wt.dim() == 3
     sparse = InferenceModel(build(CONFIGS["topk"], **kw), weight_dtype=torch.bfloat16)
     assert all(m.wt.dim() == 2 for m in sparse.modules() if hasattr(m, "wt"))
-    assert sparse.head_wt.dim() == 4
+    assert sparse.head_wt.dim() == 3
     real = cpu_kernels.tile_if_dense
     try:
         cpu_kernels.tile_if_dense = lambda w: w
@@ -285,7 +285,10 @@ def test_dense_projections_and_the_head_are_tiled(ffn):
         cpu_kernels.tile_if_dense = real
     assert rows.head_wt.dim() == 2 and dense.step is not None and rows.step is not None
     tokens = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(7))
-    assert torch.equal(cached_logits(dense, tokens, prefill=4), cached_logits(rows, tokens, 4))
+    assert torch.allclose(cached_logits(dense, tokens, prefill=4), cached_logits(rows, tokens, 4),
+                          atol=1e-5, rtol=0)
+    fp32 = InferenceModel(build(CONFIGS["dense"], **kw))  # fp32 weights stay in rows
+    assert all(m.wt.dim() == 2 for m in fp32.modules() if hasattr(m, "wt"))
 
 
 @needs_kernels

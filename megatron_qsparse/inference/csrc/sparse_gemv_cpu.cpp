@@ -3,8 +3,8 @@
 // which documents the Python API and holds the pure-PyTorch reference.
 //
 // The weight is stored INPUT-MAJOR, wt[d, N] (the transpose of torch's [out, in]), so the row of
-// each kept input channel is contiguous (weights read whole may be tiled [d/8, N/64, 8, 64]
-// instead, see seg in gemv_core.h). For K kept inputs the kernel reads K·N weights instead of
+// each kept input channel is contiguous (16-bit and int8 weights read whole may be column-tiled
+// [N/64, d, 64] instead, see product_tiled in gemv_core.h). For K kept inputs the kernel reads K·N weights instead of
 // d·N: the decode step is bound by weight traffic, so the ideal speed-up is d/K = 1/(1-S).
 //
 //   gemv_topk     fused: exact Top-K of |x| (topk_select.h, the selection of the training
@@ -76,7 +76,7 @@ template <typename Select>
 at::Tensor run_rows(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                     const c10::optional<at::Tensor>& scale, Select select) {
   TORCH_CHECK(layout_ok(w), "sparse gemv: the weight must be a contiguous CPU [in, out] tensor "
-              "(or its tiled [in/8, out/64, 8, 64] form)");
+              "(or its tiled [out/64, in, 64] form)");
   const int64_t d = weight_in(w), n = weight_out(w);
   at::Tensor xr = as_rows(x, d, "sparse gemv");
   at::Tensor bkeep;
