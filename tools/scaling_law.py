@@ -42,6 +42,7 @@ PARAM_NAMES = ("E", "B", "C", "alpha", "beta")
 HUBER_DELTA = 1e-3
 GRID_STARTS = 8  # L-BFGS runs from the best of the 243 grid points
 E_FLOOR = 1e-9  # the fitted E is kept at or above this fraction of the lowest loss
+E_ZERO = 1e-3  # a fitted E below this fraction of the lowest loss is taken as E -> 0
 
 
 class CSVError(ValueError):
@@ -348,8 +349,11 @@ def _wide(ci: tuple, value: float) -> bool:
 def e_at_zero(law: Law, rows: np.ndarray) -> bool:
     """The fitted irreducible loss went to its lower end (E -> 0): the runs are so far above the
     irreducible loss that a pure power law ``A(S) / N^alpha`` fits them as well, E is not
-    identified, and its bootstrap interval (refits warm-started at E ~ 0) says nothing."""
-    return law.E < 1e3 * E_FLOOR * float(rows[:, 2].min())
+    identified, and its bootstrap interval (refits warm-started at E ~ 0) says nothing. The
+    objective is flat in log E there, so where the optimizer stops between E_FLOOR and a few
+    1e-5 of the loss depends on floating-point details: anything under E_ZERO of the lowest loss
+    (no run's loss could tell it from 0) counts."""
+    return law.E < E_ZERO * float(rows[:, 2].min())
 
 
 def _print_fit(bits: float, rows: np.ndarray, law: Law, obj: float, ci: dict, args) -> tuple:

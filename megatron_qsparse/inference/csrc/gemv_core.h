@@ -708,6 +708,16 @@ inline bool layout_ok(const at::Tensor& w) {
 }
 
 #if defined(__x86_64__) || defined(__i386__)
+// Stores 64 outputs held as two runs of 32, each run split over two vectors (a, b) in a lane
+// order that the permutex2var indices lo (its first 16) and hi (its last 16) put back in order.
+QS_AVX512 inline void store_runs(float* out, __m512 a0, __m512 b0, __m512 a1, __m512 b1,
+                                 __m512i lo, __m512i hi) {
+  _mm512_storeu_ps(out, _mm512_permutex2var_ps(a0, lo, b0));
+  _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(a0, hi, b0));
+  _mm512_storeu_ps(out + 32, _mm512_permutex2var_ps(a1, lo, b1));
+  _mm512_storeu_ps(out + 48, _mm512_permutex2var_ps(a1, hi, b1));
+}
+
 // One column tile [d][64] over the kept rows, accumulated in registers: out[0:64) =
 // sum_r val[r] · tile[idx[r]][0:64), one FMA chain per output in row order.
 template <typename WT>
@@ -743,13 +753,9 @@ QS_AVX512 void coltile_bf16_512(const float* val, const int64_t* idx, int64_t nk
     a2 = _mm512_fmadd_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(w1, 16)), a2);
     a3 = _mm512_fmadd_ps(v, _mm512_castsi512_ps(_mm512_and_si512(w1, hi)), a3);
   }
-  const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i hi_idx =
-      _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  _mm512_storeu_ps(out, _mm512_permutex2var_ps(a0, lo_idx, a1));
-  _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(a0, hi_idx, a1));
-  _mm512_storeu_ps(out + 32, _mm512_permutex2var_ps(a2, lo_idx, a3));
-  _mm512_storeu_ps(out + 48, _mm512_permutex2var_ps(a2, hi_idx, a3));
+  store_runs(out, a0, a1, a2, a3,  // [16 even, 16 odd] per run of 32
+             _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23),
+             _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31));
 }
 
 // int8 with VNNI: the kept activations quantized to int16 once per product, per pass of eight
@@ -766,8 +772,10 @@ QS_VNNI void coltile_i8_vnni(const int32_t* xp, const float* ps, const int64_t* 
       const __m512i x = _mm512_set1_epi32(xp[4 * g + t]);
       const int8_t* pu = tile + idx[8 * g + 2 * t] * kTileCols;
       const int8_t* pv = tile + idx[8 * g + 2 * t + 1] * kTileCols;
-      const __m512i u0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pu)));
-      const __m512i v0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pv)));
+      const __m512i u0 =
+          _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pu)));
+      const __m512i v0 =
+          _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pv)));
       const __m512i u1 =
           _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(pu + 32)));
       const __m512i v1 =
@@ -783,13 +791,9 @@ QS_VNNI void coltile_i8_vnni(const int32_t* xp, const float* ps, const int64_t* 
     f2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a2), s, f2);
     f3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a3), s, f3);
   }
-  const __m512i lo_idx = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-  const __m512i hi_idx =
-      _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-  _mm512_storeu_ps(out, _mm512_permutex2var_ps(f0, lo_idx, f1));
-  _mm512_storeu_ps(out + 16, _mm512_permutex2var_ps(f0, hi_idx, f1));
-  _mm512_storeu_ps(out + 32, _mm512_permutex2var_ps(f2, lo_idx, f3));
-  _mm512_storeu_ps(out + 48, _mm512_permutex2var_ps(f2, hi_idx, f3));
+  store_runs(out, f0, f1, f2, f3,  // [lo lanes, hi lanes] per run of 32
+             _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23),
+             _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31));
 }
 #endif
 
