@@ -188,6 +188,20 @@ def test_nonzero_gemv_after_any_sparsifier(mode):
     assert_close_to(cpu_kernels.gemv_nonzero(xs, wt), xs, wt)
 
 
+def test_dense_and_sparse_inputs_in_turn_share_the_kept_set():
+    # one kept set serves the rows of a batch in turn: a row with no zero keeps every index and
+    # writes the identity indices only when they are not already there, so a dense row after a
+    # sparse one (compressed indices) must rewrite them
+    d = 300
+    wt = data((d, 70), 7)
+    xs = data((6, d), 8)
+    xs[1, ::3] = 0.0  # compressed indices
+    xs[3, 5:] = 0.0   # a short kept set
+    xs[4] = 0.0       # nothing kept
+    assert_close_to(cpu_kernels.gemv_nonzero(xs, wt), xs, wt)
+    assert_close_to(cpu_kernels.gemv_nonzero(xs[[1, 0]], wt), xs[[1, 0]], wt)
+
+
 @pytest.mark.parametrize("wdtype", WDTYPES, ids=str)
 @pytest.mark.parametrize("d,n", [(512, 3000), (4000, 300)])  # column blocks; row groups
 def test_kernel_is_independent_of_thread_count(d, n, wdtype):
