@@ -1,10 +1,10 @@
 """How fast can kept weight rows be read at all? The products' access pattern with no arithmetic.
 
 A decode product reads the rows of its kept inputs: eight rows per pass, each row one
-sequential run of ``row bytes``, the rows cut into 16 contiguous groups that the kernels'
-threads share (``gemv_core.h``). This benchmark reads rows of a 1 GB buffer exactly that way
-with one add per cache line (:func:`~megatron_qsparse.inference.cpu_kernels.kept_rows_read`),
-so what it measures is the pattern's own bandwidth, the bound of any loop over those rows:
+sequential run of ``row bytes``, the rows cut into the contiguous groups (eight on two cores,
+shrinking along the rows) that the kernels' threads share (``gemv_core.h``). This benchmark
+reads rows of a 1 GB buffer exactly that way with one add per cache line
+(:func:`~megatron_qsparse.inference.cpu_kernels.kept_rows_read`), so what it measures is the pattern's own bandwidth, the bound of any loop over those rows:
 
 * ``scattered``: a random ``--keep`` fraction of the rows (Top-K of a real model);
 * ``consecutive``: the same number of rows, all adjacent (the dense product's pattern);

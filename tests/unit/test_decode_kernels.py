@@ -152,7 +152,7 @@ def test_stream_read_sums():
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kept_rows_read_sums_exactly_the_kept_rows(threads):
     """The pattern read adds every word of every listed row once (a row left out or read twice
-    changes the sum): row counts around the eight-row pass and the 16 groups, row lengths of one
+    changes the sum): row counts around the eight-row pass and the eight groups (128 rows), row lengths of one
     and several cache lines, repeated and unsorted indices."""
     g = torch.Generator().manual_seed(5)
     before = torch.get_num_threads()
