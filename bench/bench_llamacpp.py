@@ -554,8 +554,9 @@ def main(argv=None) -> int:
     for name, label, s, prof in profiles:
         print(f"| {name} | {label} | {s:.1f} | {prof['step']:.3f} | "
               + " | ".join(f"{prof[k]:.3f}" for k in phases) + " |")
-    print("\n(reduce: the row-group partial sums, inside products and head; wait: the calling "
-          "thread waiting for the other threads' last work units, inside the other phases)")
+    print("\n(reduce: the calling thread's share of adding the row-group partial sums, inside "
+          "products and head; wait: the calling thread waiting for the other threads' last work "
+          "units, inside the other phases)")
     kinds = ("qkv", "o", "gate_up", "down")
     print("\nThe products by projection, ms per step and the GB/s of their weight reads:\n")
     print("| precision | ours | S | " + " | ".join(kinds) + " |")

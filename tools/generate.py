@@ -124,8 +124,8 @@ def profile_line(ms: dict[str, float] | None) -> str:
     kinds = ", ".join(f"{k} {ms[k]:.3f}" for k in ("qkv", "o", "gate_up", "down", "router")
                       if ms[k] > 0)
     return (f"--- profile, ms per decode step: {step:.3f} = " + ", ".join(parts)
-            + f"; products by projection: {kinds}; partial sums {ms['reduce']:.3f} (in products"
-            " and head)")
+            + f"; products by projection: {kinds}; partial sums {ms['reduce']:.3f} (the calling"
+            " thread's share, in products and head)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,9 +71,10 @@ def stored(w: torch.Tensor, wdtype: torch.dtype):
 @pytest.mark.parametrize("wdtype", WDTYPES, ids=str)
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 # shapes: tiny (one thread), one column block with many row groups (partials), several blocks,
-# vector tails (n not a multiple of 16 / 64), n over the 4096-column chunk
+# vector tails (n not a multiple of 16 / 64), n over the 4096-column chunk, two column blocks
+# with row groups each (partials added per block)
 @pytest.mark.parametrize("d,n", [(2, 1), (17, 5), (64, 33), (257, 100), (1000, 2050), (96, 4100),
-                                 (3000, 72), (700, 4096 + 64 + 9)])
+                                 (3000, 72), (700, 4096 + 64 + 9), (200, 16384 + 80)])
 def test_topk_gemv_matches_dense_reference(d, n, xdtype, wdtype):
     wt, scale, w32 = stored(data((d, n), d * 7 + n), wdtype)
     for kind in ("randn", "rounded", "zeros"):
@@ -203,7 +204,7 @@ def test_dense_and_sparse_inputs_in_turn_share_the_kept_set():
 
 
 @pytest.mark.parametrize("wdtype", WDTYPES, ids=str)
-@pytest.mark.parametrize("d,n", [(512, 3000), (4000, 300)])  # column blocks; row groups
+@pytest.mark.parametrize("d,n", [(512, 3000), (4000, 300), (200, 16384 + 80)])  # groups, blocks
 def test_kernel_is_independent_of_thread_count(d, n, wdtype):
     wt, scale, _ = stored(data((d, n), 3), wdtype)
     x = data((d,), 4)
