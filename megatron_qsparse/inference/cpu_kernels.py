@@ -101,8 +101,9 @@ def decode_profile() -> dict[str, float]:
     partials included; also by projection: ``qkv``, ``o``, ``gate_up``, ``down`` (MoE experts'
     included) and ``router``), ``reduce`` (the calling thread's share of adding the partials,
     which the thread that finishes a row group adds while the others stream; also the LM
-    head's), ``head`` (the LM head's product), ``attention``, ``activation`` (the FFN's GLU), ``other`` (norms, RoPE, KV
-    append, residuals, MoE routing: the step minus the rest), ``step``, and ``wait`` (the calling
+    head's), ``head`` (the LM head's product), ``attention``, ``activation`` (the FFN's GLU),
+    ``other`` (norms, RoPE, KV append, residuals, MoE routing: the step minus the rest),
+    ``step``, and ``wait`` (the calling
     thread waiting for the helpers' last work units, inside the phases above: the load
     imbalance); ``{}`` when no step was profiled."""
     module = _EXT.get()
