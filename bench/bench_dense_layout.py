@@ -13,6 +13,7 @@ that as a fraction of the bracketing STREAM reads, and the ratio row time / tile
 decoder tiles 16-bit and int8 weights; fp32 is measured to show why not.)
 
     .venv/bin/python bench/bench_dense_layout.py [--dtypes fp32 bf16 fp16 int8] [--rounds 6]
+        [--isa avx2]
 """
 
 from __future__ import annotations
@@ -55,9 +56,17 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=6, help="A/B alternations (median).")
     p.add_argument("--reps", type=int, default=5, help="Tokens per timing.")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--isa", choices=["avx512", "avx2", "baseline"],
+                   help="Run the kernels with this instruction set (one this CPU has; default: "
+                        "the widest), e.g. an AVX2-only CPU's paths on an AVX-512 one.")
     args = p.parse_args()
     if not kernels_ready(args.threads):
         return 0
+    if args.isa:
+        try:
+            cpu_kernels.set_isa(args.isa)
+        except ValueError as e:
+            p.error(str(e))
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(d, generator=g) for d, _ in SHAPES]
     stream = torch.ones(256 << 20)  # 1 GB

@@ -45,3 +45,27 @@ def _build_sparsify_kernels():
     from megatron_qsparse.sparsity import kernels
 
     kernels.available()
+
+
+def pytest_generate_tests(metafunc):
+    """A test taking the ``isa`` fixture runs once per instruction set the decode kernels can run
+    with here, the CPU's own first: each path of the CPUs this suite may meet (an AVX2-only CPU's
+    column-tile and row kernels on an AVX-512 one, the baseline loops everywhere)."""
+    if "isa" in metafunc.fixturenames:
+        from megatron_qsparse.inference import cpu_kernels
+
+        metafunc.parametrize("isa", cpu_kernels.isas()[::-1] or ["unavailable"], indirect=True)
+
+
+@pytest.fixture
+def isa(request):
+    """The decode kernels' instruction set for one test (``pytest_generate_tests``)."""
+    from megatron_qsparse.inference import cpu_kernels
+
+    if request.param == "unavailable":
+        pytest.skip(f"decode kernel unavailable: {cpu_kernels.unavailable_reason()}")
+    prev = cpu_kernels.set_isa(request.param)
+    try:
+        yield request.param
+    finally:
+        cpu_kernels.set_isa(prev)

@@ -59,6 +59,33 @@ def isa() -> str:
     return module.isa() if module is not None else "unavailable"
 
 
+_ISAS = ("baseline", "avx2", "avx512")
+
+
+def isas() -> list[str]:
+    """The instruction sets the kernels can run with on this CPU, narrowest first (``[]`` without
+    the kernels): :func:`set_isa` takes any of them."""
+    module = _EXT.get()
+    if module is None:
+        return []
+    return list(_ISAS[:_ISAS.index(module.cpu_isa()) + 1])
+
+
+def set_isa(name: str) -> str:
+    """Run the kernels' inner loops with instruction set ``name`` (one of :func:`isas`: a
+    narrower one than the CPU's runs the paths of a CPU that has only that one, for tests and
+    benchmarks). Call it between products, not while another thread runs one. Returns the
+    previous one."""
+    if name not in _ISAS:
+        raise ValueError(f"set_isa: unknown instruction set {name!r}, expected one of {_ISAS}")
+    module = _EXT.get()
+    if module is None:
+        raise RuntimeError(f"set_isa: the decode kernels are unavailable ({_EXT.error})")
+    if name not in isas():
+        raise ValueError(f"set_isa: this CPU runs {module.cpu_isa()} at most, not {name}")
+    return module.set_isa(name)
+
+
 def int8_path() -> str:
     """How int8 weights are multiplied in dense products (consecutive rows): ``vnni`` (AVX-512
     VNNI: activations quantized to int16 per pass of eight rows, error <= 2^-16 of the pass's

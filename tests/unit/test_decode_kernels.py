@@ -75,7 +75,7 @@ def stored(w: torch.Tensor, wdtype: torch.dtype):
 # with row groups each (partials added per block)
 @pytest.mark.parametrize("d,n", [(2, 1), (17, 5), (64, 33), (257, 100), (1000, 2050), (96, 4100),
                                  (3000, 72), (700, 4096 + 64 + 9), (200, 16384 + 80)])
-def test_topk_gemv_matches_dense_reference(d, n, xdtype, wdtype):
+def test_topk_gemv_matches_dense_reference(d, n, xdtype, wdtype, isa):
     wt, scale, w32 = stored(data((d, n), d * 7 + n), wdtype)
     for kind in ("randn", "rounded", "zeros"):
         x = data((3, d), d + n, kind).to(xdtype)
@@ -205,7 +205,7 @@ def test_dense_and_sparse_inputs_in_turn_share_the_kept_set():
 
 @pytest.mark.parametrize("wdtype", WDTYPES, ids=str)
 @pytest.mark.parametrize("d,n", [(512, 3000), (4000, 300), (200, 16384 + 80)])  # groups, blocks
-def test_kernel_is_independent_of_thread_count(d, n, wdtype):
+def test_kernel_is_independent_of_thread_count(d, n, wdtype, isa):
     wt, scale, _ = stored(data((d, n), 3), wdtype)
     x = data((d,), 4)
     prev = torch.get_num_threads()
@@ -254,7 +254,7 @@ def test_shape_errors_are_clear():
 
 @pytest.mark.parametrize("wdtype", WDTYPES, ids=str)
 @pytest.mark.parametrize("d,n", [(8, 64), (21, 192), (2048, 3072), (5632, 2048), (64, 16384 + 64)])
-def test_tiled_weights_compute_the_same_products(d, n, wdtype):
+def test_tiled_weights_compute_the_same_products(d, n, wdtype, isa):
     """A tiled weight ([out/64, in, 64]: column tiles) holds the same values, and every product
     over it (dense, any kept rows, Top-K; both int8 paths) is the dense matmul within the
     kernels' bound. Each output is one chain over the kept rows in order, so a product over a
@@ -293,6 +293,23 @@ def test_tiled_weights_compute_the_same_products(d, n, wdtype):
     finally:
         torch.set_num_threads(threads)
         cpu_kernels.set_int8_vnni(prev)
+
+
+def test_instruction_set_can_be_narrowed_and_restored():
+    names = cpu_kernels.isas()
+    assert names[0] == "baseline" and cpu_kernels.isa() == names[-1]
+    prev = cpu_kernels.set_isa("baseline")
+    try:
+        assert prev == names[-1] and cpu_kernels.isa() == "baseline"
+        assert cpu_kernels.int8_path() == "fp32"  # VNNI is an AVX-512 path
+    finally:
+        cpu_kernels.set_isa(prev)
+    assert cpu_kernels.isa() == names[-1]
+    with pytest.raises(ValueError, match="unknown instruction set 'sse9'"):
+        cpu_kernels.set_isa("sse9")
+    if "avx512" not in names:
+        with pytest.raises(ValueError, match="this CPU runs .* at most, not avx512"):
+            cpu_kernels.set_isa("avx512")
 
 
 def test_tiling_errors_are_clear():

@@ -236,7 +236,7 @@ def _twin(qcfg, kw, **im_kw):
 
 @pytest.mark.parametrize("name", sorted(STEP_VARIANTS))
 @needs_kernels
-def test_compiled_step_equals_layer_by_layer(name):
+def test_compiled_step_equals_layer_by_layer(name, isa):
     """Prefill by the layers, then 24 decode steps: logits and KV cache equal the layer-by-layer
     path (fp32 summation order: atol 1e-4), same greedy tokens."""
     qcfg, kw = STEP_VARIANTS[name]
@@ -264,7 +264,7 @@ def test_compiled_step_equals_layer_by_layer(name):
 
 @needs_kernels
 @pytest.mark.parametrize("ffn", ["swiglu", "relu2_glu"])
-def test_dense_projections_and_the_head_are_tiled(ffn):
+def test_dense_projections_and_the_head_are_tiled(ffn, isa):
     """Projections without a selection and the LM head hold tiled 16-bit weights, except the down
     projection after a ReLU² GLU (half its inputs are exact zeros, skipped row by row); Top-K
     projections keep the row layout. The step's logits equal a row-layout twin's."""

@@ -622,29 +622,38 @@ Isa detect_isa() {
   return Isa::kBase;
 }
 
-const Isa kIsa = detect_isa();
+// The widest instruction set of this CPU, and the one the products run with: that one unless
+// set_isa chose a narrower one (tests run every path a CPU can; benchmarks compare them). Set it
+// between products only.
+const Isa kCpuIsa = detect_isa();
+Isa g_isa = kCpuIsa;
 
 // int8 weights through AVX-512 VNNI (block_i8_vnni) where the CPU has it; set_int8_vnni picks
 // the products that take it (tests of both paths, A/B benchmarks: bench/bench_int8_path.py).
+#if defined(__x86_64__) || defined(__i386__)
+const bool kCpuVnni = kCpuIsa == Isa::kAvx512 && __builtin_cpu_supports("avx512vnni");
+#endif
 inline bool int8_vnni_supported() {
 #if defined(__x86_64__) || defined(__i386__)
-  return kIsa == Isa::kAvx512 && __builtin_cpu_supports("avx512vnni");
+  return g_isa == Isa::kAvx512 && kCpuVnni;
 #else
   return false;
 #endif
 }
 
-// 0: off, 1: dense products (consecutive rows) only (the default where supported), 2: every
-// product (for benchmarks: scattered rows measured slower on it)
-inline int& int8_vnni_mode() {
-  static int mode = int8_vnni_supported() ? 1 : 0;
+// 0: off, 1: dense products (consecutive rows) only (the default), 2: every product (for
+// benchmarks: scattered rows measured slower on it); the setting, and the mode in effect (0 where
+// the instruction set in use has no VNNI).
+inline int& int8_vnni_setting() {
+  static int mode = 1;
   return mode;
 }
+inline int int8_vnni_mode() { return int8_vnni_supported() ? int8_vnni_setting() : 0; }
 
 template <typename WT>
 void run_dense(const float* val, const int64_t* idx, int64_t nk, const WT* w, int64_t ld,
                int64_t c0, int64_t len, float* acc) {
-  switch (kIsa) {
+  switch (g_isa) {
 #if defined(__x86_64__) || defined(__i386__)
     case Isa::kAvx512:
       if constexpr (std::is_same<WT, uint16_t>::value)
@@ -666,7 +675,7 @@ void run_dense(const float* val, const int64_t* idx, int64_t nk, const WT* w, in
 }
 
 inline float run_sum(const float* a, int64_t n) {
-  switch (kIsa) {
+  switch (g_isa) {
 #if defined(__x86_64__) || defined(__i386__)
     case Isa::kAvx512: return sum_V512(a, n);
     case Isa::kAvx2: return sum_V256(a, n);
@@ -677,7 +686,7 @@ inline float run_sum(const float* a, int64_t n) {
 
 void run_ternary(const float* val, const int64_t* idx, int64_t nk, const uint8_t* w, int64_t ld,
                  int64_t b0, int64_t len, float* acc) {
-  switch (kIsa) {
+  switch (g_isa) {
     case Isa::kAvx512: return avx512_ternary(val, idx, nk, w, ld, b0, len, acc);
     case Isa::kAvx2: return avx2_ternary(val, idx, nk, w, ld, b0, len, acc);
     default: return base_ternary(val, idx, nk, w, ld, b0, len, acc);
@@ -697,6 +706,26 @@ void run_ternary(const float* val, const int64_t* idx, int64_t nk, const uint8_t
 // [64] tiling that kept the row kernels, which itself gained 7-34% over the row layout; fp32
 // -7 to -12% against both (four vector loads per row and step), so fp32 weights stay in rows.
 constexpr int64_t kTileCols = 64;
+
+// A column tile is read with a software prefetch 2 KB ahead (kTileAhead rows of 64 weights): one
+// stream per thread leaves too few loads in flight for the hardware prefetcher on some CPUs while
+// the FMA chains hold the window. Measured (bench/bench_dense_layout.py, dense tokens, 2 threads,
+// an AVX-512 Xeon with AMX): bf16 tiles 0.64 -> 0.88 of STREAM, fp16 0.80 -> 0.88, int8 0.60 ->
+// 0.67 (1 KB: bf16 0.90, fp16 0.83; 4 KB: 0.79-0.86).
+template <typename WT>
+constexpr int64_t kTileAhead = 2048 / (kTileCols * static_cast<int64_t>(sizeof(WT)));
+
+#if defined(__x86_64__) || defined(__i386__)
+// Prefetch the 64 weights of the kept row kTileAhead rows after r (the last one past the end).
+template <typename WT>
+inline __attribute__((always_inline)) void prefetch_tile_row(const WT* tile, const int64_t* idx,
+                                                             int64_t r, int64_t nk) {
+  const char* q = reinterpret_cast<const char*>(
+      tile + idx[std::min(r + kTileAhead<WT>, nk - 1)] * kTileCols);
+  for (int64_t b = 0; b < kTileCols * static_cast<int64_t>(sizeof(WT)); b += 64)
+    _mm_prefetch(q + b, _MM_HINT_T0);
+}
+#endif
 
 // A decode weight tensor's shape: [in, out] (rows) or [out/64, in, 64] (column tiles).
 inline bool is_tiled(const at::Tensor& w) { return w.dim() == 3; }
@@ -729,6 +758,7 @@ QS_AVX512 void coltile_512(const float* val, const int64_t* idx, int64_t nk, con
   for (int64_t r = 0; r < nk; ++r) {
     const __m512 v = _mm512_set1_ps(val[r]);
     const WT* p = tile + idx[r] * kTileCols;
+    prefetch_tile_row(tile, idx, r, nk);
     a0 = _mm512_fmadd_ps(v, V512::w(p), a0);
     a1 = _mm512_fmadd_ps(v, V512::w(p + 16), a1);
     a2 = _mm512_fmadd_ps(v, V512::w(p + 32), a2);
@@ -749,6 +779,7 @@ QS_AVX512 void coltile_bf16_512(const float* val, const int64_t* idx, int64_t nk
   for (int64_t r = 0; r < nk; ++r) {
     const __m512 v = _mm512_set1_ps(val[r]);
     const uint16_t* p = tile + idx[r] * kTileCols;
+    prefetch_tile_row(tile, idx, r, nk);
     const __m512i w0 = _mm512_loadu_si512(p), w1 = _mm512_loadu_si512(p + 32);
     a0 = _mm512_fmadd_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(w0, 16)), a0);
     a1 = _mm512_fmadd_ps(v, _mm512_castsi512_ps(_mm512_and_si512(w0, hi)), a1);
@@ -770,6 +801,7 @@ QS_VNNI void coltile_i8_vnni(const int32_t* xp, const float* ps, const int64_t* 
   for (int64_t g = 0; g < passes; ++g) {
     if (ps[g] == 0.f) continue;
     __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t i = 8 * g; i < 8 * g + 8; ++i) prefetch_tile_row(tile, idx, i, 8 * passes);
     for (int t = 0; t < 4; ++t) {
       const __m512i x = _mm512_set1_epi32(xp[4 * g + t]);
       const int8_t* pu = tile + idx[8 * g + 2 * t] * kTileCols;
@@ -796,6 +828,49 @@ QS_VNNI void coltile_i8_vnni(const int32_t* xp, const float* ps, const int64_t* 
   store_runs(out, f0, f1, f2, f3,  // [lo lanes, hi lanes] per run of 32
              _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23),
              _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31));
+}
+
+// The same with AVX2: 64 outputs in eight 8-wide accumulators (of the 16 registers), one FMA
+// chain per output in row order, the weights widened to fp32 by V256::w (fp16: vcvtph2ps, int8:
+// vpmovsxbd + vcvtdq2ps).
+template <typename WT>
+QS_AVX2 void coltile_256(const float* val, const int64_t* idx, int64_t nk, const WT* tile,
+                         float* out) {
+  __m256 a[8];
+  for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
+  for (int64_t r = 0; r < nk; ++r) {
+    const __m256 v = _mm256_set1_ps(val[r]);
+    const WT* p = tile + idx[r] * kTileCols;
+    prefetch_tile_row(tile, idx, r, nk);
+    for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(v, V256::w(p + 8 * i), a[i]);
+  }
+  for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + 8 * i, a[i]);
+}
+
+// bf16 with AVX2: one 32-byte load per 16 weights split by a shift (outputs 2i) and a mask
+// (outputs 2i + 1), as coltile_bf16_512, put back in order once at the end: per 128-bit lane
+// unpacklo/unpackhi interleave the two halves, and a lane permute joins them.
+QS_AVX2 void coltile_bf16_256(const float* val, const int64_t* idx, int64_t nk,
+                              const uint16_t* tile, float* out) {
+  const __m256i hi = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m256 e[4], o[4];
+  for (int i = 0; i < 4; ++i) e[i] = o[i] = _mm256_setzero_ps();
+  for (int64_t r = 0; r < nk; ++r) {
+    const __m256 v = _mm256_set1_ps(val[r]);
+    const uint16_t* p = tile + idx[r] * kTileCols;
+    prefetch_tile_row(tile, idx, r, nk);
+    for (int i = 0; i < 4; ++i) {
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 * i));
+      e[i] = _mm256_fmadd_ps(v, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), e[i]);
+      o[i] = _mm256_fmadd_ps(v, _mm256_castsi256_ps(_mm256_and_si256(w, hi)), o[i]);
+    }
+  }
+  for (int i = 0; i < 4; ++i) {  // e: outputs 0 2 4 6 | 8 10 12 14, o: 1 3 5 7 | 9 11 13 15
+    const __m256 lo = _mm256_unpacklo_ps(e[i], o[i]);  // 0 1 2 3 | 8 9 10 11
+    const __m256 up = _mm256_unpackhi_ps(e[i], o[i]);  // 4 5 6 7 | 12 13 14 15
+    _mm256_storeu_ps(out + 16 * i, _mm256_permute2f128_ps(lo, up, 0x20));
+    _mm256_storeu_ps(out + 16 * i + 8, _mm256_permute2f128_ps(lo, up, 0x31));
+  }
 }
 #endif
 
@@ -1152,7 +1227,7 @@ void product_tiled(const Kept& kept, const WT* w, int64_t d, int64_t n, const fl
 #if defined(__x86_64__) || defined(__i386__)
   if constexpr (std::is_same<WT, int8_t>::value) {
     const int mode = int8_vnni_mode();
-    vnni = kIsa == Isa::kAvx512 && nk > 0 &&
+    vnni = g_isa == Isa::kAvx512 && nk > 0 &&
            (mode == 2 || (mode == 1 && idx[nk - 1] - idx[0] == nk - 1));
     for (int64_t i = 0; vnni && i < nk; ++i) vnni = std::isfinite(val[i]);
     if (vnni) {
@@ -1192,7 +1267,7 @@ void product_tiled(const Kept& kept, const WT* w, int64_t d, int64_t n, const fl
     for (int64_t t = ub; t < ue; ++t) {
       const WT* tile = w + t * d * kTileCols;
 #if defined(__x86_64__) || defined(__i386__)
-      if (kIsa == Isa::kAvx512) {
+      if (g_isa == Isa::kAvx512) {
         if constexpr (std::is_same<WT, uint16_t>::value)
           coltile_bf16_512(val, idx, nk, tile, acc);
         else if constexpr (std::is_same<WT, int8_t>::value) {
@@ -1201,6 +1276,11 @@ void product_tiled(const Kept& kept, const WT* w, int64_t d, int64_t n, const fl
         } else {
           coltile_512<WT>(val, idx, nk, tile, acc);
         }
+      } else if (g_isa == Isa::kAvx2) {
+        if constexpr (std::is_same<WT, uint16_t>::value)
+          coltile_bf16_256(val, idx, nk, tile, acc);
+        else
+          coltile_256<WT>(val, idx, nk, tile, acc);
       } else
 #endif
         run_dense<WT>(val, idx, nk, tile, kTileCols, 0, kTileCols, acc);
@@ -1308,7 +1388,7 @@ inline uint64_t kept_rows_read(const uint64_t* buf, int64_t row_words, const int
           continue;
         }
 #if defined(__x86_64__) || defined(__i386__)
-        if (kIsa == Isa::kAvx512) {
+        if (g_isa == Isa::kAvx512) {
           s += rows_read_512(p, row_words);
           continue;
         }
@@ -1409,7 +1489,7 @@ QS_AVX512 inline bool none_zero_512(const float* x, int64_t d) {
 
 inline bool none_zero(const float* x, int64_t d) {
 #if defined(__x86_64__) || defined(__i386__)
-  if (kIsa == Isa::kAvx512) return none_zero_512(x, d);
+  if (g_isa == Isa::kAvx512) return none_zero_512(x, d);
 #endif
   for (int64_t i = 0; i < d; i += 64) {  // a branch per 64 entries
     bool zero = false;
@@ -1444,7 +1524,7 @@ void gather_nonzero(const float* x, int64_t d, Kept& kept) {
   int64_t* idx = kept.idx.data();
   float* val = kept.val.data();
 #if defined(__x86_64__) || defined(__i386__)
-  if (kIsa == Isa::kAvx512) {
+  if (g_isa == Isa::kAvx512) {
     kept.n = gather_nonzero_512(x, d, idx, val);
     return;
   }
@@ -1469,7 +1549,7 @@ void gather_topk(const float* x, int64_t d, int64_t k, qsparse::TopKSelect<uint3
   int64_t* idx = kept.idx.data();
   float* val = kept.val.data();
 #if defined(__x86_64__) || defined(__i386__)
-  if (kIsa == Isa::kAvx512) {
+  if (g_isa == Isa::kAvx512) {
     kept.n = gather_topk_512(x, d, th.t, th.limit, idx, val);
     return;
   }

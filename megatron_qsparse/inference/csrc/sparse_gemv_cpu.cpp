@@ -184,8 +184,8 @@ at::Tensor huge_page_copy(const at::Tensor& t) {
 #endif
 }
 
-std::string isa_name() {
-  switch (kIsa) {
+std::string isa_name(Isa isa) {
+  switch (isa) {
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2";
     default: return "baseline";
@@ -225,13 +225,28 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
             out["steps"] = profile().steps;
             return out;
           }, "Nanoseconds per phase summed over the profiled decode steps, and their count");
-  mod.def("isa", &isa_name, "Instruction set the inner loops run with");
+  mod.def("isa", [] { return isa_name(g_isa); }, "Instruction set the inner loops run with");
+  mod.def("cpu_isa", [] { return isa_name(kCpuIsa); }, "The widest instruction set of this CPU");
+  mod.def("set_isa", [](const std::string& name) {
+            const std::string prev = isa_name(g_isa);
+            for (Isa isa : {Isa::kBase, Isa::kAvx2, Isa::kAvx512})
+              if (isa_name(isa) == name) {
+                TORCH_CHECK(isa <= kCpuIsa, "set_isa: this CPU runs ", isa_name(kCpuIsa),
+                            " at most, not ", name);
+                g_isa = isa;
+                return prev;
+              }
+            TORCH_CHECK(false, "set_isa: unknown instruction set ", name,
+                        " (baseline, avx2, avx512)");
+            return prev;
+          }, "Run the inner loops with a narrower instruction set than the CPU's (tests, "
+          "benchmarks); returns the previous one", pybind11::arg("name"));
   mod.def("int8_path", [] { return std::string(int8_vnni_mode() ? "vnni" : "fp32"); },
           "How dense int8 products run: vnni (int16 activations, vpdpwssd) or fp32 (FMA)");
   mod.def("set_int8_vnni", [](int mode) {
-            const int prev = int8_vnni_mode();
+            const int prev = int8_vnni_setting();
             TORCH_CHECK(mode >= 0 && mode <= 2, "set_int8_vnni: mode 0 (off), 1 (dense), 2 (all)");
-            int8_vnni_mode() = int8_vnni_supported() ? mode : 0;
+            int8_vnni_setting() = mode;
             return prev;
           }, "Which int8 products take the VNNI path: 0 none, 1 dense (consecutive rows), 2 all; "
           "returns the previous mode", pybind11::arg("mode"));
