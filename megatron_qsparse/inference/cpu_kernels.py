@@ -182,7 +182,7 @@ def tile_dense(wt: torch.Tensor) -> torch.Tensor:
     tile by tile in registers, so each work unit reads one contiguous region (a dense product:
     one sequential stream, where a dense pass over the row layout reads eight streams a row
     apart) and no partial sums are added; dense products of 16-bit and int8 weights read it
-    faster, fp32 ones slower (``bench/bench_dense_layout.py``). :func:`untile` gives the
+    faster than rows or as fast (by CPU), fp32 ones slower (``bench/bench_dense_layout.py``). :func:`untile` gives the
     ``[in, out]`` weight back."""
     if not can_tile(wt):
         raise ValueError(f"tile_dense: an input-major [in, {TILE_COLS}m] weight is needed, got "
