@@ -56,7 +56,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=6, help="A/B alternations (median).")
     p.add_argument("--reps", type=int, default=5, help="Tokens per timing.")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--isa", choices=["avx512", "avx2", "baseline"],
+    p.add_argument("--isa", choices=cpu_kernels.ISAS,
                    help="Run the kernels with this instruction set (one this CPU has; default: "
                         "the widest), e.g. an AVX2-only CPU's paths on an AVX-512 one.")
     args = p.parse_args()

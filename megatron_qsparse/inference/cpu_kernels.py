@@ -59,7 +59,7 @@ def isa() -> str:
     return module.isa() if module is not None else "unavailable"
 
 
-_ISAS = ("baseline", "avx2", "avx512")
+ISAS = ("baseline", "avx2", "avx512")  # narrowest first
 
 
 def isas() -> list[str]:
@@ -68,7 +68,7 @@ def isas() -> list[str]:
     module = _EXT.get()
     if module is None:
         return []
-    return list(_ISAS[:_ISAS.index(module.cpu_isa()) + 1])
+    return list(ISAS[:ISAS.index(module.cpu_isa()) + 1])
 
 
 def set_isa(name: str) -> str:
@@ -76,8 +76,8 @@ def set_isa(name: str) -> str:
     narrower one than the CPU's runs the paths of a CPU that has only that one, for tests and
     benchmarks). Call it between products, not while another thread runs one. Returns the
     previous one."""
-    if name not in _ISAS:
-        raise ValueError(f"set_isa: unknown instruction set {name!r}, expected one of {_ISAS}")
+    if name not in ISAS:
+        raise ValueError(f"set_isa: unknown instruction set {name!r}, expected one of {ISAS}")
     module = _EXT.get()
     if module is None:
         raise RuntimeError(f"set_isa: the decode kernels are unavailable ({_EXT.error})")
@@ -182,8 +182,8 @@ def tile_dense(wt: torch.Tensor) -> torch.Tensor:
     tile by tile in registers, so each work unit reads one contiguous region (a dense product:
     one sequential stream, where a dense pass over the row layout reads eight streams a row
     apart) and no partial sums are added; dense products of 16-bit and int8 weights read it
-    faster than rows or as fast (by CPU), fp32 ones slower (``bench/bench_dense_layout.py``). :func:`untile` gives the
-    ``[in, out]`` weight back."""
+    faster than rows or as fast (by CPU), fp32 ones slower (``bench/bench_dense_layout.py``).
+    :func:`untile` gives the ``[in, out]`` weight back."""
     if not can_tile(wt):
         raise ValueError(f"tile_dense: an input-major [in, {TILE_COLS}m] weight is needed, got "
                          f"{tuple(wt.shape)}")
